@@ -1,0 +1,5 @@
+"""`mlip` sub-commands of mlip.calculators (placeholder until implemented)."""
+
+
+def register(commands) -> None:
+    pass

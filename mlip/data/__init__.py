@@ -1,0 +1,18 @@
+"""Data layer: field names, ASE conversion, neighbor lists, batching, datasets, statistics."""
+
+from . import keys
+from .atoms import LabelKeys, TypeMapper, atoms_to_graph, check_structure, graph_to_atoms, read_labels
+from .batch import collate
+from .neighbors import neighbor_list
+
+__all__ = [
+    "keys",
+    "LabelKeys",
+    "TypeMapper",
+    "atoms_to_graph",
+    "check_structure",
+    "graph_to_atoms",
+    "read_labels",
+    "collate",
+    "neighbor_list",
+]

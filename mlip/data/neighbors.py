@@ -1,0 +1,87 @@
+"""Periodic neighbor lists: one edge per (i, j, image) pair closer than the cutoff.
+
+Full lists (both i->j and j->i), every periodic image (a cell smaller than the cutoff gives
+several edges between the same two atoms, and edges from an atom to its own images), mixed
+periodicity, triclinic cells, molecules without a cell. Two backends give the same edge set:
+
+- ``vesin`` (default): measured ~2-3x faster than matscipy on this machine (see README).
+- ``matscipy``: kept as a cross-check and fallback.
+
+Convention (the same as ASE's): r_ij = x_j - x_i + cell_shifts_ij @ cell.
+"""
+
+from typing import Tuple
+
+import numpy as np
+
+BACKENDS = ("vesin", "matscipy")
+DEFAULT_BACKEND = "vesin"
+
+
+def neighbor_list(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc,
+    r_max: float,
+    backend: str = DEFAULT_BACKEND,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Edges within ``r_max`` (Å).
+
+    Returns ``edge_index`` (2, E) int64 (row 0 the center i, row 1 the neighbor j), sorted by
+    center, and ``cell_shifts`` (E, 3) int64.
+    """
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+    if r_max <= 0:
+        raise ValueError(f"r_max must be positive, got {r_max}")
+    if len(positions) == 0:
+        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int64)
+    if pbc.any() and abs(np.linalg.det(cell[pbc] @ cell[pbc].T)) < 1e-12:
+        raise ValueError(f"cell vectors along periodic directions {pbc.tolist()} are degenerate: {cell.tolist()}")
+
+    if backend == "vesin":
+        i, j, shifts = _vesin(positions, cell, pbc, r_max)
+    elif backend == "matscipy":
+        i, j, shifts = _matscipy(positions, cell, pbc, r_max)
+    else:
+        raise ValueError(f"unknown neighbor-list backend {backend!r}; choose one of {BACKENDS}")
+
+    # Stable order (by center, then neighbor, then image) makes results reproducible
+    # across backends and runs.
+    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
+    edge_index = np.stack([i[order], j[order]]).astype(np.int64)
+    return edge_index, shifts[order].astype(np.int64)
+
+
+def _vesin(positions, cell, pbc, r_max):
+    import vesin
+
+    calculator = vesin.NeighborList(cutoff=float(r_max), full_list=True)
+    box = cell if pbc.any() else np.zeros((3, 3))
+    i, j, shifts = calculator.compute(positions, box, pbc.tolist(), "ijS")
+    return i, j, np.asarray(shifts).reshape(-1, 3)
+
+
+def _matscipy(positions, cell, pbc, r_max):
+    from matscipy.neighbours import neighbour_list
+
+    i, j, shifts = neighbour_list(
+        "ijS", positions=positions, cutoff=float(r_max), cell=_complete_cell(positions, cell, pbc), pbc=pbc
+    )
+    return i, j, np.asarray(shifts).reshape(-1, 3)
+
+
+def _complete_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """matscipy needs an invertible cell: give non-periodic directions a large, orthogonal vector."""
+    if abs(np.linalg.det(cell)) > 1e-9:
+        return cell
+    cell = cell.copy()
+    length = float(np.ptp(positions, axis=0).max()) + 1.0
+    periodic = [cell[k] for k in range(3) if pbc[k]]
+    # Orthonormal directions perpendicular to the periodic lattice vectors.
+    basis = np.linalg.svd(np.array(periodic).reshape(-1, 3) if periodic else np.zeros((1, 3)))[2]
+    free = basis[len(periodic):]
+    for row, k in enumerate(k for k in range(3) if not pbc[k]):
+        cell[k] = free[row] * length
+    return cell

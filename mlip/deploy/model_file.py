@@ -1,0 +1,144 @@
+"""The deployed model file: one TorchScript archive that carries its own metadata.
+
+Contract shared by ASE, domain decomposition and the LAMMPS pair style
+(see the README, "Deployed model contract"):
+
+    forward(positions: (N, 3) float   Å, owned atoms first, then ghosts/images
+            atom_types: (N,) int64    index into metadata["type_names"]
+            edge_index: (2, E) int64  row 0 center i, row 1 neighbor j
+            edge_shifts: (E, 3) float Å, r_ij = x_j - x_i + shift_ij (zeros where images are ghosts)
+            num_local: int            atoms with index < num_local own their energy
+    ) -> Dict[str, Tensor]:
+            "atomic_energies": (num_local,) model dtype, eV, reference energies included
+            "energy":          ()  float64, eV, sum of atomic_energies
+            "forces":          (N, 3) eV/Å on every node (ghost forces go back to their owners)
+            "virial":          (3, 3) eV, W = -sum_edges r_ij (x) dE/dr_ij   [gradient head only]
+
+Floating inputs are in the model's dtype (metadata["dtype"]). Edges must reach every center
+whose energy is needed, including ghost centers up to (message_passing_layers - 1) * r_max from
+owned atoms for message-passing models.
+For a direct-force head the forces of ghosts are zero and the net force is NOT removed in the
+file: the caller subtracts the mean force over the whole system (it alone sees all of it).
+
+Metadata (JSON in the archive's extra file ``mlip/metadata.json``): see :data:`REQUIRED_METADATA`.
+"""
+
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+import mlip
+
+FORMAT_NAME = "mlip-torchscript"
+FORMAT_VERSION = 1
+METADATA_FILE = "mlip/metadata.json"
+
+# key -> meaning. Every deployed file has all of them.
+REQUIRED_METADATA = {
+    "format": f"always {FORMAT_NAME!r}",
+    "format_version": "int; a loader refuses versions it does not know",
+    "mlip_version": "mlip version that wrote the file",
+    "model_family": "'allegro' (strictly local) or 'nequip' (message passing)",
+    "type_names": "list of chemical symbols; atom_types index into it",
+    "r_max": "cutoff radius, Å",
+    "message_passing_layers": "receptive field = this x r_max; ghost depth for domains (1 if strictly local)",
+    "force_head": "'gradient' (conservative, virial available) or 'direct' (forces predicted, no virial)",
+    "dtype": "'float32' or 'float64': dtype of floating inputs and outputs",
+    "units": "{'energy': 'eV', 'length': 'Å'}",
+    "hyperparameters": "dict of the architecture's settings",
+    "training_data_hash": "sha256 of the training set, or null",
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ModelFileError(RuntimeError):
+    """A model file that is corrupt, not an mlip model, or of an incompatible version."""
+
+
+def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], metadata: Dict[str, Any]) -> None:
+    """Write atomically (temporary file + rename): a crash never leaves a half-written model."""
+    metadata = dict(metadata)
+    metadata.setdefault("format", FORMAT_NAME)
+    metadata.setdefault("format_version", FORMAT_VERSION)
+    metadata.setdefault("mlip_version", mlip.__version__)
+    metadata.setdefault("units", {"energy": "eV", "length": "Å"})
+    metadata.setdefault("training_data_hash", None)
+    missing = sorted(set(REQUIRED_METADATA) - set(metadata))
+    if missing:
+        raise ValueError(f"metadata lacks {missing}")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Metadata of a model file, checked, without loading the TorchScript code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("extra/" + METADATA_FILE)]
+            if not names:
+                raise ModelFileError(
+                    f"{path} is a TorchScript/zip file but carries no mlip metadata: not a model written by "
+                    f"`mlip deploy`"
+                )
+            metadata = json.loads(archive.read(names[0]).decode())
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ModelFileError(f"{path} is not a readable mlip model file (corrupt or truncated?): {error}") from None
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path}: metadata is not valid JSON: {error}") from None
+    check_metadata(metadata, path)
+    return metadata
+
+
+def check_metadata(metadata: Dict[str, Any], path: str = "model") -> None:
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not an mlip model file (format {metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model file format version {version} is not supported by mlip {mlip.__version__} "
+            f"(supports {FORMAT_VERSION}); written by mlip {metadata.get('mlip_version')}. "
+            f"Re-deploy the checkpoint with this version (`mlip deploy`)."
+        )
+    missing = sorted(set(REQUIRED_METADATA) - set(metadata))
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks {missing}")
+    if metadata["dtype"] not in DTYPES:
+        raise ModelFileError(f"{path}: unknown dtype {metadata['dtype']!r}")
+    if metadata["force_head"] not in ("gradient", "direct"):
+        raise ModelFileError(f"{path}: unknown force head {metadata['force_head']!r}")
+
+
+def load_model(
+    path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load a deployed model and its metadata; refuse incompatible or corrupt files."""
+    metadata = read_metadata(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(os.fspath(path), map_location=device)
+    except Exception as error:  # torch raises RuntimeError subclasses with long C++ traces
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFileError(f"{path}: TorchScript archive could not be loaded: {first_line}") from None
+    model.eval()
+    return model, metadata

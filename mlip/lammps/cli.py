@@ -1,0 +1,5 @@
+"""`mlip` sub-commands of mlip.lammps (placeholder until implemented)."""
+
+
+def register(commands) -> None:
+    pass
