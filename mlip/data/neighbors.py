@@ -66,22 +66,37 @@ def _vesin(positions, cell, pbc, r_max):
 def _matscipy(positions, cell, pbc, r_max):
     from matscipy.neighbours import neighbour_list
 
+    box, origin = _matscipy_box(positions, cell, pbc, r_max)
     i, j, shifts = neighbour_list(
-        "ijS", positions=positions, cutoff=float(r_max), cell=_complete_cell(positions, cell, pbc), pbc=pbc
+        "ijS", positions=positions, cutoff=float(r_max), cell=box, cell_origin=origin, pbc=pbc
     )
     return i, j, np.asarray(shifts).reshape(-1, 3)
 
 
-def _complete_cell(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """matscipy needs an invertible cell: give non-periodic directions a large, orthogonal vector."""
-    if abs(np.linalg.det(cell)) > 1e-9:
-        return cell
-    cell = cell.copy()
-    length = float(np.ptp(positions, axis=0).max()) + 1.0
+# matscipy bins the whole box, so its cost grows with the box volume: a 20-atom gas spread over
+# 3000 Å took 20 s with a box spanning the atoms. Along non-periodic directions the box is
+# therefore capped at this many cutoffs; atoms beyond it are put in the boundary bins by matscipy
+# (distances are still computed from the true positions, so the edge set is unchanged; checked
+# against a brute-force reference in tests/test_neighbors.py).
+_MAX_FREE_BOX_IN_CUTOFFS = 50.0
+
+
+def _matscipy_box(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float):
+    """An invertible box and origin for matscipy.
+
+    Non-periodic lattice vectors never appear in the result (their shifts are 0), so they are
+    replaced by orthogonal vectors spanning the atoms, whatever the input cell holds there
+    (zeros, a vacuum box of 1000 Å, or a box the atoms stick out of).
+    """
+    box = cell.copy()
+    origin = np.zeros(3)
     periodic = [cell[k] for k in range(3) if pbc[k]]
     # Orthonormal directions perpendicular to the periodic lattice vectors.
     basis = np.linalg.svd(np.array(periodic).reshape(-1, 3) if periodic else np.zeros((1, 3)))[2]
     free = basis[len(periodic):]
     for row, k in enumerate(k for k in range(3) if not pbc[k]):
-        cell[k] = free[row] * length
-    return cell
+        along = positions @ free[row]
+        length = min(float(np.ptp(along)) + 1.0, _MAX_FREE_BOX_IN_CUTOFFS * r_max)
+        box[k] = free[row] * length
+        origin += free[row] * (float(along.min()) - 0.5)
+    return box, origin
