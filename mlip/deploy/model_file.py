@@ -9,7 +9,7 @@ Contract shared by ASE, domain decomposition and the LAMMPS pair style
             edge_shifts: (E, 3) float Å, r_ij = x_j - x_i + shift_ij (zeros where images are ghosts)
             num_local: int            atoms with index < num_local own their energy
     ) -> Dict[str, Tensor]:
-            "atomic_energies": (num_local,) model dtype, eV, reference energies included
+            "atomic_energies": (num_local,) float64, eV, reference energies included
             "energy":          ()  float64, eV, sum of atomic_energies
             "forces":          (N, 3) eV/Å on every node (ghost forces go back to their owners)
             "virial":          (3, 3) eV, W = -sum_edges r_ij (x) dE/dr_ij   [gradient head only]
@@ -48,7 +48,7 @@ REQUIRED_METADATA = {
     "r_max": "cutoff radius, Å",
     "message_passing_layers": "receptive field = this x r_max; ghost depth for domains (1 if strictly local)",
     "force_head": "'gradient' (conservative, virial available) or 'direct' (forces predicted, no virial)",
-    "dtype": "'float32' or 'float64': dtype of floating inputs and outputs",
+    "dtype": "'float32' or 'float64': dtype of floating inputs and of forces/virial (energies are float64)",
     "units": "{'energy': 'eV', 'length': 'Å'}",
     "hyperparameters": "dict of the architecture's settings",
     "training_data_hash": "sha256 of the training set, or null",

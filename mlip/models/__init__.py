@@ -1,0 +1,89 @@
+"""Model families (Allegro, NequIP), presets and the force heads."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..data.stats import DatasetStatistics
+from .allegro import Allegro
+from .nequip import NequIP
+from .potential import DeployedPotential, Potential
+from .presets import PRESETS, hyperparameters
+
+HEADS = ("gradient", "direct")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "allegro"  # "allegro" (strictly local) or "nequip" (message passing)
+    preset: str = "small"  # small | medium | large
+    head: str = "gradient"  # "gradient" (conservative forces + stress) or "direct" (predicted forces)
+    r_max: Optional[float] = None  # Å; None takes the preset's
+    overrides: Dict[str, Any] = field(default_factory=dict)  # single hyperparameters, e.g. {"l_max": 2}
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        overrides = dict(self.overrides)
+        if self.r_max is not None:
+            overrides["r_max"] = float(self.r_max)
+        return hyperparameters(self.family, self.preset, overrides)
+
+    def message_passing_layers(self) -> int:
+        """Receptive field in units of r_max: ghost depth for domains and LAMMPS."""
+        return self.hyperparameters()["num_layers"] if self.family == "nequip" else 1
+
+
+def build_model(
+    config: ModelConfig, statistics: DatasetStatistics, dtype: torch.dtype = torch.float32
+) -> Potential:
+    """A fresh potential with per-species shifts from ``statistics``."""
+    if config.head not in HEADS:
+        raise ValueError(f"unknown force head {config.head!r}; choose one of {HEADS}")
+    params = config.hyperparameters()
+    num_types = len(statistics.type_names)
+    families = {"allegro": Allegro, "nequip": NequIP}
+    energy_model = families[config.family](
+        num_types=num_types,
+        avg_num_neighbors=max(statistics.avg_num_neighbors, 1.0),
+        vector_output=config.head == "direct",
+        **params,
+    )
+    model = Potential(
+        energy_model,
+        reference_energies=torch.tensor(statistics.reference_energies, dtype=torch.float64),
+        energy_scale=statistics.force_rms,
+        gradient_head=config.head == "gradient",
+    ).to(dtype)
+    model.reference_energies = model.reference_energies.to(torch.float64)
+    # Plain Python attributes: what a checkpoint or a deployed file needs to rebuild or describe it.
+    model.config = config
+    model.statistics = statistics
+    return model
+
+
+def model_metadata(model: Potential) -> Dict[str, Any]:
+    config: ModelConfig = model.config
+    params = config.hyperparameters()
+    return {
+        "model_family": config.family,
+        "type_names": list(model.statistics.type_names),
+        "r_max": float(params["r_max"]),
+        "message_passing_layers": config.message_passing_layers(),
+        "force_head": config.head,
+        "dtype": str(next(model.energy_model.parameters()).dtype).replace("torch.", ""),
+        "hyperparameters": {"preset": config.preset, **params},
+        "statistics": model.statistics.to_dict(),
+        "model_config": asdict(config),
+    }
+
+
+__all__ = [
+    "Allegro",
+    "NequIP",
+    "Potential",
+    "DeployedPotential",
+    "ModelConfig",
+    "PRESETS",
+    "build_model",
+    "model_metadata",
+]
