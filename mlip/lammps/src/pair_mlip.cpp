@@ -1,0 +1,399 @@
+/* pair_style mlip: see pair_mlip.h and lammps_plugin/README.md. */
+
+#include "pair_mlip.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "json.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <unordered_map>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+// Constants of the deployed model file format (mlip/deploy/model_file.py).
+const char *const METADATA_FILE = "mlip/metadata.json";
+const char *const FORMAT_NAME = "mlip-torchscript";
+const int FORMAT_VERSION = 1;
+
+// torch error messages carry a long C++ backtrace: the first line is what users need.
+std::string first_line(const std::string &text)
+{
+  const auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+std::string join(const std::vector<std::string> &words)
+{
+  std::string out;
+  for (const auto &word : words) out += (out.empty() ? "" : " ") + word;
+  return out;
+}
+
+}    // namespace
+
+/* ---------------------------------------------------------------------- */
+
+PairMLIP::PairMLIP(LAMMPS *lmp) : Pair(lmp)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  // The virial comes from the model (sum over edges, not f.r over atoms), and there is no
+  // per-atom virial or centroid stress.
+  no_virial_fdotr_compute = 1;
+  centroidstressflag = CENTROID_NOTAVAIL;
+
+  // Several torch threads per MPI rank were measured slower than one (NOTES.md section 2):
+  // one per rank by default, MLIP_TORCH_THREADS to change it.
+  int threads = 1;
+  if (const char *env = std::getenv("MLIP_TORCH_THREADS")) {
+    threads = std::atoi(env);
+    if (threads < 1)
+      error->all(FLERR, "pair_style mlip: MLIP_TORCH_THREADS must be a positive integer, got '{}'",
+                 env);
+  }
+  at::set_num_threads(threads);
+}
+
+PairMLIP::~PairMLIP()
+{
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+  }
+}
+
+void PairMLIP::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes;
+  memory->create(setflag, n + 1, n + 1, "pair:setflag");
+  for (int i = 1; i <= n; i++)
+    for (int j = i; j <= n; j++) setflag[i][j] = 0;
+  memory->create(cutsq, n + 1, n + 1, "pair:cutsq");
+  type_map.assign(n + 1, -1);
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMLIP::settings(int narg, char ** /*arg*/)
+{
+  if (narg != 0)
+    error->all(FLERR,
+               "pair_style mlip takes no arguments (got {}); give the model in "
+               "`pair_coeff * * model.pt <element per atom type>`",
+               narg);
+}
+
+void PairMLIP::coeff(int narg, char **arg)
+{
+  const int ntypes = atom->ntypes;
+  if (narg < 3 || strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR,
+               "pair_coeff for pair_style mlip must be `pair_coeff * * model.pt <element per "
+               "atom type>`");
+  if (!allocated) allocate();
+
+  load_model(arg[2]);
+
+  std::vector<std::string> elements(arg + 3, arg + narg);
+  if ((int) elements.size() != ntypes)
+    error->all(FLERR,
+               "pair_coeff * * {} needs one element name per atom type: got {} ({}) for {} atom "
+               "type(s); the model knows {}",
+               model_path, elements.size(), join(elements), ntypes, join(type_names));
+
+  for (int itype = 1; itype <= ntypes; itype++) {
+    const std::string &element = elements[itype - 1];
+    int index = -1;
+    for (int t = 0; t < (int) type_names.size(); t++)
+      if (type_names[t] == element) index = t;
+    if (index < 0)
+      error->all(FLERR, "pair_coeff: element '{}' (atom type {}) is not known to model {}; it knows: {}",
+                 element, itype, model_path, join(type_names));
+    type_map[itype] = index;
+  }
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+}
+
+// Loads the TorchScript archive and checks the metadata fields this pair style relies on.
+// Every rank reads the file, so every rank reaches the same error->all().
+void PairMLIP::load_model(const std::string &path)
+{
+  model_path = path;
+  if (!std::ifstream(path).good())
+    error->all(FLERR, "pair_style mlip: model file {} does not exist or is not readable", path);
+
+  std::unordered_map<std::string, std::string> extra_files{{METADATA_FILE, ""}};
+  try {
+    model = torch::jit::load(path, torch::kCPU, extra_files);
+  } catch (const std::exception &e) {
+    error->all(FLERR,
+               "pair_style mlip: {} is not a readable mlip model file (corrupt, truncated, or not "
+               "a TorchScript archive written by `mlip deploy`): {}",
+               path, first_line(e.what()));
+  }
+  model.eval();
+
+  const std::string &text = extra_files[METADATA_FILE];
+  if (text.empty())
+    error->all(FLERR,
+               "pair_style mlip: {} is a TorchScript file but not an mlip model (no {} inside); "
+               "write it with `mlip deploy`",
+               path, METADATA_FILE);
+
+  std::string units_energy, units_length, force_head, dtype_name;
+  try {
+    const json metadata = json::parse(text);
+    if (metadata.at("format").get<std::string>() != FORMAT_NAME)
+      error->all(FLERR, "pair_style mlip: {} is not an mlip model file (format '{}')", path,
+                 metadata.at("format").dump());
+    const int version = metadata.at("format_version").get<int>();
+    if (version != FORMAT_VERSION)
+      error->all(FLERR,
+                 "pair_style mlip: {} has model file format version {}, this pair style reads "
+                 "version {}: re-deploy the model with a matching mlip (`mlip deploy`) or rebuild "
+                 "the plugin (`mlip build-lammps-plugin`)",
+                 path, version, FORMAT_VERSION);
+    type_names = metadata.at("type_names").get<std::vector<std::string>>();
+    r_max = metadata.at("r_max").get<double>();
+    message_passing_layers = metadata.at("message_passing_layers").get<int>();
+    force_head = metadata.at("force_head").get<std::string>();
+    dtype_name = metadata.at("dtype").get<std::string>();
+    units_energy = metadata.at("units").at("energy").get<std::string>();
+    units_length = metadata.at("units").at("length").get<std::string>();
+  } catch (const std::exception &e) {
+    error->all(FLERR, "pair_style mlip: metadata of {} is invalid or incomplete: {}", path,
+               first_line(e.what()));
+  }
+
+  if (!(r_max > 0.0) || message_passing_layers < 1 || type_names.empty())
+    error->all(FLERR,
+               "pair_style mlip: {} has invalid metadata (r_max {}, message_passing_layers {}, "
+               "{} type names)",
+               path, r_max, message_passing_layers, type_names.size());
+  if (force_head != "gradient" && force_head != "direct")
+    error->all(FLERR, "pair_style mlip: {} has unknown force_head '{}'", path, force_head);
+  direct_forces = (force_head == "direct");
+  if (dtype_name == "float64")
+    dtype = torch::kFloat64;
+  else if (dtype_name == "float32")
+    dtype = torch::kFloat32;
+  else
+    error->all(FLERR, "pair_style mlip: {} has unknown dtype '{}'", path, dtype_name);
+  // LAMMPS `units metal` is eV and Å; a model in other units would be silently wrong.
+  if (units_energy != "eV" || (units_length != "Å" && units_length != "A" && units_length != "Angstrom"))
+    error->all(FLERR, "pair_style mlip: {} is in units energy '{}', length '{}'; only eV and Å are supported",
+               path, units_energy, units_length);
+
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "pair_style mlip: loaded {}: {} types ({}), r_max {} Å, {} message-passing "
+                   "layer(s), {} forces, {}, {} torch thread(s) per rank\n",
+                   path, type_names.size(), join(type_names), r_max, message_passing_layers,
+                   force_head, dtype_name, at::get_num_threads());
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMLIP::init_style()
+{
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "pair_style mlip requires `units metal` (eV, Å), the model's units; got `units {}`",
+               update->unit_style);
+  if (force->newton_pair == 0)
+    error->all(FLERR,
+               "pair_style mlip requires `newton on` (newton pair on): it computes forces on ghost "
+               "atoms that LAMMPS must send back to their owners");
+
+  if (message_passing_layers == 1) {
+    // Strictly local model: edges from owned atoms only.
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+  } else {
+    // Message passing: an owned atom's energy depends on atoms up to layers * r_max away, so
+    // ghost atoms within (layers - 1) * r_max need their own complete neighbor lists. Ghosts
+    // must therefore reach layers * r_max (+ skin, since atoms move between rebuilds).
+    neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+    const double needed = message_passing_layers * r_max + neighbor->skin;
+    if (comm->mode != 0)
+      error->all(FLERR, "pair_style mlip with a message-passing model needs `comm_modify mode single`");
+    if (comm->cutghostuser < needed) {
+      comm->cutghostuser = needed;
+      if (comm->me == 0)
+        utils::logmesg(lmp,
+                       "pair_style mlip: ghost cutoff set to {} Å ({} layers x r_max {} + skin {})\n",
+                       needed, message_passing_layers, r_max, neighbor->skin);
+    }
+  }
+}
+
+double PairMLIP::init_one(int /*i*/, int /*j*/)
+{
+  return r_max;
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMLIP::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+
+  if (vflag_atom || cvflag_atom)
+    error->all(FLERR,
+               "pair_style mlip does not compute per-atom virials (compute stress/atom, "
+               "centroid/stress/atom): the model gives only the global virial");
+  if (direct_forces && vflag_either)
+    error->all(FLERR,
+               "pair_style mlip: model {} predicts forces directly (force_head 'direct') and has "
+               "no virial, but this run needs one (pressure in thermo output, fix npt/nph, "
+               "box/relax). Use a thermo_style without press (e.g. `thermo_style custom step temp "
+               "pe etotal`) and constant volume, or a gradient-head model",
+               model_path);
+
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  double model_force_sum[3] = {0.0, 0.0, 0.0};    // over owned atoms, for remove_net_force()
+
+  // A rank without owned atoms has no energy to compute. It must still join the collective
+  // net-force removal of direct models below.
+  if (nlocal > 0) {
+    // Edges from owned centers (and, for message passing, from ghost centers: the neighbor list
+    // then also holds ghosts) to neighbors within r_max. LAMMPS' list includes the skin.
+    const int ncenters = message_passing_layers > 1 ? list->inum + list->gnum : list->inum;
+    const int *ilist = list->ilist;
+    const int *numneigh = list->numneigh;
+    int **firstneigh = list->firstneigh;
+    const double r_max_sq = r_max * r_max;
+
+    std::vector<int64_t> centers, neighbors;
+    centers.reserve(ncenters * 32);
+    neighbors.reserve(ncenters * 32);
+    for (int ii = 0; ii < ncenters; ii++) {
+      const int i = ilist[ii];
+      const int *jlist = firstneigh[i];
+      for (int jj = 0; jj < numneigh[i]; jj++) {
+        const int j = jlist[jj] & NEIGHMASK;
+        const double dx = x[j][0] - x[i][0];
+        const double dy = x[j][1] - x[i][1];
+        const double dz = x[j][2] - x[i][2];
+        if (dx * dx + dy * dy + dz * dz < r_max_sq) {
+          centers.push_back(i);
+          neighbors.push_back(j);
+        }
+      }
+    }
+    const int64_t nedges = (int64_t) centers.size();
+
+    // Nodes are LAMMPS' own atom indices: owned atoms first, then ghosts. Positions are taken
+    // relative to the first owned atom (the model is translation invariant): float32 models
+    // then keep their precision in large boxes.
+    torch::Tensor positions = torch::empty({nall, 3}, torch::kFloat64);
+    torch::Tensor atom_types = torch::empty({nall}, torch::kInt64);
+    {
+      double *pos = positions.data_ptr<double>();
+      int64_t *types = atom_types.data_ptr<int64_t>();
+      for (int i = 0; i < nall; i++) {
+        for (int k = 0; k < 3; k++) pos[3 * i + k] = x[i][k] - x[0][k];
+        types[i] = type_map[type[i]];
+      }
+    }
+    torch::Tensor edge_index = torch::empty({2, nedges}, torch::kInt64);
+    if (nedges > 0) {
+      std::memcpy(edge_index[0].data_ptr<int64_t>(), centers.data(), nedges * sizeof(int64_t));
+      std::memcpy(edge_index[1].data_ptr<int64_t>(), neighbors.data(), nedges * sizeof(int64_t));
+    }
+    // Periodic images are explicit ghost atoms: no shifts.
+    torch::Tensor edge_shifts = torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype));
+
+    std::vector<torch::jit::IValue> inputs{positions.to(dtype), atom_types, edge_index, edge_shifts,
+                                           (int64_t) nlocal};
+    c10::IValue result;
+    try {
+      result = model.forward(inputs);
+    } catch (const std::exception &e) {
+      error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
+                 nall, nedges, first_line(e.what()));
+    }
+
+    const auto output = result.toGenericDict();
+    auto get = [&](const char *key) -> torch::Tensor {
+      if (!output.contains(key))
+        error->one(FLERR, "pair_style mlip: model {} returned no '{}'", model_path, key);
+      return output.at(key).toTensor().to(torch::kFloat64).contiguous();
+    };
+
+    const torch::Tensor atomic_energies = get("atomic_energies");
+    if (atomic_energies.numel() != nlocal)
+      error->one(FLERR, "pair_style mlip: model returned {} atomic energies for {} owned atoms",
+                 atomic_energies.numel(), nlocal);
+    const double *energy = atomic_energies.data_ptr<double>();
+    if (eflag_global)
+      for (int i = 0; i < nlocal; i++) eng_vdwl += energy[i];
+    if (eflag_atom)
+      for (int i = 0; i < nlocal; i++) eatom[i] += energy[i];
+
+    // Forces on ghosts too: LAMMPS' reverse communication (newton on) adds them to their owners.
+    const torch::Tensor forces = get("forces");
+    if (forces.dim() != 2 || forces.size(0) != nall || forces.size(1) != 3)
+      error->one(FLERR, "pair_style mlip: model returned forces of shape {} for {} atoms",
+                 std::string(c10::str(forces.sizes())), nall);
+    const double *force = forces.data_ptr<double>();
+    for (int i = 0; i < nall; i++)
+      for (int k = 0; k < 3; k++) f[i][k] += force[3 * i + k];
+    for (int i = 0; i < nlocal; i++)
+      for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
+
+    if (vflag_global) {
+      // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
+      const torch::Tensor w = get("virial");
+      if (w.numel() != 9)
+        error->one(FLERR, "pair_style mlip: model returned a virial with {} entries", w.numel());
+      const double *v = w.data_ptr<double>();
+      // LAMMPS order xx, yy, zz, xy, xz, yz; symmetrize against round-off.
+      virial[0] += v[0];
+      virial[1] += v[4];
+      virial[2] += v[8];
+      virial[3] += 0.5 * (v[1] + v[3]);
+      virial[4] += 0.5 * (v[2] + v[6]);
+      virial[5] += 0.5 * (v[5] + v[7]);
+    }
+  }
+
+  if (direct_forces) remove_net_force(model_force_sum);
+}
+
+// A direct-force model does not conserve momentum exactly: remove the mean force over the
+// whole system (not per rank, so that 1 rank and N ranks agree). Ghost forces of direct models
+// are zero, so the owned atoms' model forces are all of it (other pair styles of a
+// pair hybrid/overlay are left alone). Collective: every rank calls it.
+void PairMLIP::remove_net_force(const double local_sum[3])
+{
+  double **f = atom->f;
+  const int nlocal = atom->nlocal;
+  double total[3];
+  MPI_Allreduce(local_sum, total, 3, MPI_DOUBLE, MPI_SUM, world);
+  if (atom->natoms <= 0) return;
+  for (int i = 0; i < nlocal; i++)
+    for (int k = 0; k < 3; k++) f[i][k] -= total[k] / (double) atom->natoms;
+}
