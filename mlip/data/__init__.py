@@ -3,7 +3,9 @@
 from . import keys
 from .atoms import LabelKeys, TypeMapper, atoms_to_graph, check_structure, graph_to_atoms, read_labels
 from .batch import collate
+from .dataset import BatchLoader, GraphDataset, convert_to_hdf5, split_indices
 from .neighbors import neighbor_list
+from .stats import DatasetStatistics, compute_statistics
 
 __all__ = [
     "keys",
@@ -15,4 +17,10 @@ __all__ = [
     "read_labels",
     "collate",
     "neighbor_list",
+    "BatchLoader",
+    "GraphDataset",
+    "convert_to_hdf5",
+    "split_indices",
+    "DatasetStatistics",
+    "compute_statistics",
 ]

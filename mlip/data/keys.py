@@ -31,5 +31,6 @@ STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only
 # --- bookkeeping -------------------------------------------------------------------------------
 HAS_STRESS = "has_stress"  # (B,) bool | the label set carries a stress for this structure
 CONFIG_WEIGHT = "config_weight"  # (B,) float | per-structure loss weight (1 by default)
+STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset
 
 LABEL_KEYS = (ENERGY, FORCES, STRESS)

@@ -1,0 +1,261 @@
+"""Datasets of graphs (in memory or in an HDF5 file), conversion, splits and batches.
+
+Typical use::
+
+    convert_to_hdf5("train.extxyz", "train.h5", r_max=5.0, label_keys=LabelKeys(energy="REF_energy"))
+    data = GraphDataset.from_hdf5("train.h5")
+    train, val = split_indices(len(data), val_fraction=0.1, seed=1)
+    loader = BatchLoader(data, batch_size=8, indices=train, seed=1)
+    for epoch in range(start_epoch, n_epochs):
+        for batch in loader.epoch(epoch):  # the order depends only on (seed, epoch)
+            ...
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import keys
+from .atoms import DEFAULT_MIN_DISTANCE, LabelKeys, TypeMapper, atoms_to_graph
+from .batch import collate
+from .hdf5 import GraphWriter, HDF5Graphs
+from .neighbors import DEFAULT_BACKEND
+
+PathLike = Union[str, os.PathLike]
+Graph = Dict[str, np.ndarray]
+
+
+class GraphDataset:
+    """Indexable structures as graph dicts (see :func:`mlip.data.atoms.atoms_to_graph`).
+
+    Backed by a list of graphs in memory or by an HDF5 file read lazily (:meth:`from_hdf5`);
+    both give the same arrays. ``get_batch`` reads several structures at once, which for a file
+    is one read per array instead of one per structure.
+    """
+
+    def __init__(
+        self,
+        graphs: Sequence[Graph],
+        r_max: Optional[float] = None,
+        type_names: Optional[Sequence[str]] = None,
+        label_keys: Optional[LabelKeys] = None,
+        config_types: Optional[Sequence[str]] = None,
+    ):
+        self._graphs: Optional[List[Graph]] = list(graphs)
+        self._file: Optional[HDF5Graphs] = None
+        self.r_max = r_max
+        self.type_names = list(type_names) if type_names is not None else None
+        self.label_keys = label_keys
+        self.content_hash: Optional[str] = None
+        n = len(self._graphs)
+        self.config_types = np.array(list(config_types) if config_types is not None else [""] * n, dtype=object)
+        if len(self.config_types) != n:
+            raise ValueError(f"{len(self.config_types)} config types for {n} structures")
+        self.num_atoms = np.array([len(g[keys.ATOM_TYPES]) for g in self._graphs], dtype=np.int64)
+        self.num_edges = np.array([g[keys.EDGE_INDEX].shape[1] for g in self._graphs], dtype=np.int64)
+
+    @classmethod
+    def from_atoms(
+        cls,
+        structures: Iterable,
+        r_max: float,
+        type_names: Optional[Sequence[str]] = None,
+        label_keys: LabelKeys = LabelKeys(),
+        require: Sequence[str] = (keys.ENERGY,),
+        min_distance: float = DEFAULT_MIN_DISTANCE,
+        backend: str = DEFAULT_BACKEND,
+    ) -> "GraphDataset":
+        """In memory, from ase.Atoms (or files ``ase.io.read`` reads)."""
+        structures = list(_iter_atoms(structures))
+        mapper = TypeMapper(type_names) if type_names is not None else TypeMapper.from_atoms(structures)
+        graphs, config_types = [], []
+        for k, atoms in enumerate(structures):
+            graphs.append(_to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend))
+            config_types.append(str(atoms.info.get("config_type", "")))
+        return cls(graphs, r_max, mapper.type_names, label_keys, config_types)
+
+    @classmethod
+    def from_hdf5(cls, path: PathLike, cache_bytes: int = 64 << 20) -> "GraphDataset":
+        """Lazily from a file written by :func:`convert_to_hdf5`."""
+        stored = HDF5Graphs(path, cache_bytes=cache_bytes)
+        self = cls.__new__(cls)
+        self._graphs, self._file = None, stored
+        self.r_max = float(stored.attrs["r_max"])
+        self.type_names = json.loads(stored.attrs["type_names"])
+        self.label_keys = LabelKeys(**json.loads(stored.attrs["label_keys"]))
+        self.content_hash = str(stored.attrs["content_hash"])
+        self.config_types = stored.config_types
+        self.num_atoms = np.diff(stored.atom_offsets)
+        self.num_edges = np.diff(stored.edge_offsets)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.num_atoms)
+
+    def __getitem__(self, index: int) -> Graph:
+        return self.get_batch([index])[0]
+
+    def get_batch(self, indices: Sequence[int]) -> List[Graph]:
+        """Graphs of ``indices``, in that order (repeats allowed)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if len(indices) and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(f"structure index out of range for a dataset of {n}: {indices.tolist()}")
+        indices = np.where(indices < 0, indices + n, indices)
+        if self._graphs is not None:
+            return [self._graphs[i] for i in indices]
+        unique, inverse = np.unique(indices, return_inverse=True)  # the file is read in order
+        graphs = self._file.read(unique)
+        return [graphs[k] for k in inverse]
+
+    def has_label(self, field: str) -> np.ndarray:
+        """(B,) bool: which structures carry ``field`` (keys.ENERGY, FORCES or STRESS)."""
+        if self._file is not None:
+            return self._file.has[field].copy()
+        return np.array([field in g for g in self._graphs])
+
+
+def convert_to_hdf5(
+    inputs: Union[PathLike, Sequence[PathLike], Iterable],
+    output: PathLike,
+    r_max: float,
+    type_names: Optional[Sequence[str]] = None,
+    label_keys: LabelKeys = LabelKeys(),
+    require: Sequence[str] = (keys.ENERGY,),
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+    backend: str = DEFAULT_BACKEND,
+    compression: Optional[str] = "lzf",
+    progress: bool = True,
+) -> str:
+    """Read structures, build their graphs at ``r_max`` and write them to ``output``.
+
+    ``inputs``: a file, a list of files (anything ``ase.io.read(path, ":")`` reads), or ase.Atoms.
+    Structures are streamed (``ase.io.iread``) so files larger than memory convert. Without
+    ``type_names`` the elements found are used, sorted by atomic number (this costs one extra pass
+    over the files). The file appears only when complete (written to a temporary name, then
+    renamed). Returns the content hash (sha256), also stored in the file as ``content_hash``.
+    """
+    output = Path(output)
+    if type_names is None and not _paths(inputs):
+        inputs = list(inputs)  # two passes over a generator of Atoms
+    if type_names is None:
+        type_names = TypeMapper.from_atoms(_iter_atoms(inputs)).type_names
+    mapper = TypeMapper(type_names)
+    attrs = {
+        "label_keys": json.dumps({"energy": label_keys.energy, "forces": label_keys.forces,
+                                  "stress": label_keys.stress}),
+        "min_distance": float(min_distance),
+        "neighbor_backend": backend,
+        "sources": json.dumps([os.fspath(p) for p in _paths(inputs)]),
+    }
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    writer = GraphWriter(tmp, r_max, mapper.type_names, attrs, compression=compression)
+    try:
+        from tqdm import tqdm
+
+        for k, atoms in enumerate(tqdm(_iter_atoms(inputs), desc=f"graphs -> {output.name}", unit=" structures",
+                                       disable=not progress, mininterval=1.0)):
+            graph = _to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend)
+            writer.append(graph, atoms.info.get("config_type", ""))
+        digest = writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        if writer.file.id.valid:
+            writer.file.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Random train / validation indices (sorted), the same for the same (n, val_fraction, seed)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1  # a requested validation set is never silently empty
+    order = np.random.default_rng([int(seed), 0x5B117]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class BatchLoader:
+    """Batches of ``batch_size`` structures (variable sizes), collated to torch tensors.
+
+    The order of epoch k is a function of (seed, k) only, so training resumed at epoch k sees the
+    batches it would have seen without interruption. Each batch also carries
+    ``keys.STRUCTURE_INDEX``: the dataset indices of its structures (for per-config-type metrics).
+    """
+
+    def __init__(
+        self,
+        dataset: GraphDataset,
+        batch_size: int,
+        indices: Optional[Sequence[int]] = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float64,
+        device: Optional[torch.device] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.dtype = dtype
+        self.device = device
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.indices), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return self.indices
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.indices)
+
+    def epoch(self, epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+        order = self.epoch_order(epoch)
+        for b in range(len(self)):
+            chosen = order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = collate(self.dataset.get_batch(chosen), dtype=self.dtype, device=self.device)
+            batch[keys.STRUCTURE_INDEX] = torch.as_tensor(chosen, dtype=torch.int64, device=self.device)
+            yield batch
+
+
+def _paths(inputs) -> List[PathLike]:
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in inputs):
+        return list(inputs)
+    return []
+
+
+def _iter_atoms(inputs) -> Iterator:
+    """ase.Atoms from files (streamed) or from an iterable of Atoms."""
+    paths = _paths(inputs)
+    if paths:
+        import ase.io
+
+        for path in paths:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"no such structure file: {path}")
+            yield from ase.io.iread(path, ":")
+    else:
+        yield from inputs
+
+
+def _to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend) -> Graph:
+    """atoms_to_graph, with the failing structure named in the error."""
+    try:
+        return atoms_to_graph(atoms, r_max, mapper, label_keys, require, min_distance, backend)
+    except (ValueError, KeyError) as error:
+        message = error.args[0] if error.args else str(error)
+        raise type(error)(f"structure {k} ({atoms.get_chemical_formula()}): {message}") from error
