@@ -136,6 +136,10 @@ def test_backends_identical():
         b = neighbor_list(positions, cell, pbc, r_max, backend="matscipy")
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
+        # ... sorted by (i, j, shift) lexicographically.
+        edge_index, shifts = a
+        order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], edge_index[1], edge_index[0]))
+        np.testing.assert_array_equal(order, np.arange(len(order)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -49,9 +49,26 @@ def neighbor_list(
 
     # Stable order (by center, then neighbor, then image) makes results reproducible
     # across backends and runs.
-    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
+    order = _edge_order(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64),
+                        np.asarray(shifts, dtype=np.int64), len(positions))
     edge_index = np.stack([i[order], j[order]]).astype(np.int64)
     return edge_index, shifts[order].astype(np.int64)
+
+
+def _edge_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, n: int) -> np.ndarray:
+    """Permutation sorting edges by (i, j, shift_x, shift_y, shift_z).
+
+    One int64 key and argsort: several times faster than np.lexsort on five keys, which took
+    longer than vesin itself on 16k atoms. Falls back to lexsort if the key could overflow.
+    """
+    if len(i) == 0:
+        return np.zeros(0, dtype=np.int64)
+    m = int(np.abs(shifts).max())
+    w = 2 * m + 1
+    if float(n) * n * w**3 < 2.0**62:
+        key = ((i * n + j) * w + (shifts[:, 0] + m)) * (w * w) + (shifts[:, 1] + m) * w + (shifts[:, 2] + m)
+        return np.argsort(key)  # keys are unique (one edge per (i, j, image)): no need for stable
+    return np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
 
 
 def _vesin(positions, cell, pbc, r_max):
