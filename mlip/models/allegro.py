@@ -125,7 +125,6 @@ class Allegro(nn.Module):
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            # e3nn orders l=1 components (y, z, x); forces are (x, y, z).
-            pair_vectors = vector_readout(v)[:, [2, 0, 1]] * cutoff
+            pair_vectors = vector_readout(v) * cutoff  # e3nn >= 0.6 orders l=1 as (x, y, z)
             vectors = scatter_sum(pair_vectors, center, num_nodes)
         return energies, vectors

@@ -138,6 +138,5 @@ class NequIP(nn.Module):
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            # e3nn orders l=1 components (y, z, x); forces are (x, y, z).
-            vectors = vector_readout(features)[:, [2, 0, 1]]
+            vectors = vector_readout(features)  # e3nn >= 0.6 orders l=1 as (x, y, z)
         return energies, vectors

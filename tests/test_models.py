@@ -1,0 +1,165 @@
+"""Physics of both model families and both heads: symmetry, derivatives, locality, compilation."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlip import MLIPCalculator
+from mlip.deploy import deploy_model, load_model
+
+from physics import (
+    R_MAX, TOLERANCE, assert_close, cluster, predict, random_orthogonal, tiny_model, triclinic_alloy,
+)
+
+FAMILIES = ["allegro", "nequip"]
+HEADS = ["gradient", "direct"]
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reflect", [False, True], ids=["rotation", "reflection"])
+def test_invariance_and_equivariance(family, head, dtype, reflect):
+    """E invariant; forces and stress rotate, under O(3), translation and atom permutation."""
+    model = tiny_model(family, head, dtype)
+    rng = np.random.default_rng(1)
+    atoms = triclinic_alloy()
+    q = random_orthogonal(rng, reflect)
+    permutation = rng.permutation(len(atoms))
+    moved = atoms[permutation]
+    moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
+    moved.positions = atoms.positions[permutation] @ q.T + rng.normal(size=3) * 3.0
+
+    before, after = predict(model, [atoms]), predict(model, [moved])
+    tolerance = TOLERANCE[dtype]
+    assert_close(after["energy"], before["energy"], tolerance, "energy")
+    assert_close(after["atomic_energies"], before["atomic_energies"][permutation], tolerance, "atomic energies")
+    assert np.abs(before["forces"]).max() > 1e-3, "forces vanish: the test would prove nothing"
+    assert_close(after["forces"], before["forces"][permutation] @ q.T, 10 * tolerance, "forces")
+    if head == "gradient":
+        assert_close(after["stress"][0], q @ before["stress"][0] @ q.T, 10 * tolerance, "stress")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forces_and_stress_are_energy_derivatives(family):
+    """Forces = -dE/dx and stress = (1/V) dE/dstrain by central differences, triclinic cell."""
+    model = tiny_model(family)
+    atoms = triclinic_alloy()
+    atoms.calc = MLIPCalculator(model)
+    forces = atoms.get_forces()
+    numerical = atoms.calc.calculate_numerical_forces(atoms, d=1e-4)
+    assert np.abs(forces).max() > 1e-2
+    assert_close(forces, numerical, 1e-6, "forces vs finite differences")
+    stress = atoms.get_stress()
+    numerical = atoms.calc.calculate_numerical_stress(atoms, d=1e-5)
+    assert np.abs(stress).max() > 1e-3
+    assert_close(stress, numerical, 1e-6, "stress vs finite differences")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supercell_invariance(family):
+    model = tiny_model(family)
+    atoms = triclinic_alloy(repeat=(1, 1, 1))
+    supercell = atoms.repeat((2, 2, 2))
+    single, eight = predict(model, [atoms]), predict(model, [supercell])
+    assert_close(eight["energy"], 8 * single["energy"], 1e-10, "energy")
+    assert_close(eight["forces"], np.tile(single["forces"], (8, 1)), 1e-9, "forces")
+    assert_close(eight["stress"], single["stress"], 1e-9, "stress")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smooth_at_cutoff(family):
+    """A third atom crossing r_max changes neither energy nor forces discontinuously."""
+    model = tiny_model(family)
+    base = cluster(n=2)
+    base.positions = [[0, 0, 0], [2.2, 0, 0]]
+    energies, forces = [], []
+    for distance in (R_MAX - 1e-4, R_MAX + 1e-4):
+        atoms = base.copy()
+        atoms += atoms[:1]
+        atoms.positions[2] = [-distance, 0, 0]
+        out = predict(model, [atoms])
+        energies.append(out["energy"][0])
+        forces.append(out["forces"])
+    # Beyond r_max the third atom is alone: the energy is that of the pair plus a lone atom.
+    separate = predict(model, [base])["energy"][0] + predict(model, [base[:1]])["energy"][0]
+    assert abs(energies[1] - separate) < 1e-10
+    assert abs(energies[0] - energies[1]) < 1e-9, "energy jumps at r_max"
+    # The envelope vanishes as (r_max - r)^3: 1e-4 Å inside r_max, forces differ by O(1e-7), not O(1).
+    assert np.abs(forces[0] - forces[1]).max() < 1e-5, "forces jump at r_max"
+
+
+def test_locality_allegro_strict_nequip_receptive_field():
+    """Allegro's E_0 ignores atoms beyond r_max; NequIP's (2 layers) feels them up to 2 r_max."""
+    chain = cluster(n=4)
+    spacing = 0.8 * R_MAX
+    chain.positions = np.array([[k * spacing, 0.3 * (k % 2), 0] for k in range(4)])  # atom 2 at 1.6 r_max, 3 at 2.4
+    changed = {}
+    for family in FAMILIES:
+        model = tiny_model(family)
+        reference = predict(model, [chain])["atomic_energies"][0]
+        for atom in (2, 3):
+            moved = chain.copy()
+            moved.positions[atom] += [0.3, 0.4, -0.2]
+            changed[family, atom] = abs(predict(model, [moved])["atomic_energies"][0] - reference)
+    assert changed["allegro", 2] < 1e-12 and changed["allegro", 3] < 1e-12
+    assert changed["nequip", 2] > 1e-10, "NequIP's second layer should see atoms within 2 r_max"
+    assert changed["nequip", 3] < 1e-12, "NequIP sees beyond its receptive field"
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_single_structures(family, head):
+    """Structures batched together give what each gives alone: nothing leaks between them."""
+    model = tiny_model(family, head)
+    structures = [triclinic_alloy(seed=0), cluster(seed=1), triclinic_alloy(seed=2, repeat=(1, 2, 1))]
+    batched = predict(model, structures)
+    start = 0
+    for k, atoms in enumerate(structures):
+        alone = predict(model, [atoms])
+        stop = start + len(atoms)
+        assert_close(batched["energy"][k], alone["energy"][0], 1e-12, "energy")
+        assert_close(batched["forces"][start:stop], alone["forces"], 1e-12, "forces")
+        if head == "gradient":
+            assert_close(batched["stress"][k], alone["stress"][0], 1e-12, "stress")
+        start = stop
+    if head == "gradient":
+        assert np.all(batched["stress"][1] == 0), "a non-periodic structure must not get a stress"
+
+
+def test_training_mode_force_gradients_reach_parameters():
+    """The force loss backpropagates into the weights (double backward), per structure only."""
+    model = tiny_model("allegro").train()
+    import mlip.data as data
+
+    graphs = [data.atoms_to_graph(a, R_MAX, data.TypeMapper(["Cu", "Ni"])) for a in (triclinic_alloy(), cluster())]
+    out = model(data.collate(graphs, torch.float64))
+    n0 = len(graphs[0]["atom_types"])
+    # Loss on structure 1's forces only: its gradient must not depend on structure 0's atoms.
+    loss = out["forces"][n0:].pow(2).sum()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scripted_equals_eager(family, head, dtype, tmp_path):
+    model = tiny_model(family, head, dtype)
+    path = tmp_path / "model.pt"
+    deploy_model(model, path)
+    atoms = triclinic_alloy()
+    results = []
+    for calc_model in (model, load_model(path)):
+        atoms.calc = MLIPCalculator(calc_model)
+        properties = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+        if head == "gradient":
+            properties["stress"] = atoms.get_stress()
+        results.append(properties)
+    for key in results[0]:
+        assert_close(results[1][key], results[0][key], TOLERANCE[dtype], key)
+    _, metadata = load_model(path)
+    assert metadata["force_head"] == head
+    assert metadata["message_passing_layers"] == (2 if family == "nequip" else 1)
+    assert metadata["dtype"] == str(dtype).replace("torch.", "")
