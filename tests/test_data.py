@@ -1,5 +1,6 @@
 """extxyz -> graphs -> HDF5 -> batches, label mapping, statistics, and input checks."""
 
+import gzip
 import pickle
 
 import ase.io
@@ -128,6 +129,11 @@ def test_hash_is_content_based(extxyz, h5, tmp_path):
     assert again == digest  # deterministic
     other = convert_to_hdf5(extxyz, tmp_path / "rmax.h5", R_MAX + 0.5, type_names=["Al", "Ni", "Cu"], progress=False)
     assert other != digest
+    # A gzip-compressed copy converts to the same content.
+    gz = tmp_path / "emt.extxyz.gz"
+    with open(extxyz, "rb") as source, gzip.open(gz, "wb") as target:
+        target.write(source.read())
+    assert convert_to_hdf5(gz, tmp_path / "gz.h5", R_MAX, type_names=["Al", "Ni", "Cu"], progress=False) == digest
     # Default type names: sorted by atomic number, recorded in the file.
     convert_to_hdf5(ase.io.read(extxyz, ":"), tmp_path / "types.h5", R_MAX, progress=False)
     assert GraphDataset.from_hdf5(tmp_path / "types.h5").type_names == ["Al", "Ni", "Cu"]
