@@ -1,0 +1,100 @@
+"""mlip side of the benchmark: one case per process, one JSON line out (same format as the peers).
+
+Run with mlip's own environment, e.g.
+    python benchmarks/run_mlip.py --family allegro --atoms 864 --dtype float32 --path torchscript
+Paths: ``eager`` (MLIPCalculator around the Python model) or ``torchscript`` (the file written by
+``mlip.deploy.deploy_model``, what users load with ``MLIPCalculator("model.pt")``). The model is
+the ``small`` preset, untrained: speed does not depend on the weights.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def build(family: str, dtype: str, type_names=("Cu",)):
+    from mlip.data.stats import DatasetStatistics
+    from mlip.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    stats = DatasetStatistics(
+        type_names=list(type_names),
+        reference_energies=[0.0] * len(type_names),
+        force_rms=1.0,
+        avg_num_neighbors=common.AVG_NUM_NEIGHBORS,
+    )
+    config = ModelConfig(family=family, preset="small", r_max=common.R_MAX, head="gradient")
+    return build_model(config, stats, dtype=getattr(torch, dtype))
+
+
+def calculator(family: str, args):
+    from mlip import MLIPCalculator
+
+    model = build(family, args.dtype)
+    if args.path == "eager":
+        return MLIPCalculator(model)
+    from mlip.deploy import deploy_model
+
+    os.makedirs(args.cache_dir, exist_ok=True)
+    path = os.path.join(args.cache_dir, f"mlip-{family}-{args.dtype}.pt")
+    deploy_model(model, path)  # a second or two: rebuilt each time so it never runs a stale file
+    return MLIPCalculator(path)
+
+
+def run_md(family: str, args) -> None:
+    common.set_threads(args.threads)
+    atoms = common.cu_fcc(args.atoms)
+    atoms.calc = calculator(family, args)
+    ms = common.time_md(atoms, args.steps, args.warmup)
+    common.emit(f"mlip-{family}", args.path, args.dtype, args.atoms, ms, args.threads)
+
+
+def run_train(family: str, args) -> None:
+    """Training steps on 3BPA molecules: forward, energy + force MSE, backward, Adam step."""
+    from mlip.data import LabelKeys, TypeMapper, atoms_to_graph, collate
+
+    common.set_threads(args.threads)
+    type_names = ["C", "H", "N", "O"]
+    dtype = getattr(torch, args.dtype)
+    model = build(family, args.dtype, type_names)
+    model.train()
+    mapper = TypeMapper(type_names)
+    structures = common.read_train_structures(args.train_data, args.batch_size * args.train_steps)
+    graphs = [atoms_to_graph(a, common.R_MAX, mapper, LabelKeys(), require=("energy", "forces")) for a in structures]
+    # Batches are built before timing: data loading is not what is compared.
+    batches = [collate(graphs[i : i + args.batch_size], dtype=dtype) for i in range(0, len(graphs), args.batch_size)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(batch):
+        out = model(batch)
+        n = batch["num_atoms"].to(torch.float64)
+        loss = torch.mean(((out["energy"] - batch["energy"]) / n) ** 2)
+        loss = loss + torch.mean((out["forces"] - batch["forces"]) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = common.time_train_steps(step, batches)
+    common.emit_train(f"mlip-{family}", args.path, args.dtype, args.batch_size / seconds, args.threads,
+                      batch_size=args.batch_size, atoms=len(structures[0]), dataset="3bpa")
+
+
+def main():
+    def family_option(parser):
+        parser.add_argument("--family", choices=["allegro", "nequip"], default="allegro")
+
+    args = common.md_args(__doc__.splitlines()[0], paths=["eager", "torchscript"], default_path="torchscript",
+                          extra=family_option)
+    common.quiet_warnings()
+    if args.case == "md":
+        run_md(args.family, args)
+    else:
+        run_train(args.family, args)
+
+
+if __name__ == "__main__":
+    main()
