@@ -298,17 +298,20 @@ def bad_inputs():
     overlap.positions[1] = overlap.positions[0] + [0.1, 0.1, 0.0]
     flat = bulk("Cu", "fcc", a=3.6, cubic=True)
     flat.cell[2] = [0.0, 0.0, 0.0]
+    image = bulk("Cu", "fcc", a=3.6, cubic=True)
+    image.positions[3] = image.positions[0] + image.cell[0]  # the same site, one cell over
     unknown = molecule("H2O")
     unknown.center(vacuum=3.0)
     return [
         (nan, ValueError, r"positions of atoms \[2\] are NaN"),
         (overlap, ValueError, r"atoms 0 and 1 are 0.141 Å apart"),
         (flat, ValueError, r"structure is periodic along \[True, True, True\] but its cell has zero volume"),
+        (image, ValueError, r"atoms 0 and 3 are 0 Å apart"),
         (unknown, ValueError, r"element\(s\) \['H', 'O'\] not known to this model; it knows \['Cu'\]"),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_bad_input_raises_clear_error(case, tmp_path):
     atoms, error, message = bad_inputs()[case]
     atoms.calc = SinglePointCalculator(atoms, energy=-1.0)
