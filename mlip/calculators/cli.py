@@ -1,5 +1,238 @@
-"""`mlip` sub-commands of mlip.calculators (placeholder until implemented)."""
+"""`mlip relax` and `mlip md`: quick relaxations and MD runs of a deployed model through ASE.
+
+    mlip relax model.pt POSCAR --cell -o relaxed.extxyz
+    mlip md model.pt bulk:Cu:fcc:3.61:5x5x5 --temperature 300 --steps 1000 --ensemble nvt --traj md.traj
+
+STRUCTURE is any file ase.io.read reads (last frame), or a spec:
+``bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]`` (conventional cubic cell where the crystal has one, e.g.
+``bulk:Si:diamond:5.43:3x3x3``) or ``molecule:NAME`` (ase.build.molecule, no cell).
+"""
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+
+def read_structure(spec: str):
+    """An ase.Atoms from a file name or a ``bulk:...`` / ``molecule:...`` spec."""
+    if spec.startswith("bulk:"):
+        from ase.build import bulk
+
+        parts = spec.split(":")[1:]
+        if not 1 <= len(parts) <= 4 or not parts[0]:
+            raise ValueError(f"structure spec {spec!r}: expected bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]")
+        symbol = parts[0]
+        crystal = parts[1] if len(parts) > 1 and parts[1] else None
+        a = float(parts[2]) if len(parts) > 2 and parts[2] else None
+        repeat = (1, 1, 1)
+        if len(parts) > 3:
+            try:
+                repeat = tuple(int(n) for n in parts[3].lower().split("x"))
+            except ValueError:
+                repeat = ()
+            if len(repeat) != 3 or min(repeat) < 1:
+                raise ValueError(f"structure spec {spec!r}: repeat must look like 3x3x3, got {parts[3]!r}")
+        # MD wants orthogonal boxes: conventional cubic cells, orthorhombic for hexagonal crystals.
+        shape = {"orthorhombic": True} if crystal in ("hcp", "wurtzite") else {"cubic": True}
+        try:
+            atoms = bulk(symbol, crystal, a=a, **shape)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"structure spec {spec!r}: ase.build.bulk failed: {error}") from None
+        return atoms.repeat(repeat)
+    if spec.startswith("molecule:"):
+        from ase.build import molecule
+
+        name = spec.split(":", 1)[1]
+        try:
+            return molecule(name)
+        except KeyError:
+            raise ValueError(f"structure spec {spec!r}: ase.build.molecule does not know {name!r}") from None
+    if not os.path.exists(spec):
+        raise FileNotFoundError(
+            f"no structure file {spec!r} (or give a spec: bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME)"
+        )
+    import ase.io
+
+    return ase.io.read(spec, index=-1)
 
 
 def register(commands) -> None:
-    pass
+    relax = commands.add_parser(
+        "relax", help="relax atom positions (and the cell) with a deployed model",
+        description="Relax a structure with FIRE or BFGS; --cell also relaxes the cell (FrechetCellFilter).",
+    )
+    relax.add_argument("model", help="deployed model file (mlip deploy)")
+    relax.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
+    relax.add_argument("--cell", action="store_true", help="relax the cell too (to zero stress; periodic only)")
+    relax.add_argument("--fmax", type=float, default=0.01, help="force convergence, eV/Å (default 0.01)")
+    relax.add_argument("--steps", type=int, default=1000, help="maximum optimizer steps (default 1000)")
+    relax.add_argument("--optimizer", choices=("FIRE", "BFGS"), default="FIRE")
+    relax.add_argument("-o", "--output", help="write the relaxed structure (extxyz or any ase.io format)")
+    relax.add_argument("--device", default="cpu")
+    relax.set_defaults(run=run_relax)
+
+    md = commands.add_parser(
+        "md", help="molecular dynamics with a deployed model (ASE integrators)",
+        description="NVE (velocity Verlet), NVT (Langevin) or NPT (isotropic MTK, Nose-Hoover chains).",
+    )
+    md.add_argument("model", help="deployed model file (mlip deploy)")
+    md.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
+    md.add_argument("--temperature", type=float, required=True, help="K (initial temperature for NVE)")
+    md.add_argument("--steps", type=int, required=True)
+    md.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
+    md.add_argument("--ensemble", choices=("nve", "nvt", "npt"), default="nvt")
+    md.add_argument("--pressure", type=float, default=0.0, help="GPa, NPT only (default 0)")
+    md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    md.add_argument("--traj", help="write frames to this file (.traj, .extxyz, ...)")
+    md.add_argument("--interval", type=int, default=10, help="steps between written frames (default 10)")
+    md.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the thermostat")
+    md.add_argument("--device", default="cpu")
+    md.set_defaults(run=run_md)
+
+
+def _calculator(args):
+    from .ase import MLIPCalculator
+
+    return MLIPCalculator(args.model, device=args.device)
+
+
+def run_relax(args: argparse.Namespace) -> int:
+    import numpy as np
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS, FIRE
+    from tqdm import tqdm
+
+    atoms = read_structure(args.structure)
+    atoms.calc = _calculator(args)
+    if args.cell and not atoms.pbc.all():
+        raise ValueError(f"--cell needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()})")
+    target = FrechetCellFilter(atoms) if args.cell else atoms
+    optimizer = {"FIRE": FIRE, "BFGS": BFGS}[args.optimizer](target, logfile=None)
+    energy0 = atoms.get_potential_energy()
+    converged = False
+    with tqdm(total=args.steps, desc="relax", unit="step", file=sys.stderr) as bar:
+        for converged in optimizer.irun(fmax=args.fmax, steps=args.steps):
+            fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
+            bar.set_postfix(E=f"{atoms.get_potential_energy():.4f} eV", fmax=f"{fmax:.3g}")
+            bar.update(optimizer.nsteps - bar.n)  # irun also yields once before the first step
+    energy = atoms.get_potential_energy()
+    n = len(atoms)
+    print(f"{'converged' if converged else 'NOT converged'} after {optimizer.nsteps} steps (fmax {args.fmax} eV/Å)")
+    print(f"energy {energy:.6f} eV ({energy / n:.6f} eV/atom), change {(energy - energy0) / n * 1000:.3f} meV/atom")
+    if atoms.pbc.all():
+        lengths, angles = atoms.cell.cellpar()[:3], atoms.cell.cellpar()[3:]
+        print(f"cell lengths {np.round(lengths, 5).tolist()} Å, angles {np.round(angles, 3).tolist()} deg, "
+              f"volume {atoms.get_volume() / n:.4f} Å^3/atom")
+        print(f"stress {np.round(atoms.get_stress() * 160.21766208, 4).tolist()} GPa (xx yy zz yz xz xy)")
+    if args.output:
+        import ase.io
+
+        atoms.calc = _single_point(atoms)
+        ase.io.write(args.output, atoms)
+        print(f"wrote {args.output}")
+    return 0 if converged else 1
+
+
+def _single_point(atoms):
+    """Freeze the results so writers store energy/forces without calling the model again."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    return SinglePointCalculator(atoms, **atoms.calc.results)
+
+
+def run_md(args: argparse.Namespace) -> int:
+    import numpy as np
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from tqdm import tqdm
+
+    if args.steps < 0 or args.timestep <= 0 or args.temperature < 0:
+        raise ValueError("need --steps >= 0, --timestep > 0 and --temperature >= 0")
+    atoms = read_structure(args.structure)
+    atoms.calc = _calculator(args)
+    atoms.get_potential_energy()  # bad input (unknown element, overlaps) fails here, before any file is written
+    rng = np.random.default_rng(args.seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any():
+        ZeroRotation(atoms)
+    dyn = make_dynamics(atoms, args.ensemble, args.timestep, args.temperature, args.pressure, args.friction, rng)
+
+    writer = None
+    if args.traj:
+        writer = _trajectory_writer(args.traj, atoms)
+        dyn.attach(writer, interval=args.interval)
+    n = len(atoms)
+    with tqdm(total=args.steps, desc=f"md {args.ensemble}", unit="step", file=sys.stderr) as bar:
+        def report():
+            if dyn.nsteps == 0:  # observers are also called once before the first step
+                return
+            epot = atoms.get_potential_energy() / n
+            postfix = dict(T=f"{atoms.get_temperature():.0f} K", Epot=f"{epot:.4f}",
+                           Etot=f"{epot + atoms.get_kinetic_energy() / n:.4f} eV/atom")
+            if args.ensemble == "npt":
+                postfix["V"] = f"{atoms.get_volume() / n:.3f} Å^3/atom"
+            bar.set_postfix(postfix)
+            bar.update(1)
+
+        dyn.attach(report, interval=1)
+        dyn.run(args.steps)
+    if writer is not None:
+        writer.close()
+        print(f"wrote {args.traj}")
+    print(f"{args.steps} steps of {args.timestep} fs: T {atoms.get_temperature():.1f} K, "
+          f"Epot {atoms.get_potential_energy() / n:.6f} eV/atom")
+    return 0
+
+
+def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float, pressure_GPa: float = 0.0,
+                  friction_per_fs: float = 0.01, rng: Optional[object] = None):
+    """An ASE integrator. NPT uses the MTK barostat with Nose-Hoover chains (ase >= 3.25),
+    isotropic cell fluctuations; damping times 100 and 1000 time steps, as ASE recommends."""
+    from ase import units
+
+    dt = timestep_fs * units.fs
+    if ensemble == "nve":
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(atoms, timestep=dt)
+    if ensemble == "nvt":
+        from ase.md.langevin import Langevin
+
+        return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
+    if ensemble == "npt":
+        from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+        if not atoms.pbc.all():
+            raise ValueError(f"NPT needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()})")
+        return IsotropicMTKNPT(atoms, timestep=dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
+                               tdamp=100 * dt, pdamp=1000 * dt)
+    raise ValueError(f"unknown ensemble {ensemble!r}; choose nve, nvt or npt")
+
+
+class _trajectory_writer:
+    """Writes the current frame with its energy/forces (.traj via ase.io.Trajectory, else ase.io.write)."""
+
+    def __init__(self, path: str, atoms):
+        self.path, self.atoms = path, atoms
+        self.trajectory = None
+        if path.endswith(".traj"):
+            from ase.io import Trajectory
+
+            self.trajectory = Trajectory(path, "w", atoms)
+        elif os.path.exists(path):
+            os.remove(path)  # ase.io.write appends below: start a fresh file
+
+    def __call__(self):
+        if self.trajectory is not None:
+            self.trajectory.write()
+            return
+        import ase.io
+
+        frame = self.atoms.copy()
+        frame.calc = _single_point(self.atoms)
+        ase.io.write(self.path, frame, append=True)
+
+    def close(self):
+        if self.trajectory is not None:
+            self.trajectory.close()
