@@ -3,8 +3,8 @@
     python benchmarks/neighbor_lists.py [--r-max 5] [--repeats 7] [--sizes 864 4000 16384]
 
 Prints a markdown table of the median wall time of ``repeats`` calls (after one warm-up call),
-and checks that all three give the same edge set. Single-threaded numpy/torch are not involved:
-the backends are C/C++ (vesin, matscipy) and numpy (ASE).
+and checks that all three give the same edge set. vesin and matscipy are compiled code (one
+thread); ASE's is numpy.
 """
 
 import argparse

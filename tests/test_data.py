@@ -127,6 +127,13 @@ def test_hash_is_content_based(extxyz, h5, tmp_path):
     assert len(digest) == 64
     again = convert_to_hdf5(extxyz, tmp_path / "again.h5", R_MAX, type_names=["Al", "Ni", "Cu"], progress=False)
     assert again == digest  # deterministic
+    # Written in many small blocks (as for a file larger than memory): the same content.
+    blocks = convert_to_hdf5(extxyz, tmp_path / "blocks.h5", R_MAX, type_names=["Al", "Ni", "Cu"], progress=False,
+                             buffer_atoms=7)
+    assert blocks == digest == recompute_hash(tmp_path / "blocks.h5")
+    one_block = GraphDataset.from_hdf5(path).get_batch(range(14))
+    many_blocks = GraphDataset.from_hdf5(tmp_path / "blocks.h5").get_batch(range(14))
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(one_block, many_blocks) for k in x)
     other = convert_to_hdf5(extxyz, tmp_path / "rmax.h5", R_MAX + 0.5, type_names=["Al", "Ni", "Cu"], progress=False)
     assert other != digest
     # A gzip-compressed copy converts to the same content.

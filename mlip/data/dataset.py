@@ -134,6 +134,7 @@ def convert_to_hdf5(
     backend: str = DEFAULT_BACKEND,
     compression: Optional[str] = "lzf",
     progress: bool = True,
+    buffer_atoms: int = 1 << 20,
 ) -> str:
     """Read structures, build their graphs at ``r_max`` and write them to ``output``.
 
@@ -141,7 +142,8 @@ def convert_to_hdf5(
     Structures are streamed (``ase.io.iread``) so files larger than memory convert. Without
     ``type_names`` the elements found are used, sorted by atomic number (this costs one extra pass
     over the files). The file appears only when complete (written to a temporary name, then
-    renamed). Returns the content hash (sha256), also stored in the file as ``content_hash``.
+    renamed). Graphs are written in blocks of about ``buffer_atoms`` atoms (memory use while
+    converting). Returns the content hash (sha256), also stored in the file as ``content_hash``.
     """
     output = Path(output)
     if type_names is None and not _paths(inputs):
@@ -157,7 +159,7 @@ def convert_to_hdf5(
         "sources": json.dumps([os.fspath(p) for p in _paths(inputs)]),
     }
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    writer = GraphWriter(tmp, r_max, mapper.type_names, attrs, compression=compression)
+    writer = GraphWriter(tmp, r_max, mapper.type_names, attrs, compression=compression, buffer_atoms=buffer_atoms)
     try:
         from tqdm import tqdm
 
