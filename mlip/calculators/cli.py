@@ -143,7 +143,8 @@ def _single_point(atoms):
 
 def run_md(args: argparse.Namespace) -> int:
     import numpy as np
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md import thermalize_momenta
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
     from tqdm import tqdm
 
     if args.steps < 0 or args.timestep <= 0 or args.temperature < 0:
@@ -152,7 +153,7 @@ def run_md(args: argparse.Namespace) -> int:
     atoms.calc = _calculator(args)
     atoms.get_potential_energy()  # bad input (unknown element, overlaps) fails here, before any file is written
     rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    thermalize_momenta(atoms, args.temperature, rng=rng)
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)
