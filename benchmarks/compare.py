@@ -56,6 +56,9 @@ def parse_args():
     p.add_argument("--max-mem-gb", type=float, default=12.0,
                    help="per case: skip if extrapolated peak RSS exceeds it, and cap the process' data size")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
+    p.add_argument("--quiet-below", type=float, default=0.15,
+                   help="before each case wait until other processes use less than this fraction of the CPUs")
+    p.add_argument("--quiet-wait", type=float, default=180.0, help="seconds to wait for that at most (0: never wait)")
     p.add_argument("--report", metavar="RAW_JSONL", help="only print the table and plot from a raw file")
     args = p.parse_args()
     if args.quick:
@@ -85,6 +88,22 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until the CPUs are less busy than ``threshold``; returns the wait.
+
+    Other people's jobs on a shared machine change a step time by 10x (two OpenMP threads that
+    lose their core spin at every barrier), so a case is better started a little later.
+    """
+    start = time.perf_counter()
+    while True:
+        busy0, wall0 = cpu_busy_seconds(), time.perf_counter()
+        time.sleep(2.0)
+        busy = (cpu_busy_seconds() - busy0) / ((time.perf_counter() - wall0) * os.cpu_count())
+        waited = time.perf_counter() - start
+        if busy < threshold or waited >= max_wait:
+            return waited
+
+
 def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -98,6 +117,7 @@ def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
     command = [python, script, *case_args, "--threads", str(args.threads)]
+    waited = wait_for_quiet(args.quiet_below, args.quiet_wait) if args.quiet_wait > 0 else 0.0
     busy0, child0, wall0 = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout,
@@ -115,7 +135,8 @@ def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
     else:
         tail = [line for line in (stderr or "").strip().splitlines() if line.strip()][-3:]
         record = dict(label, error=" | ".join(tail) or f"exit code {code}")
-    record.update(repeat=label["repeat"], wall_s=round(wall, 1), outside_load=round(outside, 3))
+    record.update(repeat=label["repeat"], wall_s=round(wall, 1), outside_load=round(outside, 3),
+                  waited_s=round(waited))
     return record
 
 
