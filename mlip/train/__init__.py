@@ -1,0 +1,20 @@
+"""Training: YAML config, loss, metrics, the loop with exact resumption, checkpoints, evaluation."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, config_from_dict, load_config
+from .trainer import TrainResult, Trainer, model_from_checkpoint, resume, train
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "config_from_dict",
+    "load_checkpoint",
+    "load_config",
+    "model_from_checkpoint",
+    "resume",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,188 @@
+"""The training configuration: one YAML file -> nested dataclasses.
+
+Every section is a dataclass whose fields are the allowed keys; an unknown key anywhere is an
+error that names it, where it is, and what is allowed (a typo must not silently train the
+default). See ``md_examples/configs/train_allegro_small.yaml`` for a commented example.
+"""
+
+import dataclasses
+import os
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from ..models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=list)  # extxyz (anything ase.io reads) or .h5 graph files
+    validation: List[str] = field(default_factory=list)  # separate validation files; empty: split train
+    val_fraction: float = 0.1  # share of `train` held out when no validation file is given
+    keys: Dict[str, str] = field(default_factory=dict)  # label names: {energy: REF_energy, forces: ..., stress: ...}
+    type_names: Optional[List[str]] = None  # chemical symbols in model order; None: the elements found
+    isolated_atom_energies: Optional[Dict[str, float]] = None  # eV; None: least-squares reference energies
+
+
+@dataclass
+class LossConfig:
+    # Weights of mean squared errors in eV^2 per atom^2, (eV/Å)^2 per component, (eV/Å^3)^2 per component.
+    energy_per_atom: float = 1.0
+    forces: float = 1.0
+    stress: float = 0.0  # stress is ~0.01 eV/Å^3: weights of 10-1000 make it count
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 0.005
+    weight_decay: float = 0.0
+    clip_grad_norm: Optional[float] = None  # max global gradient norm; None: no clipping
+    ema_decay: Optional[float] = 0.99  # exponential moving average of weights; None: off
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "plateau"  # plateau | cosine | constant
+    factor: float = 0.5  # plateau: lr multiplied by this ...
+    patience: int = 10  # ... after this many epochs without validation improvement
+    warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 (fractions of an epoch allowed)
+    min_lr: float = 1e-6  # floor of both schedules
+
+
+@dataclass
+class StopConfig:
+    max_epochs: int = 100
+    max_minutes: Optional[float] = None  # wall-clock budget of the whole run (resumes included)
+    patience: Optional[int] = None  # early stopping: epochs without validation improvement
+    monitor: str = "loss"  # validation metric that picks best.pt and drives plateau/patience
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    batch_size: int = 5
+    dtype: str = "float32"  # float32 | float64 (energies are always summed in float64)
+    device: str = "cpu"
+    threads: Optional[int] = 2  # torch intra-op threads; None: leave torch's setting
+    seed: int = 0  # model initialisation, train/validation split and the batch order of every epoch
+    init_from: Optional[str] = None  # fine-tune: start from the weights of this checkpoint
+    checkpoint_every_steps: int = 0  # also save last.pt inside an epoch every N steps (0: epoch ends only)
+    progress: bool = True  # tqdm progress bar
+
+
+MONITORS = (
+    "loss", "energy_per_atom_mae", "energy_per_atom_rmse", "forces_mae", "forces_rmse", "stress_mae", "stress_rmse",
+)
+CHOICES = {
+    ("optimizer", "name"): ("adam", "adamw"),
+    ("schedule", "name"): ("plateau", "cosine", "constant"),
+    ("stop", "monitor"): MONITORS,
+    ("dtype",): ("float32", "float64"),
+    ("model", "head"): ("gradient", "direct"),
+    ("model", "family"): ("allegro", "nequip"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used as written."""
+
+
+def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
+    config = _build(TrainConfig, raw, ())
+    for path, allowed in CHOICES.items():
+        value = config
+        for name in path:
+            value = getattr(value, name)
+        if value not in allowed:
+            raise ConfigError(f"{'.'.join(path)}: {value!r} is not one of {list(allowed)}")
+    unknown_labels = sorted(set(config.data.keys) - {"energy", "forces", "stress"})
+    if unknown_labels:
+        raise ConfigError(f"data.keys: unknown label(s) {unknown_labels}; allowed: ['energy', 'forces', 'stress']")
+    if not config.data.train:
+        raise ConfigError("data.train: give at least one training file")
+    if config.batch_size < 1 or config.stop.max_epochs < 0:
+        raise ConfigError("batch_size must be >= 1 and stop.max_epochs >= 0")
+    if config.model.head == "direct" and config.loss.stress > 0:
+        raise ConfigError("loss.stress > 0 needs model.head: gradient (a direct-force head predicts no stress)")
+    return config
+
+
+def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        config = config_from_dict(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    # Relative data paths are relative to the config file, not to where `mlip train` runs.
+    base = os.path.dirname(os.path.abspath(path))
+    config.data.train = [os.path.join(base, p) for p in config.data.train]
+    config.data.validation = [os.path.join(base, p) for p in config.data.validation]
+    if config.init_from:
+        config.init_from = os.path.join(base, config.init_from)
+    config.run_dir = os.path.join(base, config.run_dir)
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
+    return asdict(config)
+
+
+def _build(cls, raw: Any, where: tuple):
+    """A dataclass from a mapping, recursively; unknown keys and wrong kinds raise ConfigError."""
+    name = ".".join(where) or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        place = f"in {name}" if where else "at the top level"
+        raise ConfigError(f"unknown key(s) {unknown} {place}; allowed: {sorted(fields)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, where + (key,))
+        else:
+            values[key] = _coerce(value, hint, ".".join(where + (key,)))
+    return cls(**values)
+
+
+def _coerce(value: Any, hint, name: str):
+    """Check a scalar/list/dict value against its annotation (YAML gives 1 for 1.0, a str for a list)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), name)
+    if origin in (list, List):
+        if isinstance(value, (str, os.PathLike)):
+            value = [value]  # `train: a.xyz` means a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value] if args else value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        if args and args[1] is not Any:
+            return {str(k): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,103 @@
+"""Training data of a run: structure files -> HDF5 graph files in the run directory, split, statistics.
+
+Structure files (extxyz, anything ``ase.io`` reads) are converted once to ``RUN_DIR/data/*.h5``
+at the model's r_max; a resumed run reads those files back, so it trains on exactly the same
+graphs even if the source files changed meanwhile. Given ``.h5`` graph files are used directly.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ..data import GraphDataset, LabelKeys, TypeMapper, compute_statistics, convert_to_hdf5, split_indices
+from ..data.stats import DatasetStatistics
+from .config import DataConfig
+
+
+@dataclass
+class TrainingData:
+    train: GraphDataset  # the training source (all of it; ``train_indices`` selects)
+    train_indices: np.ndarray
+    validation: GraphDataset  # the validation source (may be ``train`` itself)
+    val_indices: np.ndarray
+    type_names: List[str]
+    content_hash: str  # of the training source file: the deployed model's training_data_hash
+
+
+class Subset:
+    """Some structures of a GraphDataset, with the ``len``/``get_batch`` interface of one."""
+
+    def __init__(self, dataset: GraphDataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, indices: Sequence[int]):
+        return self.dataset.get_batch(self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+def prepare_data(
+    config: DataConfig,
+    r_max: float,
+    data_dir: str,
+    seed: int,
+    type_names: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> TrainingData:
+    """Open (converting where needed) the training and validation data of a run.
+
+    ``type_names`` (from a checkpoint being resumed or fine-tuned) wins over ``config.type_names``;
+    without either, the elements of the training files are used, by atomic number.
+    """
+    label_keys = LabelKeys(**config.keys)
+    type_names = list(type_names or config.type_names or _elements(config.train))
+    train = _open(config.train, os.path.join(data_dir, "train.h5"), r_max, type_names, label_keys, progress)
+    if config.validation:
+        validation = _open(config.validation, os.path.join(data_dir, "validation.h5"), r_max, type_names,
+                           label_keys, progress)
+        train_indices, val_indices = np.arange(len(train)), np.arange(len(validation))
+    else:
+        validation = train
+        train_indices, val_indices = split_indices(len(train), config.val_fraction, seed)
+    if len(train_indices) == 0:
+        raise ValueError("no training structures left after the validation split")
+    return TrainingData(train, train_indices, validation, val_indices, type_names, train.content_hash)
+
+
+def training_statistics(data: TrainingData, isolated_atom_energies=None) -> DatasetStatistics:
+    """Reference energies, force RMS and neighbor count of the training part only."""
+    return compute_statistics(Subset(data.train, data.train_indices), data.type_names, isolated_atom_energies)
+
+
+def _open(paths: List[str], cache: str, r_max, type_names, label_keys, progress) -> GraphDataset:
+    graph_files = [p for p in paths if p.endswith((".h5", ".hdf5"))]
+    if graph_files:
+        if len(paths) != 1:
+            raise ValueError(f"give either one .h5 graph file or structure files, not {paths}")
+        dataset = GraphDataset.from_hdf5(paths[0])
+        if abs(dataset.r_max - r_max) > 1e-9:
+            raise ValueError(f"{paths[0]} holds graphs built at r_max = {dataset.r_max} Å but the model's r_max is "
+                             f"{r_max} Å: convert the structures again at the model's cutoff")
+        if list(dataset.type_names) != list(type_names):
+            raise ValueError(f"{paths[0]} has type names {dataset.type_names}, the model {list(type_names)}")
+        return dataset
+    if not os.path.exists(cache):  # a resumed run reuses its converted files
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        convert_to_hdf5(paths, cache, r_max, type_names, label_keys, progress=progress)
+    return GraphDataset.from_hdf5(cache)
+
+
+def _elements(paths: List[str]) -> List[str]:
+    graph_files = [p for p in paths if p.endswith((".h5", ".hdf5"))]
+    if graph_files:
+        return list(GraphDataset.from_hdf5(graph_files[0]).type_names)
+    import ase.io
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such training file: {path}")
+    return TypeMapper.from_atoms(a for p in paths for a in ase.io.iread(p, ":")).type_names

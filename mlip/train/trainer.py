@@ -1,0 +1,397 @@
+"""The training loop: fresh runs, exact resumption, fine-tuning.
+
+    from mlip.train import load_config, train, resume
+    result = train(load_config("train.yaml"))        # writes RUN_DIR/{last,best}.pt, log.jsonl, learning_curve.png
+    result = resume("RUN_DIR", max_epochs=200)       # continues exactly where last.pt stopped
+
+Exact resumption: the batch order of epoch k is a function of (seed, k) only (BatchLoader), and a
+checkpoint holds weights, optimizer, schedule, EMA, RNG states and the position (epoch, batch in
+the epoch). A run stopped anywhere and resumed from its last checkpoint takes the same steps as
+an uninterrupted run, so it ends with the same weights (up to floating-point non-associativity if
+the thread count changes).
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import yaml
+
+from ..data import BatchLoader
+from ..data.stats import DatasetStatistics
+from ..models import ModelConfig, Potential, build_model
+from .checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_from_dict, config_to_dict
+from .data import prepare_data, training_statistics
+from .loss import loss_terms
+from .metrics import ErrorMetrics
+from .optim import ExponentialMovingAverage, LearningRateSchedule, build_optimizer
+from .plots import plot_learning_curve
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LOG_FILE, CONFIG_FILE, CURVE_FILE = "log.jsonl", "config.yaml", "learning_curve.png"
+PLOT_INTERVAL_S = 60.0  # redraw the learning curve at most this often during a run (and at the end)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int  # completed epochs
+    steps: int  # optimizer steps
+    stop_reason: str  # max_epochs | max_minutes | patience
+    best_metric: float  # lowest validation value of stop.monitor
+    history: List[Dict] = field(default_factory=list)  # rows of log.jsonl
+
+
+def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
+    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint)."""
+    if os.path.exists(os.path.join(config.run_dir, LAST)):
+        raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
+                         f"{config.run_dir}` or choose another run_dir")
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    return Trainer(config, on_step=on_step).fit()
+
+
+def resume(
+    run_dir: str,
+    max_epochs: Optional[int] = None,
+    max_minutes: Optional[float] = None,
+    on_step: Optional[Callable[["Trainer"], None]] = None,
+    progress: Optional[bool] = None,
+) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last.pt; only the stop rule may change."""
+    checkpoint = load_checkpoint(os.path.join(run_dir, LAST))
+    config = config_from_dict(checkpoint["config"])
+    config.run_dir = os.path.abspath(run_dir)  # the directory may have moved since
+    if max_epochs is not None:
+        config.stop.max_epochs = int(max_epochs)
+    if max_minutes is not None:
+        config.stop.max_minutes = float(max_minutes)
+    if progress is not None:
+        config.progress = progress
+    return Trainer(config, checkpoint=checkpoint, on_step=on_step).fit()
+
+
+def checkpoint_weights(checkpoint: Dict, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The model state_dict of a checkpoint, with the EMA weights in place when present."""
+    weights = dict(checkpoint["model"])
+    if use_ema and checkpoint.get("ema") is not None:
+        weights.update(checkpoint["ema"]["shadow"])
+    return weights
+
+
+def model_from_checkpoint(checkpoint: Dict, use_ema: bool = True, device="cpu") -> Potential:
+    """The trained potential of a checkpoint (a dict from load_checkpoint), in eval mode."""
+    config = config_from_dict(checkpoint["config"])
+    model = build_model(ModelConfig(**checkpoint["model_config"]),
+                        DatasetStatistics.from_dict(checkpoint["statistics"]), DTYPES[config.dtype])
+    model.load_state_dict(checkpoint_weights(checkpoint, use_ema))
+    return model.to(device).eval()
+
+
+class Trainer:
+    """One run: data, model, optimizer, schedule, EMA and the position in the run."""
+
+    def __init__(self, config: TrainConfig, checkpoint: Optional[Dict] = None,
+                 on_step: Optional[Callable[["Trainer"], None]] = None):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.on_step = on_step
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+
+        # Fine-tuning takes architecture, statistics and weights from the source checkpoint, so the
+        # model starts as exactly the source model (its energy scale and reference energies included).
+        source = checkpoint
+        if source is None and config.init_from:
+            source = load_checkpoint(_prefer_best(config.init_from))
+        self.model_config = ModelConfig(**source["model_config"]) if source else config.model
+        r_max = float(self.model_config.hyperparameters()["r_max"])
+
+        self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
+                                 source["type_names"] if source else None, progress=config.progress)
+        if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
+            raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
+                             "trained on (content hash mismatch)")
+        if source is not None:
+            self.statistics = DatasetStatistics.from_dict(source["statistics"])
+        else:
+            self.statistics = training_statistics(self.data, config.data.isolated_atom_energies)
+
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG alone
+            torch.manual_seed(config.seed)
+            self.model = build_model(self.model_config, self.statistics, self.dtype).to(self.device)
+        if source is not None:
+            self.model.load_state_dict(checkpoint_weights(source, use_ema=checkpoint is None))
+
+        self.train_loader = BatchLoader(self.data.train, config.batch_size, self.data.train_indices, shuffle=True,
+                                        seed=config.seed, dtype=self.dtype, device=self.device)
+        self.val_loader = BatchLoader(self.data.validation, config.batch_size, self.data.val_indices,
+                                      shuffle=False, dtype=self.dtype, device=self.device)
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.schedule = LearningRateSchedule(self.optimizer, config.schedule, config.optimizer.lr,
+                                             config.stop.max_epochs)
+        decay = config.optimizer.ema_decay
+        self.ema = ExponentialMovingAverage(self.model, decay) if decay else None
+
+        # Position in the run: `epoch` epochs done, plus `batch_in_epoch` batches of the next one.
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.best, self.best_epoch, self.bad_epochs, self.elapsed_before = math.inf, 0, 0, 0.0
+        self.epoch_loss_sum, self.epoch_batches = 0.0, 0
+        self.resumed = checkpoint is not None
+        self.rng = None
+        self._last_val: Dict[str, str] = {}  # validation numbers shown on the progress bar
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state(self) -> Dict:
+        return {
+            "config": config_to_dict(self.config),
+            "model_config": asdict(self.model_config),
+            "statistics": self.statistics.to_dict(),
+            "type_names": list(self.data.type_names),
+            "training_data_hash": self.data.content_hash,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "rng": rng_state(),
+            "position": {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                         "seed": self.config.seed},
+            "progress": {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                         "elapsed_s": self.elapsed(), "epoch_loss_sum": self.epoch_loss_sum,
+                         "epoch_batches": self.epoch_batches},
+        }
+
+    def _load_state(self, checkpoint: Dict) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["scheduler"])
+        if self.ema is not None and checkpoint["ema"] is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        position, progress = checkpoint["position"], checkpoint["progress"]
+        if position["seed"] != self.config.seed:
+            raise ValueError("the checkpoint's data-order seed differs from the config's")
+        self.epoch, self.step, self.batch_in_epoch = position["epoch"], position["step"], position["batch_in_epoch"]
+        self.best, self.best_epoch = float(progress["best"]), int(progress["best_epoch"])
+        self.bad_epochs, self.elapsed_before = int(progress["bad_epochs"]), float(progress["elapsed_s"])
+        self.epoch_loss_sum, self.epoch_batches = float(progress["epoch_loss_sum"]), int(progress["epoch_batches"])
+        self.rng = checkpoint["rng"]
+
+    def save(self, name: str = LAST) -> None:
+        save_checkpoint(self.state(), os.path.join(self.run_dir, name))
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._start if hasattr(self, "_start") else 0.0)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        config = self.config
+        threads = torch.get_num_threads()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self._start = time.perf_counter()
+        self._last_plot = time.perf_counter()
+        if self.rng is not None:
+            set_rng_state(self.rng)
+        history = self._open_log()
+        stop_reason = ""
+        try:
+            if not history:  # the untrained model's errors: the reference point of the learning curve
+                history.append(self._log_row(train_loss=None, validation=self.validate()))
+                self._append_log(history[-1])
+            while not stop_reason:
+                if self.epoch >= config.stop.max_epochs:
+                    stop_reason = "max_epochs"
+                    break
+                if not self._train_epoch():
+                    stop_reason = "max_minutes"  # stopped inside an epoch; last.pt holds the position
+                    break
+                row = self._end_epoch()
+                history.append(row)
+                self._report(row)
+                if config.stop.patience is not None and self.bad_epochs >= config.stop.patience:
+                    stop_reason = "patience"
+                elif self._over_budget():
+                    stop_reason = "max_minutes"
+                if time.perf_counter() - self._last_plot > PLOT_INTERVAL_S:
+                    self._plot(history)
+        finally:
+            torch.set_num_threads(threads)
+        self._plot(history)
+        if config.progress:
+            print(f"stopped ({stop_reason}) after {self.epoch} epochs, {self.step} steps, "
+                  f"{self.elapsed():.0f} s; best {config.stop.monitor} {self.best:.4g} at epoch {self.best_epoch}; "
+                  f"run: {self.run_dir}")
+        return TrainResult(self.run_dir, self.epoch, self.step, stop_reason, self.best, history)
+
+    def _train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False if the wall-clock budget ran out inside it."""
+        from tqdm import tqdm
+
+        config = self.config
+        every = config.checkpoint_every_steps
+        n_batches = len(self.train_loader)
+        bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{config.stop.max_epochs}",
+                   unit="batch", leave=False, disable=not config.progress, dynamic_ncols=True)
+        try:
+            for b, batch in enumerate(self.train_loader.epoch(self.epoch)):
+                if b < self.batch_in_epoch:
+                    continue  # taken before the checkpoint this run resumed from
+                self.schedule.before_step(self.epoch + b / n_batches)
+                loss = self._train_step(batch)
+                self.step += 1
+                self.batch_in_epoch = b + 1
+                self.epoch_loss_sum += loss
+                self.epoch_batches += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self.batch_in_epoch < n_batches:
+                    over = self._over_budget()
+                    if over or (every and self.step % every == 0):
+                        self.save(LAST)
+                    if over:
+                        return False
+        finally:
+            bar.close()
+        return True
+
+    def _train_step(self, batch: Dict[str, torch.Tensor]) -> float:
+        self.model.train()  # forces with create_graph=True: the force loss reaches the weights
+        prediction = self.model(batch)
+        loss, _ = loss_terms(prediction, batch, self.config.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
+                                     "lower optimizer.lr, enable optimizer.clip_grad_norm or check the labels")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.optimizer.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.clip_grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(loss)
+
+    def _end_epoch(self) -> Dict:
+        train_loss = self.epoch_loss_sum / max(self.epoch_batches, 1)
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_batches = 0, 0.0, 0
+        validation = self.validate()
+        metric = validation.get(self.config.stop.monitor, train_loss if not validation else None)
+        if metric is None:
+            raise ValueError(f"stop.monitor {self.config.stop.monitor!r} is not measured on this validation set "
+                             f"(measured: {sorted(validation)})")
+        row = self._log_row(train_loss, validation)
+        self.schedule.after_epoch(metric)
+        improved = metric < self.best
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = metric, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        # The log line goes first: a kill between it and last.pt re-runs this epoch, and the resumed
+        # run drops log lines past its checkpoint (see _open_log).
+        self._append_log(row)
+        if improved:
+            self.save(BEST)
+        self.save(LAST)
+        return row
+
+    def validate(self) -> Dict[str, float]:
+        """Errors of the (EMA) model on the validation set, and the validation loss.
+
+        Not under torch.no_grad: the gradient head needs autograd for its forces.
+        """
+        if len(self.val_loader.indices) == 0:
+            return {}
+        metrics = ErrorMetrics()
+        self.model.eval()
+        with self.ema.applied(self.model) if self.ema else nullcontext():
+            for batch in self.val_loader.epoch(0):
+                prediction = self.model(batch)
+                metrics.update({k: v.detach() for k, v in prediction.items()}, batch)
+        self.model.train()
+        summary = metrics.summary()
+        weights = self.config.loss
+        loss = 0.0
+        for quantity, weight in (("energy_per_atom", weights.energy_per_atom), ("forces", weights.forces),
+                                 ("stress", weights.stress)):
+            mse = metrics.mean_squared(quantity)
+            if weight > 0 and mse is not None:
+                loss += weight * mse
+        summary["loss"] = loss
+        self._last_val = _postfix(summary)
+        return summary
+
+    def _over_budget(self) -> bool:
+        budget = self.config.stop.max_minutes
+        return budget is not None and self.elapsed() >= 60.0 * budget
+
+    # --- log, report, plot ----------------------------------------------------------------------
+    def _log_row(self, train_loss: Optional[float], validation: Dict[str, float]) -> Dict:
+        row = {"epoch": self.epoch, "step": self.step, "lr": self.schedule.current(),
+               "elapsed_s": round(self.elapsed(), 3), "train_loss": train_loss}
+        row.update({f"val_{k}": v for k, v in validation.items() if not k.endswith("_count")})
+        return row
+
+    def _open_log(self) -> List[Dict]:
+        """Rows logged so far; a resumed run forgets rows past its checkpoint (they will be redone)."""
+        path = os.path.join(self.run_dir, LOG_FILE)
+        rows = []
+        if self.resumed and os.path.exists(path):
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            rows = [r for r in rows if r["epoch"] <= self.epoch]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if not rows:
+            return []
+        return rows
+
+    def _append_log(self, row: Dict) -> None:
+        with open(os.path.join(self.run_dir, LOG_FILE), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _report(self, row: Dict) -> None:
+        if not self.config.progress:
+            return
+        from tqdm import tqdm
+
+        parts = [f"epoch {row['epoch']:4d}", f"loss {row['train_loss']:.4g}"]
+        for key, label, unit in (("val_energy_per_atom_mae", "E/atom MAE", "meV"),
+                                 ("val_forces_mae", "F MAE", "meV/Å"), ("val_forces_rmse", "F RMSE", "meV/Å"),
+                                 ("val_stress_mae", "S MAE", "meV/Å³")):
+            if row.get(key) is not None:
+                parts.append(f"{label} {1000 * row[key]:.4g} {unit}")
+        parts.append(f"lr {row['lr']:.2e}")
+        tqdm.write(" | ".join(parts))
+
+    def _plot(self, history: List[Dict]) -> None:
+        self._last_plot = time.perf_counter()
+        plot_learning_curve(history, os.path.join(self.run_dir, CURVE_FILE))
+
+
+def _postfix(summary: Dict[str, float]) -> Dict[str, str]:
+    """Short live validation numbers for the progress bar (meV units)."""
+    out = {}
+    if "energy_per_atom_mae" in summary:
+        out["val_E"] = f"{1000 * summary['energy_per_atom_mae']:.3g}meV/at"
+    if "forces_mae" in summary:
+        out["val_F"] = f"{1000 * summary['forces_mae']:.3g}meV/Å"
+    return out
+
+
+def _prefer_best(path: str) -> str:
+    """A run directory means its best.pt (fine-tuning wants the best weights, not the latest)."""
+    if os.path.isdir(path):
+        best = os.path.join(path, BEST)
+        return best if os.path.exists(best) else os.path.join(path, LAST)
+    return path
