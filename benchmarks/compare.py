@@ -183,32 +183,41 @@ def planned_cases(args):
                     yield dict(label, case="md", dtype=dtype, atoms=size, repeat=repeat), python, script, case_args
 
 
+def estimate_rss_mb(rss_by_atoms: dict, atoms: int):
+    """Peak RSS at ``atoms`` extrapolated linearly from the two largest sizes measured (or
+    proportionally from one, which overestimates: it scales the fixed ~500 MB of torch too)."""
+    sizes = sorted(rss_by_atoms)
+    if not sizes:
+        return None
+    n2, r2 = sizes[-1], rss_by_atoms[sizes[-1]]
+    if len(sizes) == 1:
+        return r2 * atoms / n2
+    n1, r1 = sizes[-2], rss_by_atoms[sizes[-2]]
+    return r2 + (r2 - r1) / (n2 - n1) * (atoms - n2)
+
+
 def run_all(args) -> str:
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, time.strftime("raw-%Y%m%d-%H%M%S.jsonl"))
     missing = {os.path.dirname(os.path.dirname(py)) for _, py, _, _ in planned_cases(args) if not os.path.exists(py)}
     if missing:
         sys.exit(f"missing peer venv(s) {sorted(missing)}: run  bash benchmarks/peers/setup.sh")
-    # Largest RSS seen per (package, path, dtype) so far, to skip sizes that cannot fit.
-    seen_rss = {}
+    # Peak RSS seen per (package, path, dtype) and size, to skip sizes that cannot fit.
+    seen_rss = defaultdict(dict)
     with open(raw_path, "w") as raw:
         for label, python, script, case_args in planned_cases(args):
             key = (label["package"], label["path"], label["dtype"])
-            if label["case"] == "md" and key in seen_rss:
-                atoms0, rss0 = seen_rss[key]
-                estimate = rss0 * label["atoms"] / atoms0  # linear in atoms: pessimistic, overhead included
-                if estimate > args.max_mem_gb * 1024:
-                    record = dict(label, skipped=f"estimated peak RSS {estimate / 1024:.1f} GB > --max-mem-gb")
-                    print(json.dumps(record), flush=True)
-                    raw.write(json.dumps(record) + "\n")
-                    continue
-            record = run_case(python, script, case_args, args, label)
-            record.setdefault("case", label["case"])
+            estimate = estimate_rss_mb(seen_rss[key], label.get("atoms")) if label["case"] == "md" else None
+            if estimate is not None and estimate > args.max_mem_gb * 1024:
+                record = dict(label, skipped=f"estimated peak RSS {estimate / 1024:.1f} GB > --max-mem-gb")
+            else:
+                record = run_case(python, script, case_args, args, label)
+                record.setdefault("case", label["case"])
+                if label["case"] == "md" and "peak_rss_mb" in record:
+                    seen_rss[key][record["atoms"]] = max(record["peak_rss_mb"], seen_rss[key].get(record["atoms"], 0))
             print(json.dumps(record), flush=True)
             raw.write(json.dumps(record) + "\n")
             raw.flush()
-            if label["case"] == "md" and "peak_rss_mb" in record:
-                seen_rss[key] = (record["atoms"], record["peak_rss_mb"])
     return raw_path
 
 
