@@ -1,5 +1,101 @@
-"""`mlip` sub-commands of mlip.deploy (placeholder until implemented)."""
+"""`mlip deploy`, `mlip info` and `mlip evaluate`: checkpoints -> model files -> errors on data."""
+
+import json
+import os
+import sys
 
 
 def register(commands) -> None:
-    pass
+    p = commands.add_parser("deploy", help="compile a training checkpoint into a TorchScript model file",
+                            description="Compile a checkpoint (or a run directory: its best.pt) into a model file "
+                                        "for ASE and LAMMPS, with the EMA weights when the run kept them.")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
+    p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
+    p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
+    p.set_defaults(run=run_deploy)
+
+    p = commands.add_parser("info", help="print the metadata of a model file")
+    p.add_argument("model", help="model file written by `mlip deploy`")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(run=run_info)
+
+    p = commands.add_parser("evaluate", help="energy/force/stress errors of a model file on labelled structures",
+                            description="MAE and RMSE of energy (per structure and per atom), forces and stress, "
+                                        "per file and per config_type, in meV units on screen, eV units in JSON.")
+    p.add_argument("model", help="model file written by `mlip deploy`")
+    p.add_argument("data", nargs="+", help="labelled structure files (extxyz, anything ase.io reads)")
+    p.add_argument("--keys", default="", help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress")
+    p.add_argument("--plots", metavar="DIR", help="write parity plots (PNG) into DIR")
+    p.add_argument("--json", metavar="FILE", help="write all numbers to FILE (JSON)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_deploy(args) -> int:
+    from ..train.checkpoint import BEST, load_checkpoint
+    from ..train.trainer import model_from_checkpoint
+    from . import deploy_model
+
+    path = args.checkpoint
+    if os.path.isdir(path):
+        path = os.path.join(path, BEST)
+    checkpoint = load_checkpoint(path)
+    use_ema = not args.no_ema and checkpoint.get("ema") is not None
+    model = model_from_checkpoint(checkpoint, use_ema=use_ema)
+    deploy_model(model, args.output, training_data_hash=checkpoint["training_data_hash"], check=not args.no_check)
+    epoch = checkpoint["position"]["epoch"]
+    print(f"wrote {args.output} from {path} (epoch {epoch}, {'EMA' if use_ema else 'raw'} weights, "
+          f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
+    return 0
+
+
+def run_info(args) -> int:
+    from .model_file import read_metadata
+
+    metadata = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(metadata, indent=1))
+        return 0
+    print(f"{args.model}")
+    for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
+                "mlip_version", "format_version", "training_data_hash"):
+        print(f"  {key:<24} {metadata.get(key)}")
+    hyper = metadata.get("hyperparameters", {})
+    print(f"  {'hyperparameters':<24} " + ", ".join(f"{k}={v}" for k, v in hyper.items()))
+    statistics = metadata.get("statistics")
+    if statistics:
+        references = dict(zip(statistics["type_names"], statistics["reference_energies"]))
+        print(f"  {'reference energies (eV)':<24} " + ", ".join(f"{k}: {v:.6g}" for k, v in references.items()))
+        print(f"  {'force rms (eV/Å)':<24} {statistics['force_rms']:.4g}")
+        print(f"  {'avg neighbors':<24} {statistics['avg_num_neighbors']:.4g}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from ..train.evaluate import evaluate, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate(args.model, args.data, parse_keys(args.keys), device=args.device, plots_dir=args.plots)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def parse_keys(text: str):
+    """'energy=REF_energy,forces=REF_forces' -> LabelKeys."""
+    from ..data import LabelKeys
+
+    mapping = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in ("energy", "forces", "stress") or not value:
+            raise ValueError(f"--keys: {item!r} is not LABEL=NAME with LABEL one of energy, forces, stress")
+        mapping[name] = value
+    return LabelKeys(**mapping)

@@ -23,15 +23,15 @@ def loss_terms(
         error = (prediction[keys.ENERGY] - batch[keys.ENERGY]) / num_atoms
         term = error.square().mean()
         total = total + weights.energy_per_atom * term
-        parts["energy_per_atom"] = float(term)
+        parts["energy_per_atom"] = float(term.detach())
     if weights.forces > 0 and keys.FORCES in batch:
         term = (prediction[keys.FORCES] - batch[keys.FORCES]).square().mean().to(torch.float64)
         total = total + weights.forces * term
-        parts["forces"] = float(term)
+        parts["forces"] = float(term.detach())
     if weights.stress > 0 and keys.STRESS in batch and keys.STRESS in prediction:
         has = batch[keys.HAS_STRESS]
         if bool(has.any()):
             term = (prediction[keys.STRESS][has] - batch[keys.STRESS][has]).square().mean().to(torch.float64)
             total = total + weights.stress * term
-            parts["stress"] = float(term)
+            parts["stress"] = float(term.detach())
     return total, parts

@@ -25,7 +25,7 @@ import yaml
 from ..data import BatchLoader
 from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, build_model
-from .checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .data import prepare_data, training_statistics
 from .loss import loss_terms
@@ -44,7 +44,10 @@ class TrainResult:
     epochs: int  # completed epochs
     steps: int  # optimizer steps
     stop_reason: str  # max_epochs | max_minutes | patience
-    best_metric: float  # lowest validation value of stop.monitor
+    monitor: str  # the validation metric that picked best.pt
+    best_metric: float  # its lowest value
+    best_epoch: int
+    elapsed_s: float  # wall clock of the whole run, resumes included
     history: List[Dict] = field(default_factory=list)  # rows of log.jsonl
 
 
@@ -92,8 +95,19 @@ def model_from_checkpoint(checkpoint: Dict, use_ema: bool = True, device="cpu") 
     config = config_from_dict(checkpoint["config"])
     model = build_model(ModelConfig(**checkpoint["model_config"]),
                         DatasetStatistics.from_dict(checkpoint["statistics"]), DTYPES[config.dtype])
-    model.load_state_dict(checkpoint_weights(checkpoint, use_ema))
+    _load_weights(model, checkpoint_weights(checkpoint, use_ema))
     return model.to(device).eval()
+
+
+def _load_weights(model: Potential, weights: Dict[str, torch.Tensor]) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        details = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit the {model.config.family} model this mlip version builds from its "
+            f"config (was it written by another mlip version?): {' '.join(d.strip() for d in details[1:3])[:400]}"
+        ) from None
 
 
 class Trainer:
@@ -129,7 +143,7 @@ class Trainer:
             torch.manual_seed(config.seed)
             self.model = build_model(self.model_config, self.statistics, self.dtype).to(self.device)
         if source is not None:
-            self.model.load_state_dict(checkpoint_weights(source, use_ema=checkpoint is None))
+            _load_weights(self.model, checkpoint_weights(source, use_ema=checkpoint is None))
 
         self.train_loader = BatchLoader(self.data.train, config.batch_size, self.data.train_indices, shuffle=True,
                                         seed=config.seed, dtype=self.dtype, device=self.device)
@@ -226,11 +240,8 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)
         self._plot(history)
-        if config.progress:
-            print(f"stopped ({stop_reason}) after {self.epoch} epochs, {self.step} steps, "
-                  f"{self.elapsed():.0f} s; best {config.stop.monitor} {self.best:.4g} at epoch {self.best_epoch}; "
-                  f"run: {self.run_dir}")
-        return TrainResult(self.run_dir, self.epoch, self.step, stop_reason, self.best, history)
+        return TrainResult(self.run_dir, self.epoch, self.step, stop_reason, config.stop.monitor, self.best, self.best_epoch,
+                           self.elapsed(), history)
 
     def _train_epoch(self) -> bool:
         """Train the rest of the current epoch; False if the wall-clock budget ran out inside it."""
@@ -270,7 +281,7 @@ class Trainer:
         prediction = self.model(batch)
         loss, _ = loss_terms(prediction, batch, self.config.loss)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
+            raise RuntimeError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
                                      "lower optimizer.lr, enable optimizer.clip_grad_norm or check the labels")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,7 +290,7 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(loss)
+        return float(loss.detach())
 
     def _end_epoch(self) -> Dict:
         train_loss = self.epoch_loss_sum / max(self.epoch_batches, 1)

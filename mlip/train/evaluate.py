@@ -1,0 +1,160 @@
+"""Errors of a deployed model on labelled structure files: per file and per config type.
+
+The model file is evaluated through its contract (see mlip.deploy.model_file), several structures
+per call: a batch is one disconnected graph, so per-atom energies and forces come out per
+structure. The virial of a call is one total, so structures whose stress is compared are
+evaluated one at a time.
+"""
+
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data import GraphDataset, LabelKeys, collate, keys
+from ..deploy.model_file import DTYPES, load_model
+from .metrics import ALL, ErrorMetrics
+
+# Structures per model call are added until this many atoms: large enough to amortize the call,
+# small enough that activations of a 16 GB machine are not at risk.
+BATCH_ATOMS = 2000
+
+
+def evaluate(
+    model_path: str,
+    files: Sequence[str],
+    label_keys: LabelKeys = LabelKeys(),
+    device: str = "cpu",
+    plots_dir: Optional[str] = None,
+    batch_atoms: int = BATCH_ATOMS,
+) -> Dict:
+    """MAE/RMSE of energy, energy per atom, forces and stress for each file (and its config types).
+
+    Returns {"model", "files": {path: {"all": metrics, "config_types": {name: metrics},
+    "num_structures", "num_atoms", "seconds"}}, "all": metrics over every file}.
+    Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
+    """
+    import ase.io
+
+    device = torch.device(device)
+    model, metadata = load_model(model_path, device=device)
+    dtype = DTYPES[metadata["dtype"]]
+    gradient_head = metadata["force_head"] == "gradient"
+    overall = ErrorMetrics()
+    report = {"model": os.fspath(model_path), "force_head": metadata["force_head"], "files": {}}
+    for path in files:
+        start = time.perf_counter()
+        structures = ase.io.read(path, ":")
+        dataset = GraphDataset.from_atoms(structures, metadata["r_max"], metadata["type_names"], label_keys,
+                                          require=(keys.ENERGY,))
+        metrics = ErrorMetrics()
+        parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
+                                                     "stress (eV/Å³)": [[], []]}
+        for indices in _batches(dataset, gradient_head, batch_atoms):
+            graphs = dataset.get_batch(indices)
+            batch = collate(graphs, dtype=dtype, device=device)
+            prediction = predict(model, batch, gradient_head)
+            groups = [str(c) for c in dataset.config_types[indices]]
+            metrics.update(prediction, batch, groups)
+            overall.update(prediction, batch)
+            _collect(parity, prediction, batch)
+        seconds = time.perf_counter() - start
+        report["files"][os.fspath(path)] = {
+            "num_structures": len(dataset),
+            "num_atoms": int(dataset.num_atoms.sum()),
+            "seconds": round(seconds, 3),
+            ALL: metrics.summary(),
+            # Files without config types would get one "(none)" group: a copy of "all".
+            "config_types": {g: metrics.summary(g) for g in metrics.groups()} if metrics.groups() != ["(none)"] else {},
+        }
+        if plots_dir:
+            name = os.path.splitext(os.path.basename(os.fspath(path)))[0].replace(".extxyz", "").replace(".xyz", "")
+            from .plots import plot_parity
+
+            pairs = {label: (np.concatenate(r) if r else np.zeros(0), np.concatenate(p) if p else np.zeros(0))
+                     for label, (r, p) in parity.items()}
+            plot_parity(pairs, os.path.join(plots_dir, f"parity_{name}.png"), title=os.path.basename(path))
+    report[ALL] = overall.summary()
+    return report
+
+
+def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[str, torch.Tensor]:
+    """Energies (B,), forces (N, 3) and, for a single periodic structure, stress (1, 3, 3)."""
+    num_graphs = batch[keys.NUM_ATOMS].shape[0]
+    structure = batch[keys.BATCH]
+    positions = batch[keys.POSITIONS]
+    out = model(positions, batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX], batch[keys.EDGE_SHIFTS],
+                positions.shape[0])
+    energy = torch.zeros(num_graphs, dtype=torch.float64, device=positions.device)
+    energy = energy.index_add(0, structure, out[keys.ATOMIC_ENERGIES].to(torch.float64))
+    forces = out[keys.FORCES]
+    if not gradient_head:  # the file leaves net-force removal to the caller (per structure)
+        net = torch.zeros(num_graphs, 3, dtype=forces.dtype, device=forces.device).index_add(0, structure, forces)
+        forces = forces - (net / batch[keys.NUM_ATOMS].unsqueeze(-1).to(forces.dtype))[structure]
+    prediction = {keys.ENERGY: energy, keys.FORCES: forces}
+    if keys.VIRIAL in out and num_graphs == 1 and bool(batch[keys.PBC].all()):
+        volume = torch.linalg.det(batch[keys.CELL][0]).abs()
+        prediction[keys.STRESS] = (-out[keys.VIRIAL].transpose(0, 1) / volume).unsqueeze(0)
+    return prediction
+
+
+def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
+    """Index lists: stress-labelled periodic structures alone, the others packed to ``batch_atoms``."""
+    alone = dataset.has_label(keys.STRESS) if gradient_head else np.zeros(len(dataset), dtype=bool)
+    current, atoms = [], 0
+    for i in range(len(dataset)):
+        if alone[i]:
+            yield [i]
+            continue
+        if current and atoms + dataset.num_atoms[i] > batch_atoms:
+            yield current
+            current, atoms = [], 0
+        current.append(i)
+        atoms += int(dataset.num_atoms[i])
+    if current:
+        yield current
+
+
+def _collect(parity, prediction, batch) -> None:
+    def numpy(t):
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    if keys.ENERGY in batch:
+        n = numpy(batch[keys.NUM_ATOMS])
+        parity["energy (eV/atom)"][0].append(numpy(batch[keys.ENERGY]) / n)
+        parity["energy (eV/atom)"][1].append(numpy(prediction[keys.ENERGY]) / n)
+    if keys.FORCES in batch:
+        parity["forces (eV/Å)"][0].append(numpy(batch[keys.FORCES]).ravel())
+        parity["forces (eV/Å)"][1].append(numpy(prediction[keys.FORCES]).ravel())
+    if keys.STRESS in batch and keys.STRESS in prediction:
+        has = numpy(batch[keys.HAS_STRESS]).astype(bool)
+        parity["stress (eV/Å³)"][0].append(numpy(batch[keys.STRESS])[has].ravel())
+        parity["stress (eV/Å³)"][1].append(numpy(prediction[keys.STRESS])[has].ravel())
+
+
+def format_table(report: Dict) -> str:
+    """A fixed-width table in meV units: one row per file and per config type."""
+    columns = [("energy", "E meV"), ("energy_per_atom", "E/atom meV"), ("forces", "F meV/Å"),
+               ("stress", "S meV/Å³")]
+    header = f"{'data':<34} {'N':>6} " + " ".join(f"{label + ' MAE':>15} {'RMSE':>9}" for _, label in columns)
+    lines = [header, "-" * len(header)]
+
+    def row(name, summary, n):
+        cells = []
+        for quantity, _ in columns:
+            if f"{quantity}_mae" in summary:
+                cells.append(f"{1000 * summary[quantity + '_mae']:>15.4g} {1000 * summary[quantity + '_rmse']:>9.4g}")
+            else:
+                cells.append(f"{'-':>15} {'-':>9}")
+        return f"{name[-34:]:<34} {n:>6} " + " ".join(cells)
+
+    for path, result in report["files"].items():
+        lines.append(row(os.path.basename(path), result[ALL], result["num_structures"]))
+        for group, summary in result["config_types"].items():
+            lines.append(row(f"  {group}", summary, summary.get("energy_count", 0)))
+    if len(report["files"]) > 1:
+        total = sum(r["num_structures"] for r in report["files"].values())
+        lines.append(row("all files", report[ALL], total))
+    return "\n".join(lines)
