@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <unordered_map>
 
@@ -224,6 +225,13 @@ void PairMLIP::init_style()
                "pair_style mlip requires `newton on` (newton pair on): it computes forces on ghost "
                "atoms that LAMMPS must send back to their owners");
 
+  if (direct_forces && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style mlip: model {} predicts forces directly (force_head 'direct') and has "
+                   "no virial: pressure is reported as NaN; fix npt/nph and box/relax need a "
+                   "gradient-head model",
+                   model_path);
+
   if (message_passing_layers == 1) {
     // Strictly local model: edges from owned atoms only.
     neighbor->add_request(this, NeighConst::REQ_FULL);
@@ -260,14 +268,6 @@ void PairMLIP::compute(int eflag, int vflag)
     error->all(FLERR,
                "pair_style mlip does not compute per-atom virials (compute stress/atom, "
                "centroid/stress/atom): the model gives only the global virial");
-  if (direct_forces && vflag_either)
-    error->all(FLERR,
-               "pair_style mlip: model {} predicts forces directly (force_head 'direct') and has "
-               "no virial, but this run needs one (pressure in thermo output, fix npt/nph, "
-               "box/relax). Use a thermo_style without press (e.g. `thermo_style custom step temp "
-               "pe etotal`) and constant volume, or a gradient-head model",
-               model_path);
-
   double **x = atom->x;
   double **f = atom->f;
   const int *type = atom->type;
@@ -278,44 +278,62 @@ void PairMLIP::compute(int eflag, int vflag)
   // A rank without owned atoms has no energy to compute. It must still join the collective
   // net-force removal of direct models below.
   if (nlocal > 0) {
-    // Edges from owned centers (and, for message passing, from ghost centers: the neighbor list
-    // then also holds ghosts) to neighbors within r_max. LAMMPS' list includes the skin.
-    const int ncenters = message_passing_layers > 1 ? list->inum + list->gnum : list->inum;
-    const int *ilist = list->ilist;
+    // The graph: only what the owned atoms' energies depend on. Owned atoms are centers (hop 0);
+    // a model with L message-passing layers also needs edges from every atom up to L - 1 hops
+    // (edges shorter than r_max) away, and those atoms' neighbors as nodes. LAMMPS' ghost
+    // shell (L * r_max + skin) holds more atoms than that; leaving the rest out was measured to
+    // halve the cost of NequIP steps. The walk uses LAMMPS' full lists (with ghost lists for
+    // L > 1), which include the skin, so each pair is checked against r_max.
+    std::vector<int> node_of(nall, -1);    // LAMMPS atom index -> node index, -1: not in the graph
+    std::vector<int> atom_of;              // node index -> LAMMPS atom index; owned atoms first
+    atom_of.reserve(nall);
+    for (int i = 0; i < nlocal; i++) {
+      node_of[i] = i;
+      atom_of.push_back(i);
+    }
+    std::vector<int64_t> centers, neighbors;
+    centers.reserve((int64_t) nlocal * 48 * message_passing_layers);
+    neighbors.reserve((int64_t) nlocal * 48 * message_passing_layers);
     const int *numneigh = list->numneigh;
     int **firstneigh = list->firstneigh;
     const double r_max_sq = r_max * r_max;
 
-    std::vector<int64_t> centers, neighbors;
-    centers.reserve(ncenters * 32);
-    neighbors.reserve(ncenters * 32);
-    for (int ii = 0; ii < ncenters; ii++) {
-      const int i = ilist[ii];
-      const int *jlist = firstneigh[i];
-      for (int jj = 0; jj < numneigh[i]; jj++) {
-        const int j = jlist[jj] & NEIGHMASK;
-        const double dx = x[j][0] - x[i][0];
-        const double dy = x[j][1] - x[i][1];
-        const double dz = x[j][2] - x[i][2];
-        if (dx * dx + dy * dy + dz * dz < r_max_sq) {
-          centers.push_back(i);
-          neighbors.push_back(j);
+    std::vector<int> frontier(list->ilist, list->ilist + list->inum), next;
+    for (int hop = 0; hop < message_passing_layers; hop++) {
+      next.clear();
+      for (const int i : frontier) {
+        const int *jlist = firstneigh[i];
+        for (int jj = 0; jj < numneigh[i]; jj++) {
+          const int j = jlist[jj] & NEIGHMASK;
+          const double dx = x[j][0] - x[i][0];
+          const double dy = x[j][1] - x[i][1];
+          const double dz = x[j][2] - x[i][2];
+          if (dx * dx + dy * dy + dz * dz >= r_max_sq) continue;
+          if (node_of[j] < 0) {    // a ghost reached for the first time: hop + 1 away
+            node_of[j] = (int) atom_of.size();
+            atom_of.push_back(j);
+            next.push_back(j);
+          }
+          centers.push_back(node_of[i]);
+          neighbors.push_back(node_of[j]);
         }
       }
+      frontier.swap(next);
     }
+    const int nnodes = (int) atom_of.size();
     const int64_t nedges = (int64_t) centers.size();
 
-    // Nodes are LAMMPS' own atom indices: owned atoms first, then ghosts. Positions are taken
-    // relative to the first owned atom (the model is translation invariant): float32 models
-    // then keep their precision in large boxes.
-    torch::Tensor positions = torch::empty({nall, 3}, torch::kFloat64);
-    torch::Tensor atom_types = torch::empty({nall}, torch::kInt64);
+    // Positions are taken relative to the first owned atom (the model is translation
+    // invariant): float32 models then keep their precision in large boxes.
+    torch::Tensor positions = torch::empty({nnodes, 3}, torch::kFloat64);
+    torch::Tensor atom_types = torch::empty({nnodes}, torch::kInt64);
     {
       double *pos = positions.data_ptr<double>();
       int64_t *types = atom_types.data_ptr<int64_t>();
-      for (int i = 0; i < nall; i++) {
-        for (int k = 0; k < 3; k++) pos[3 * i + k] = x[i][k] - x[0][k];
-        types[i] = type_map[type[i]];
+      for (int n = 0; n < nnodes; n++) {
+        const int i = atom_of[n];
+        for (int k = 0; k < 3; k++) pos[3 * n + k] = x[i][k] - x[0][k];
+        types[n] = type_map[type[i]];
       }
     }
     torch::Tensor edge_index = torch::empty({2, nedges}, torch::kInt64);
@@ -333,7 +351,7 @@ void PairMLIP::compute(int eflag, int vflag)
       result = model.forward(inputs);
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
-                 nall, nedges, first_line(e.what()));
+                 nnodes, nedges, first_line(e.what()));
     }
 
     const auto output = result.toGenericDict();
@@ -355,16 +373,16 @@ void PairMLIP::compute(int eflag, int vflag)
 
     // Forces on ghosts too: LAMMPS' reverse communication (newton on) adds them to their owners.
     const torch::Tensor forces = get("forces");
-    if (forces.dim() != 2 || forces.size(0) != nall || forces.size(1) != 3)
+    if (forces.dim() != 2 || forces.size(0) != nnodes || forces.size(1) != 3)
       error->one(FLERR, "pair_style mlip: model returned forces of shape {} for {} atoms",
-                 std::string(c10::str(forces.sizes())), nall);
+                 std::string(c10::str(forces.sizes())), nnodes);
     const double *force = forces.data_ptr<double>();
-    for (int i = 0; i < nall; i++)
-      for (int k = 0; k < 3; k++) f[i][k] += force[3 * i + k];
+    for (int n = 0; n < nnodes; n++)
+      for (int k = 0; k < 3; k++) f[atom_of[n]][k] += force[3 * n + k];
     for (int i = 0; i < nlocal; i++)
       for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
 
-    if (vflag_global) {
+    if (vflag_global && !direct_forces) {
       // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
       const torch::Tensor w = get("virial");
       if (w.numel() != 9)
@@ -380,7 +398,14 @@ void PairMLIP::compute(int eflag, int vflag)
     }
   }
 
-  if (direct_forces) remove_net_force(model_force_sum);
+  if (direct_forces) {
+    remove_net_force(model_force_sum);
+    // No virial: NaN, not zero, so that a pressure can never look valid (thermo prints nan,
+    // fix npt stops with "Non-numeric pressure"). LAMMPS asks for the virial at every run's
+    // setup whether or not it is used, so refusing here would forbid every run.
+    if (vflag_global)
+      for (int k = 0; k < 6; k++) virial[k] = std::numeric_limits<double>::quiet_NaN();
+  }
 }
 
 // A direct-force model does not conserve momentum exactly: remove the mean force over the
