@@ -305,6 +305,7 @@ def plot(records, png_path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary = summarize(records)
     series = defaultdict(list)
@@ -325,6 +326,10 @@ def plot(records, png_path: str) -> None:
     ax.set_yscale("log")
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("atoms (periodic Cu FCC)")
     ax.set_ylabel("ms per MD step (energy, forces, stress)")
     ax.set_title("ASE MD step time, small models, CPU (solid float32, dashed float64)")
