@@ -510,6 +510,78 @@ def test_errors_are_clear(plugin, tmp_path):
     data = write_data(rattled_crystal(seed=8, repeat=(1, 1, 1)), tmp_path / "structure.data")
     assert "does not compute per-atom virials" in error_of(
         SETUP.format(data=data, model=model) + "compute s all stress/atom NULL\nvariable s atom c_s[1]\n"
-        "dump d all custom 1 d.dump v_s\nrun 0\n"
+        f"dump d all custom 1 {tmp_path / 'd.dump'} v_s\nrun 0\n"
     )
     assert "takes no arguments" in error_of("units metal\npair_style mlip 4.0\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The real models (mlip.models) against MLIPCalculator
+
+TINY = {
+    "allegro": {"num_scalar": 8, "num_tensor": 4, "mlp_hidden": 16, "readout_hidden": 8},
+    "nequip": {"num_features": 8, "radial_hidden": 16},
+}
+
+
+def deploy_tiny(path, family: str, head: str = "gradient", dtype=torch.float64) -> str:
+    from mlip.data.stats import DatasetStatistics
+    from mlip.deploy import deploy_model
+    from mlip.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    stats = DatasetStatistics(type_names=SPECIES, reference_energies=[-1.0, -2.0], force_rms=1.0, avg_num_neighbors=20.0)
+    config = ModelConfig(family=family, preset="small", r_max=4.0, head=head, overrides=TINY[family])
+    deploy_model(build_model(config, stats, dtype=dtype), path)
+    return str(path)
+
+
+def calculator_results(atoms: Atoms, model: str, stress: bool) -> Dict[str, np.ndarray]:
+    from mlip import MLIPCalculator
+
+    atoms = atoms.copy()
+    atoms.calc = MLIPCalculator(model)
+    result = {
+        "energy": atoms.get_potential_energy(),
+        "forces": atoms.get_forces(),
+        "atomic_energies": atoms.get_potential_energies(),
+    }
+    if stress:
+        result["virial"] = -atoms.get_stress(voigt=False) * atoms.get_volume()
+    return result
+
+
+@pytest.mark.parametrize(
+    "family, head, dtype",
+    [
+        ("allegro", "gradient", torch.float64),
+        ("nequip", "gradient", torch.float64),
+        ("allegro", "direct", torch.float64),
+        ("nequip", "gradient", torch.float32),
+    ],
+    ids=["allegro", "nequip", "allegro-direct", "nequip-float32"],
+)
+def test_real_model_matches_calculator(plugin, tmp_path, family, head, dtype):
+    model = deploy_tiny(tmp_path / "model.pt", family, head, dtype)
+    atoms = rattled_crystal(seed=9)
+    gradient = head == "gradient"
+    ref = calculator_results(atoms, model, stress=gradient)
+    got = run_zero(atoms, model, tmp_path)
+    rtol = 1e-8 if dtype == torch.float64 else 1e-5
+    assert_matches(got, ref, rtol, virial=gradient)
+    if gradient:  # the pressure LAMMPS reports (bar) is the calculator's stress
+        stress = -ref["virial"] / atoms.get_volume()
+        assert_close(got["pressure_bar"][:3], -np.diag(stress) * got["nktv2p"], rtol, "pressure (bar)")
+
+
+@pytest.mark.parametrize("family", ["allegro", "nequip"])
+def test_real_model_two_ranks(plugin, tmp_path, family):
+    model = deploy_tiny(tmp_path / "model.pt", family)
+    data = write_data(rattled_crystal(seed=10), tmp_path / "structure.data")
+    results = []
+    for ranks in (1, 2):
+        output = run_lmp(md_script(data, model), tmp_path, ranks)
+        results.append((thermo_table(output), read_dump(tmp_path / "final.dump")))
+    (thermo1, dump1), (thermo2, dump2) = results
+    assert_close(thermo2, thermo1, 1e-9, "thermo")
+    assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")

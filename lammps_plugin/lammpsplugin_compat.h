@@ -1,0 +1,1 @@
+../mlip/lammps/src/lammpsplugin_compat.h

@@ -1,0 +1,1 @@
+../mlip/lammps/src/pair_mlip.cpp
