@@ -12,6 +12,7 @@ progress (best metric, epochs without improvement, elapsed seconds, partial epoc
 import os
 import random
 import tempfile
+import zipfile
 from typing import Any, Dict, Union
 
 import numpy as np
@@ -50,6 +51,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         path = os.path.join(path, LAST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path} is a deployed model file (TorchScript), not an mlip training checkpoint: "
+                              "checkpoints are the last.pt/best.pt of a run directory")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # zip, pickle and unpickler errors all mean "not readable"
@@ -61,6 +65,17 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         raise CheckpointError(f"{path}: checkpoint version {state.get('format_version')} is not supported "
                               f"(this mlip reads version {FORMAT_VERSION})")
     return state
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip with a code/ folder; a torch.save checkpoint has none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def rng_state() -> Dict[str, Any]:

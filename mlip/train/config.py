@@ -49,6 +49,7 @@ class ScheduleConfig:
     factor: float = 0.5  # plateau: lr multiplied by this ...
     patience: int = 10  # ... after this many epochs without validation improvement
     warmup_epochs: float = 0.0  # cosine: linear warm-up from 0 (fractions of an epoch allowed)
+    cosine_epochs: Optional[int] = None  # cosine: length of the decay; None: stop.max_epochs at the start
     min_lr: float = 1e-6  # floor of both schedules
 
 

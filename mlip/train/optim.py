@@ -20,11 +20,10 @@ class LearningRateSchedule:
     cosine: linear warm-up then cosine decay to min_lr, a pure function of the position in
     the run (nothing to restore on resume); constant: lr throughout."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: ScheduleConfig, lr: float, max_epochs: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, config: ScheduleConfig, lr: float):
         self.optimizer = optimizer
         self.config = config
         self.lr = lr
-        self.max_epochs = max_epochs
         self.plateau = None
         if config.name == "plateau":
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -39,7 +38,7 @@ class LearningRateSchedule:
         if epoch_position < warmup:
             lr = self.lr * (epoch_position + 1e-3) / warmup
         else:
-            span = max(self.max_epochs - warmup, 1e-9)
+            span = max((self.config.cosine_epochs or 0) - warmup, 1e-9)
             progress = min((epoch_position - warmup) / span, 1.0)
             lr = self.config.min_lr + (self.lr - self.config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:

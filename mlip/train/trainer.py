@@ -57,6 +57,9 @@ def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = 
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
     os.makedirs(config.run_dir, exist_ok=True)
+    if config.schedule.cosine_epochs is None:
+        # Fixed now, so a resumed run with another stop rule keeps the same learning-rate curve.
+        config.schedule.cosine_epochs = config.stop.max_epochs
     with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
     return Trainer(config, on_step=on_step).fit()
@@ -150,8 +153,7 @@ class Trainer:
         self.val_loader = BatchLoader(self.data.validation, config.batch_size, self.data.val_indices,
                                       shuffle=False, dtype=self.dtype, device=self.device)
         self.optimizer = build_optimizer(self.model, config.optimizer)
-        self.schedule = LearningRateSchedule(self.optimizer, config.schedule, config.optimizer.lr,
-                                             config.stop.max_epochs)
+        self.schedule = LearningRateSchedule(self.optimizer, config.schedule, config.optimizer.lr)
         decay = config.optimizer.ema_decay
         self.ema = ExponentialMovingAverage(self.model, decay) if decay else None
 
