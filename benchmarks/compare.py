@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ("allegro", "nequip", "mace")
 COUNTERPART = {"allegro": "mlip-allegro", "nequip": "mlip-nequip", "mace": "mlip-nequip"}
 DEFAULT_PEER_PATHS = {"allegro": "eager", "nequip": "eager", "mace": "eager"}
-TRAIN_PEERS = ("nequip", "allegro")  # peers whose runner implements --case train
+TRAIN_PEERS = ("nequip", "allegro", "mace")  # peers whose runner implements --case train
 
 
 def parse_args():
