@@ -2,8 +2,9 @@
 
 Run with the peer venv made by setup.sh, e.g.
     ~/.cache/mlip-bench/mace-venv/bin/python benchmarks/peers/run_mace.py --atoms 864 --dtype float32
-MD and training (--case train); only the eager path: MACE's ASE calculator evaluates the eager model (its TorchScript file is
-meant for LAMMPS), and ``compile_mode`` (torch.compile) recompiles for every new system size.
+MD and training (--case train). Only the eager path: MACE's ASE calculator evaluates the eager
+model (its TorchScript file is meant for LAMMPS), and ``compile_mode`` (torch.compile)
+recompiles for every new system size.
 """
 
 import os
