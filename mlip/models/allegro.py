@@ -5,6 +5,9 @@ A layer builds the environment of the center, env_i = sum_k w(x_ik) Y(r_ik), tak
 product V_ij (x) env_i channel by channel, feeds its scalars to an MLP that updates x_ij, and
 mixes the product back into V_ij. Pair energies E_ij = MLP(x_ij) f_cut(r_ij) sum to E_i.
 Nothing is exchanged between atoms, so E_i depends only on atoms within r_max of i.
+
+Equivariant features are lists of blocks (E, 2l+1, channels), l = 0..l_max with parity (-1)^l
+(see mlip.nn.irreps).
 """
 
 from typing import List, Optional, Tuple
@@ -14,15 +17,7 @@ from e3nn import o3
 from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
-
-
-def weighted_harmonics(weights: torch.Tensor, sh_blocks: List[torch.Tensor]) -> torch.Tensor:
-    """Channel-wise weighted harmonics in e3nn layout.
-
-    weights (E, channels, num_l), sh_blocks[l] (E, 2l+1) -> (E, channels x (0e + 1o + ...)).
-    """
-    parts = [(weights[:, :, l, None] * block[:, None, :]).flatten(1) for l, block in enumerate(sh_blocks)]
-    return torch.cat(parts, dim=1)
+from ..nn.irreps import IrrepsLinear, TensorProduct
 
 
 class AllegroLayer(nn.Module):
@@ -31,40 +26,34 @@ class AllegroLayer(nn.Module):
         self.num_tensor = num_tensor
         self.l_max = l_max
         self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
-        self.irreps_tensor = o3.Irreps([(num_tensor, (l, (-1) ** l)) for l in range(l_max + 1)])
+        irreps = [(l, (-1) ** l) for l in range(l_max + 1)]
+        self.block_sizes: List[int] = [2 * l + 1 for l in range(l_max + 1)]
+        # component -> its l, to spread per-l weights over the 2l+1 components in one gather
+        self.register_buffer("component_l", torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)]))
 
         self.env_weights = nn.Linear(num_scalar, num_tensor * (l_max + 1))
-        # Channel-wise ('uuu') products V_ij (x) env_i, keeping l <= l_max of SH parity.
-        irreps_out, instructions = [], []
-        for i1, (_, ir1) in enumerate(self.irreps_tensor):
-            for i2, (_, ir2) in enumerate(self.irreps_tensor):
-                for ir_out in ir1 * ir2:
-                    if ir_out.l <= l_max and ir_out.p == (-1) ** ir_out.l:
-                        instructions.append((i1, i2, len(irreps_out), "uuu", False))
-                        irreps_out.append((num_tensor, ir_out))
-        irreps_out = o3.Irreps(irreps_out)
-        self.tp = o3.TensorProduct(self.irreps_tensor, self.irreps_tensor, irreps_out, instructions)
-        scalar_slices = [s for (mul, ir), s in zip(irreps_out, irreps_out.slices()) if ir.l == 0]
-        self.register_buffer("scalar_index", torch.cat([torch.arange(s.start, s.stop) for s in scalar_slices]))
-        self.latent_mlp = mlp([num_scalar + len(self.scalar_index), mlp_hidden, num_scalar])
-        self.tensor_linear = o3.Linear(irreps_out, self.irreps_tensor)
+        self.tp = TensorProduct(irreps, irreps, irreps)
+        channels_out = [num_tensor * n for n in self.tp.paths_per_out]
+        self.latent_mlp = mlp([num_scalar + channels_out[0], mlp_hidden, num_scalar])
+        self.tensor_linear = IrrepsLinear(self.tp.irreps_out, channels_out, irreps, [num_tensor] * (l_max + 1))
 
     def forward(
         self,
         x: torch.Tensor,  # (E, num_scalar) scalar track
-        v: torch.Tensor,  # (E, irreps_tensor) equivariant track
-        sh_blocks: List[torch.Tensor],  # [(E, 2l+1)] edge harmonics
+        v: List[torch.Tensor],  # [(E, 2l+1, num_tensor)] equivariant track
+        sh: torch.Tensor,  # (E, (l_max+1)^2, 1) edge harmonics
         cutoff: torch.Tensor,  # (E, 1) envelope
         edge_center: torch.Tensor,  # (E,)
         num_nodes: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        w = (self.env_weights(x) * cutoff).view(-1, self.num_tensor, self.l_max + 1)
-        env = scatter_sum(weighted_harmonics(w, sh_blocks), edge_center, num_nodes) * self.inv_sqrt_neighbors
-        product = self.tp(v, env[edge_center])  # (E, irreps_out)
-        scalars = product.index_select(1, self.scalar_index)
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        w = (self.env_weights(x) * cutoff).view(-1, self.l_max + 1, self.num_tensor)
+        weighted = sh * w.index_select(1, self.component_l)  # (E, (l_max+1)^2, u)
+        env = scatter_sum(weighted, edge_center, num_nodes) * self.inv_sqrt_neighbors
+        env_blocks = torch.split(env[edge_center], self.block_sizes, dim=1)
+        product = self.tp(v, list(env_blocks))  # [(E, 2l+1, u * paths)]
+        scalars = product[0].squeeze(1)
         x = x + self.latent_mlp(torch.cat([x, scalars], dim=1)) * cutoff
-        v = self.tensor_linear(product)
-        return x, v
+        return x, self.tensor_linear(product)
 
 
 class Allegro(nn.Module):
@@ -89,8 +78,9 @@ class Allegro(nn.Module):
         self.num_types = num_types
         self.num_tensor = num_tensor
         self.l_max = l_max
-        self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
-        self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            o3.Irreps.spherical_harmonics(l_max), normalize=True, normalization="component"
+        )
         self.basis = BesselBasis(r_max, num_basis)
         self.cutoff = PolynomialCutoff(r_max, cutoff_p)
         self.two_body = mlp([2 * num_types + num_basis, mlp_hidden, num_scalar])
@@ -99,8 +89,10 @@ class Allegro(nn.Module):
             [AllegroLayer(num_scalar, num_tensor, l_max, mlp_hidden, avg_num_neighbors) for _ in range(num_layers)]
         )
         self.readout = mlp([num_scalar, readout_hidden, 1])
-        irreps_tensor = self.layers[0].irreps_tensor
-        self.vector_readout: Optional[o3.Linear] = o3.Linear(irreps_tensor, "1x1o") if vector_output else None
+        self.vector_readout: Optional[nn.Linear] = (
+            nn.Linear(num_tensor, 1, bias=False) if vector_output and l_max >= 1 else None
+        )
+        self.register_buffer("component_l", torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)]))
 
     def forward(
         self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor
@@ -109,22 +101,26 @@ class Allegro(nn.Module):
         center, neighbor = edge_index[0], edge_index[1]
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
         cutoff = self.cutoff(lengths).unsqueeze(-1)  # (E, 1)
-        sh = self.spherical_harmonics(edge_vectors)  # (E, sum 2l+1)
-        sh_blocks = [sh[:, l * l : (l + 1) * (l + 1)] for l in range(self.l_max + 1)]
+        sh = self.spherical_harmonics(edge_vectors).unsqueeze(-1)  # (E, (l_max+1)^2, 1)
 
         species = torch.nn.functional.one_hot(atom_types, self.num_types).to(edge_vectors.dtype)
         pair = torch.cat([species[center], species[neighbor], self.basis(lengths) * cutoff], dim=1)
         x = self.two_body(pair) * cutoff  # (E, num_scalar)
-        w = self.initial_weights(x).view(-1, self.num_tensor, self.l_max + 1)
-        v = weighted_harmonics(w, sh_blocks)  # (E, irreps_tensor)
+        w = self.initial_weights(x).view(-1, self.l_max + 1, self.num_tensor)
+        v = split_harmonics_weighted(sh, w.index_select(1, self.component_l), self.l_max)
         for layer in self.layers:
-            x, v = layer(x, v, sh_blocks, cutoff, center, num_nodes)
+            x, v = layer(x, v, sh, cutoff, center, num_nodes)
 
         pair_energies = self.readout(x) * cutoff  # (E, 1)
         energies = scatter_sum(pair_energies, center, num_nodes).squeeze(-1)
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            pair_vectors = vector_readout(v) * cutoff  # e3nn >= 0.6 orders l=1 as (x, y, z)
+            pair_vectors = vector_readout(v[1]).squeeze(-1) * cutoff  # (E, 3), l=1 block is (x, y, z)
             vectors = scatter_sum(pair_vectors, center, num_nodes)
         return energies, vectors
+
+
+def split_harmonics_weighted(sh: torch.Tensor, weights: torch.Tensor, l_max: int) -> List[torch.Tensor]:
+    """sh (E, (l_max+1)^2, 1) * weights (E, (l_max+1)^2, u) -> blocks [(E, 2l+1, u)]."""
+    return list(torch.split(sh * weights, [2 * l + 1 for l in range(l_max + 1)], dim=1))

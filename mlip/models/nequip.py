@@ -4,24 +4,58 @@ Per-atom energies from edge vectors. Each interaction layer sends messages
 m_ij = TP(h_j, Y(r_ij); w(|r_ij|)) from neighbor j to center i, sums them, mixes them with a
 species-dependent self-connection, applies a gated nonlinearity and adds a residual. After L
 layers an atom's energy depends on atoms up to L * r_max away (``message_passing_layers``).
+
+Equivariant features are lists of blocks (N, 2l+1, channels) (see mlip.nn.irreps).
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from e3nn import o3
 from torch import nn
 
-from ..nn import BesselBasis, Gate, PolynomialCutoff, mlp, scatter_sum
+from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
+from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, split_harmonics
 
 
-def hidden_irreps(num_features: int, l_max: int, parity: bool) -> o3.Irreps:
-    """num_features channels of every l <= l_max (both parities if ``parity``), scalars first."""
-    irreps = []
-    for l in range(l_max + 1):
-        for p in (1, -1) if parity else ((-1) ** l,):
-            irreps.append((num_features, (l, p)))
-    return o3.Irreps(irreps).sort().irreps.simplify()
+def hidden_irreps(l_max: int, parity: bool) -> List[Irrep]:
+    """Every l <= l_max (both parities if ``parity``), scalars first."""
+    return [(l, p) for l in range(l_max + 1) for p in ((1, -1) if parity else ((-1) ** l,))]
+
+
+class SpeciesLinear(nn.Module):
+    """Self-connection: a linear map per species of the center atom (e3nn's FCTP with one-hot types).
+
+    Output block ``targets[k]`` gets a contribution from the input block of the same irrep;
+    output blocks whose irrep the input lacks get none.
+    """
+
+    def __init__(self, irreps_in: List[Irrep], channels_in: List[int], irreps_out: List[Irrep],
+                 channels_out: List[int], num_types: int):
+        super().__init__()
+        self.num_types = num_types
+        self.targets: List[int] = []
+        self.sources: List[int] = []
+        self.channels_out: List[int] = []
+        weights = []
+        for target, (irrep, mul_out) in enumerate(zip(irreps_out, channels_out)):
+            if irrep in irreps_in:
+                source = irreps_in.index(irrep)
+                self.targets.append(target)
+                self.sources.append(source)
+                self.channels_out.append(mul_out)
+                mul_in = channels_in[source]
+                weights.append(nn.Parameter(torch.randn(mul_in, num_types * mul_out) / math.sqrt(mul_in)))
+        self.weights = nn.ParameterList(weights)
+
+    def forward(self, blocks: List[torch.Tensor], species: torch.Tensor) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
+        for k, weight in enumerate(self.weights):
+            x = blocks[self.sources[k]]  # (N, d, c_in)
+            y = torch.matmul(x, weight).view(x.shape[0], x.shape[1], self.num_types, self.channels_out[k])
+            out.append((y * species.view(-1, 1, self.num_types, 1)).sum(dim=2))  # (N, d, c_out)
+        return out
 
 
 class Interaction(nn.Module):
@@ -29,9 +63,11 @@ class Interaction(nn.Module):
 
     def __init__(
         self,
-        irreps_in: o3.Irreps,
-        irreps_out: o3.Irreps,
-        irreps_sh: o3.Irreps,
+        irreps_in: List[Irrep],
+        channels_in: List[int],
+        irreps_hidden: List[Irrep],
+        num_features: int,
+        l_max: int,
         num_types: int,
         num_basis: int,
         radial_hidden: int,
@@ -40,46 +76,80 @@ class Interaction(nn.Module):
     ):
         super().__init__()
         self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
+        self.num_features = num_features
+        irreps_sh = [(l, (-1) ** l) for l in range(l_max + 1)]
+        self.tp = TensorProduct(irreps_in, irreps_sh, irreps_hidden + [(0, 1)])
+        # Only irreps the convolution can produce (the first layer, fed scalars, makes no 0o/1e).
+        reachable = [ir for ir in irreps_hidden if ir in self.tp.irreps_out]
+        scalars = [ir for ir in reachable if ir[0] == 0]
+        self.gated: List[Irrep] = [ir for ir in reachable if ir[0] > 0]
+        self.num_scalars = len(scalars)
+        # Gate input blocks: scalars, one 0e gate block, then the gated blocks.
+        irreps_gate_in = scalars + ([(0, 1)] if self.gated else []) + self.gated
+        channels_gate_in = [num_features] * len(scalars) + ([num_features * len(self.gated)] if self.gated else [])
+        channels_gate_in += [num_features] * len(self.gated)
+        self.irreps_out: List[Irrep] = scalars + self.gated
+        self.channels_out: List[int] = [num_features] * len(self.irreps_out)
+        self.odd_scalars: List[bool] = [ir[1] == -1 for ir in scalars]
 
-        self.gate = Gate(irreps_out)
-        irreps_gate_in = self.gate.irreps_in
-
-        self.linear_in = o3.Linear(irreps_in, irreps_in)
-        # 'uvu' paths: every (feature l1, harmonic l2) -> l_out present in the gate input.
-        irreps_mid, instructions = [], []
-        for i1, (mul, ir1) in enumerate(irreps_in):
-            for i2, (_, ir2) in enumerate(irreps_sh):
-                for ir_out in ir1 * ir2:
-                    if ir_out in irreps_gate_in:
-                        instructions.append((i1, i2, len(irreps_mid), "uvu", True))
-                        irreps_mid.append((mul, ir_out))
-        irreps_mid = o3.Irreps(irreps_mid)
-        irreps_mid_sorted, permutation, _ = irreps_mid.sort()
-        instructions = [(i1, i2, permutation[i_out], mode, w) for i1, i2, i_out, mode, w in instructions]
-        self.tp = o3.TensorProduct(
-            irreps_in, irreps_sh, irreps_mid_sorted, instructions, shared_weights=False, internal_weights=False
-        )
-        # No biases: zero radial input (an edge at or beyond r_max) must give a zero message, so
+        self.linear_in = IrrepsLinear(irreps_in, channels_in, irreps_in, channels_in)
+        # Only 'uvu' paths from blocks with num_features channels; weights per path and channel.
+        if len(set(channels_in)) != 1:
+            raise ValueError("all input blocks must have the same number of channels")
+        self.channels_tp = channels_in[0]
+        channels_mid = [self.channels_tp * n for n in self.tp.paths_per_out]
+        # No biases: a zero radial input (an edge at or beyond r_max) must give a zero message, so
         # edges past the cutoff (e.g. kept in a neighbor list with a skin) contribute nothing.
-        self.radial = mlp([num_basis] + [radial_hidden] * radial_layers + [self.tp.weight_numel], bias=False)
-        self.linear_out = o3.Linear(irreps_mid_sorted, irreps_gate_in)
-        self.self_connection = o3.FullyConnectedTensorProduct(irreps_in, f"{num_types}x0e", irreps_gate_in)
-        self.residual = irreps_in == irreps_out
+        self.radial = mlp([num_basis] + [radial_hidden] * radial_layers + [self.tp.num_paths * self.channels_tp],
+                          bias=False)
+        self.linear_out = IrrepsLinear(self.tp.irreps_out, channels_mid, irreps_gate_in, channels_gate_in)
+        self.self_connection = SpeciesLinear(irreps_in, channels_in, irreps_gate_in, channels_gate_in, num_types)
+        self.residual = irreps_in == self.irreps_out and channels_in == self.channels_out
+        self.mid_sizes: List[int] = [(2 * l + 1) * c for (l, _), c in zip(self.tp.irreps_out, channels_mid)]
+        self.mid_shapes: List[List[int]] = [[2 * l + 1, c] for (l, _), c in zip(self.tp.irreps_out, channels_mid)]
 
     def forward(
         self,
-        features: torch.Tensor,  # (N, irreps_in)
+        features: List[torch.Tensor],  # [(N, 2l+1, c)]
         species: torch.Tensor,  # (N, num_types) one-hot
-        edge_sh: torch.Tensor,  # (E, irreps_sh)
+        sh: List[torch.Tensor],  # [(E, 2l+1, 1)]
         edge_radial: torch.Tensor,  # (E, num_basis), cutoff envelope included
         edge_index: torch.Tensor,  # (2, E)
-    ) -> torch.Tensor:
+    ) -> List[torch.Tensor]:
         center, neighbor = edge_index[0], edge_index[1]
+        num_nodes = species.shape[0]
         h = self.linear_in(features)
-        messages = self.tp(h[neighbor], edge_sh, self.radial(edge_radial))  # (E, irreps_mid)
-        aggregated = scatter_sum(messages, center, features.shape[0]) * self.inv_sqrt_neighbors
-        out = self.gate(self.linear_out(aggregated) + self.self_connection(features, species))
-        return features + out if self.residual else out
+        h_neighbor = [block.index_select(0, neighbor) for block in h]
+        weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp)
+        messages = self.tp(h_neighbor, sh, weights)  # [(E, 2l+1, c * paths)]
+        # One scatter for all blocks: flatten, sum into centers, split back.
+        flat = torch.cat([m.reshape(m.shape[0], m.shape[1] * m.shape[2]) for m in messages], dim=1)
+        summed = scatter_sum(flat, center, num_nodes) * self.inv_sqrt_neighbors
+        aggregated = [
+            part.view(num_nodes, shape[0], shape[1])
+            for part, shape in zip(torch.split(summed, self.mid_sizes, dim=1), self.mid_shapes)
+        ]
+        gate_in = self.linear_out(aggregated)
+        self_connection = self.self_connection(features, species)
+        for k, target in enumerate(self.self_connection.targets):
+            gate_in[target] = gate_in[target] + self_connection[k]
+        out = self.gate(gate_in)
+        if self.residual:
+            out = [a + b for a, b in zip(features, out)]
+        return out
+
+    def gate(self, blocks: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Even scalars SiLU, odd scalars tanh; each gated channel times sigmoid(its gate)."""
+        out: List[torch.Tensor] = []
+        for k in range(self.num_scalars):
+            x = blocks[k]
+            out.append(torch.tanh(x) if self.odd_scalars[k] else torch.nn.functional.silu(x))
+        if len(self.gated) > 0:
+            gates = torch.sigmoid(blocks[self.num_scalars])  # (N, 1, c * num_gated)
+            for k in range(len(self.gated)):
+                gate = gates[:, :, k * self.num_features : (k + 1) * self.num_features]
+                out.append(blocks[self.num_scalars + 1 + k] * gate)
+        return out
 
 
 class NequIP(nn.Module):
@@ -102,41 +172,43 @@ class NequIP(nn.Module):
     ):
         super().__init__()
         self.num_types = num_types
-        self.irreps_sh = o3.Irreps.spherical_harmonics(l_max, p=-1 if parity else 1)
-        self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
+        self.l_max = l_max
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            o3.Irreps.spherical_harmonics(l_max), normalize=True, normalization="component"
+        )
         self.basis = BesselBasis(r_max, num_basis)
         self.cutoff = PolynomialCutoff(r_max, cutoff_p)
+        self.embedding = nn.Linear(num_types, num_features, bias=False)
 
-        irreps_scalars = o3.Irreps(f"{num_features}x0e")
-        self.embedding = o3.Linear(f"{num_types}x0e", irreps_scalars)
-        irreps_hidden = hidden_irreps(num_features, l_max, parity)
+        irreps, channels = [(0, 1)], [num_features]
         layers: List[Interaction] = []
-        irreps = irreps_scalars
         for _ in range(num_layers):
-            layers.append(
-                Interaction(
-                    irreps, irreps_hidden, self.irreps_sh, num_types, num_basis, radial_hidden, radial_layers,
-                    avg_num_neighbors,
-                )
-            )
-            irreps = layers[-1].gate.irreps_out
+            layer = Interaction(irreps, channels, hidden_irreps(l_max, parity), num_features, l_max, num_types,
+                                num_basis, radial_hidden, radial_layers, avg_num_neighbors)
+            layers.append(layer)
+            irreps, channels = layer.irreps_out, layer.channels_out
         self.layers = nn.ModuleList(layers)
-        self.readout = o3.Linear(irreps, "1x0e")
-        self.vector_readout: Optional[o3.Linear] = o3.Linear(irreps, "1x1o") if vector_output else None
+        self.readout = nn.Linear(num_features, 1, bias=False)  # on the 0e block
+        self.vector_index = irreps.index((1, -1)) if (1, -1) in irreps else -1
+        self.vector_readout: Optional[nn.Linear] = (
+            nn.Linear(num_features, 1, bias=False) if vector_output and self.vector_index >= 0 else None
+        )
+        if vector_output and self.vector_readout is None:
+            raise ValueError("a direct-force head needs l_max >= 1")
 
     def forward(
         self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
-        edge_sh = self.spherical_harmonics(edge_vectors)
+        sh = split_harmonics(self.spherical_harmonics(edge_vectors), self.l_max)
         edge_radial = self.basis(lengths) * self.cutoff(lengths).unsqueeze(-1)
         species = torch.nn.functional.one_hot(atom_types, self.num_types).to(edge_vectors.dtype)
-        features = self.embedding(species)
+        features = [self.embedding(species).unsqueeze(1)]  # [(N, 1, c)]
         for layer in self.layers:
-            features = layer(features, species, edge_sh, edge_radial, edge_index)
-        energies = self.readout(features).squeeze(-1)
+            features = layer(features, species, sh, edge_radial, edge_index)
+        energies = self.readout(features[0]).view(-1)
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            vectors = vector_readout(features)  # e3nn >= 0.6 orders l=1 as (x, y, z)
+            vectors = vector_readout(features[self.vector_index]).squeeze(-1)  # (N, 3): 1o block is (x, y, z)
         return energies, vectors

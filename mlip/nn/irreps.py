@@ -1,0 +1,151 @@
+"""Equivariant features as lists of blocks, and the few operations the models need on them.
+
+A feature is a list of tensors, one per irrep (l, p): block k has shape (rows, 2l+1, channels)
+("component-major"). Compared with e3nn's flat (rows, mul x (2l+1)) layout this lets every path
+of a tensor product be a broadcast product, a dot or a cross product on whole blocks, and every
+equivariant linear layer one matmul over channels. Clebsch-Gordan coefficients are e3nn's
+(``o3.wigner_3j``), in e3nn's real basis (l=1 components ordered x, y, z), so the harmonics of
+``e3nn.o3.SphericalHarmonics`` plug in directly.
+
+Why not e3nn's TensorProduct: profiled on this machine, its generated code spent most of a
+force evaluation zero-filling per-path gradient slices and forming full outer products for
+l=1 (x) l=1; these blocks avoid both.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from e3nn import o3
+from torch import nn
+
+Irrep = Tuple[int, int]  # (l, parity +1/-1)
+
+# How a path (l1, l2 -> l3) is computed; each kind is a special case of the Clebsch-Gordan contraction.
+LEFT_SCALAR, RIGHT_SCALAR, DOT, CROSS, GENERAL = 0, 1, 2, 3, 4
+
+
+def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:
+    """(2l1+1, 2l2+1, 2l3+1), normalized so that unit-variance inputs give unit-variance outputs."""
+    return o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * math.sqrt(2 * l3 + 1)
+
+
+def _path_kind(l1: int, l2: int, l3: int, cg: torch.Tensor) -> Tuple[int, float]:
+    """The cheapest exact way to contract this path, and its constant factor."""
+    d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
+    candidates = []
+    if l1 == 0:
+        candidates.append((LEFT_SCALAR, torch.eye(d2, dtype=torch.float64).view(1, d2, d3)))
+    if l2 == 0:
+        candidates.append((RIGHT_SCALAR, torch.eye(d1, dtype=torch.float64).view(d1, 1, d3)))
+    if l3 == 0 and l1 == l2:
+        candidates.append((DOT, torch.eye(d1, dtype=torch.float64).view(d1, d2, 1)))
+    if l1 == l2 == l3 == 1:
+        levi_civita = torch.zeros(3, 3, 3, dtype=torch.float64)
+        for i, j, k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+            levi_civita[i, j, k], levi_civita[j, i, k] = 1.0, -1.0
+        candidates.append((CROSS, levi_civita))
+    for kind, pattern in candidates:
+        factor = float((cg * pattern).sum() / (pattern * pattern).sum())
+        if torch.allclose(cg, factor * pattern, atol=1e-10):
+            return kind, factor
+    return GENERAL, 1.0
+
+
+class TensorProduct(nn.Module):
+    """Channel-wise products of two block features, grouped by output irrep.
+
+    left blocks (rows, 2l+1, u); right blocks (rows, 2l+1, u) or (rows, 2l+1, 1) (broadcast over
+    channels). With ``weights`` (rows, num_paths, u) every path is scaled per row and channel
+    (NequIP's 'uvu' with radial weights); without, it is Allegro's 'uuu' product.
+    Output: one block per irrep of ``self.irreps_out``, shape (rows, 2l+1, u * paths into it).
+    """
+
+    def __init__(self, irreps_left: List[Irrep], irreps_right: List[Irrep], irreps_allowed: List[Irrep]):
+        super().__init__()
+        paths, irreps_out = [], []
+        for i1, (l1, p1) in enumerate(irreps_left):
+            for i2, (l2, p2) in enumerate(irreps_right):
+                for l3 in range(abs(l1 - l2), l1 + l2 + 1):
+                    if (l3, p1 * p2) in irreps_allowed:
+                        if (l3, p1 * p2) not in irreps_out:
+                            irreps_out.append((l3, p1 * p2))
+                        paths.append((i1, i2, l1, l2, l3, irreps_out.index((l3, p1 * p2))))
+        order = sorted(range(len(irreps_out)), key=lambda k: irreps_allowed.index(irreps_out[k]))
+        self.irreps_out: List[Irrep] = [irreps_out[k] for k in order]
+        rank = {old: new for new, old in enumerate(order)}
+        max_dim = 2 * max(l for path in paths for l in path[2:5]) + 1
+        cg_table = torch.zeros(len(paths), max_dim, max_dim, max_dim, dtype=torch.float64)
+        self.paths: List[List[int]] = []
+        factors: List[float] = []
+        for k, (i1, i2, l1, l2, l3, out) in enumerate(paths):
+            cg = clebsch_gordan(l1, l2, l3)
+            cg_table[k, : 2 * l1 + 1, : 2 * l2 + 1, : 2 * l3 + 1] = cg
+            kind, factor = _path_kind(l1, l2, l3, cg)
+            self.paths.append([i1, i2, 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1, rank[out], kind])
+            factors.append(factor)
+        self.factors: List[float] = factors
+        self.num_paths = len(paths)
+        self.num_out = len(self.irreps_out)
+        self.paths_per_out: List[int] = [sum(1 for p in self.paths if p[5] == k) for k in range(self.num_out)]
+        # Kept in float64 and outside the buffers, so that converting a float32-built model to
+        # float64 does not carry float32-rounded coefficients (cast to the input dtype when used).
+        self.cg_table = cg_table
+
+    def forward(
+        self, left: List[torch.Tensor], right: List[torch.Tensor], weights: Optional[torch.Tensor] = None
+    ) -> List[torch.Tensor]:
+        grouped: List[List[torch.Tensor]] = [[] for _ in range(self.num_out)]
+        for k, path in enumerate(self.paths):
+            a, b = left[path[0]], right[path[1]]
+            d1, d2, d3, out, kind = path[2], path[3], path[4], path[5], path[6]
+            factor = self.factors[k]
+            # kinds (literals: TorchScript cannot read module globals): 0/1 scalar x block, 2 dot, 3 cross
+            if kind == 0 or kind == 1:
+                c = a * b
+            elif kind == 2:
+                c = (a * b).sum(dim=1, keepdim=True)
+            elif kind == 3:
+                c = torch.linalg.cross(a, b.expand_as(a), dim=1)
+            else:
+                rows, channels = a.shape[0], max(a.shape[2], b.shape[2])
+                outer = (a.unsqueeze(2) * b.unsqueeze(1)).reshape(rows, d1 * d2, channels)
+                cg = self.cg_table[k, :d1, :d2, :d3].reshape(d1 * d2, d3).to(device=a.device, dtype=a.dtype)
+                c = torch.matmul(outer.transpose(1, 2), cg).transpose(1, 2)
+            if weights is not None:
+                c = c * weights[:, k : k + 1, :]
+            grouped[out].append(c * factor if factor != 1.0 else c)
+        return [torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0] for blocks in grouped]
+
+
+class IrrepsLinear(nn.Module):
+    """Equivariant linear map: each output block mixes the channels of all input blocks of its irrep.
+
+    Output blocks may repeat an irrep (e.g. scalars and gates are both 0e): each gets its own weights.
+    """
+
+    def __init__(self, irreps_in: List[Irrep], channels_in: List[int], irreps_out: List[Irrep], channels_out: List[int]):
+        super().__init__()
+        self.sources: List[List[int]] = []
+        weights = []
+        for irrep, mul_out in zip(irreps_out, channels_out):
+            sources = [k for k, ir in enumerate(irreps_in) if ir == irrep]
+            if not sources:
+                raise ValueError(f"no input block of irrep {irrep} for an output block")
+            fan_in = sum(channels_in[k] for k in sources)
+            self.sources.append(sources)
+            weights.append(nn.Parameter(torch.randn(fan_in, mul_out) / math.sqrt(fan_in)))
+        self.weights = nn.ParameterList(weights)
+
+    def forward(self, blocks: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
+        for k, weight in enumerate(self.weights):
+            sources = self.sources[k]
+            x = blocks[sources[0]] if len(sources) == 1 else torch.cat([blocks[s] for s in sources], dim=2)
+            out.append(torch.matmul(x, weight))
+        return out
+
+
+def split_harmonics(sh: torch.Tensor, l_max: int) -> List[torch.Tensor]:
+    """e3nn's flat (E, (l_max+1)^2) harmonics -> blocks (E, 2l+1, 1)."""
+    return [sh[:, l * l : (l + 1) * (l + 1)].unsqueeze(-1) for l in range(l_max + 1)]
