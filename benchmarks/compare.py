@@ -3,7 +3,7 @@
     bash benchmarks/peers/setup.sh                 # once: one venv per peer, outside the repo
     python benchmarks/compare.py --quick           # 108 and 864 atoms, float32, one repeat
     python benchmarks/compare.py                   # 108 ... 16000 atoms, float32 + float64, 2 repeats
-    python benchmarks/compare.py --report bench_out/raw.jsonl    # table + plot from earlier results
+    python benchmarks/compare.py --report bench_out/raw-*.jsonl  # table + plot from earlier results
 
 Every case runs in its own subprocess (peak RSS is per case, no warm caches carried over), and
 cases alternate between mlip and the peers (mlip-allegro, allegro, mlip-nequip, nequip, mace,
@@ -59,7 +59,8 @@ def parse_args():
     p.add_argument("--quiet-below", type=float, default=0.15,
                    help="before each case wait until other processes use less than this fraction of the CPUs")
     p.add_argument("--quiet-wait", type=float, default=180.0, help="seconds to wait for that at most (0: never wait)")
-    p.add_argument("--report", metavar="RAW_JSONL", help="only print the table and plot from a raw file")
+    p.add_argument("--report", metavar="RAW_JSONL", nargs="+",
+                   help="only print the table and plot from raw file(s) of earlier runs (merged)")
     args = p.parse_args()
     if args.quick:
         args.sizes, args.repeats = [108, 864], 1
@@ -342,10 +343,13 @@ def plot(records, png_path: str) -> None:
 
 def main():
     args = parse_args()
-    raw_path = args.report or run_all(args)
-    records = load(raw_path)
+    raw_paths = args.report or [run_all(args)]
+    records = [r for path in raw_paths for r in load(path)]
+    raw_path = raw_paths[-1]
     table = markdown(records)
     base = os.path.splitext(raw_path)[0]
+    if len(raw_paths) > 1:  # several runs merged: name the outputs apart from any one run
+        base = os.path.join(os.path.dirname(raw_path), time.strftime("merged-%Y%m%d-%H%M%S"))
     with open(base + ".md", "w") as f:
         f.write(table + "\n")
     if any(r.get("case", "md") == "md" and "ms_per_step" in r for r in records):
@@ -353,7 +357,7 @@ def main():
         print(f"\nplot: {base}.png", file=sys.stderr)
     print()
     print(table)
-    print(f"\nraw: {raw_path}  table: {base}.md", file=sys.stderr)
+    print(f"\nraw: {' '.join(raw_paths)}  table: {base}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
