@@ -1,0 +1,93 @@
+"""Re-evaluate every shipped potential on its test set and print the errors beside published ones.
+
+    python benchmarks/accuracy.py [--data ../shared/data] [--json out.json]
+
+Published numbers are those collected in ../shared/data/README.md (MACE paper Tables 1-3;
+Zuo et al. 2020 via the ACEpotentials.jl tutorial). They are quoted, not re-run.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# name -> test files (relative to the data folder), the metric convention of the literature, and
+# published rows {model: (energy, forces)} in that convention.
+POTENTIALS = {
+    "si-allegro": {
+        "test": ["mlearn_zuo2020/Si_test.extxyz.gz"],
+        "metric": "MAE",
+        "energy_unit": "meV/atom",
+        "force_unit": "eV/Å",
+        "published": {"GAP (Zuo 2020)": (2.91, 0.07), "MTP (Zuo 2020)": (2.21, 0.06)},
+    },
+    "3bpa-nequip": {
+        "test": ["3bpa/test_300K.from_mdbenchgnn.extxyz.gz"],
+        "metric": "RMSE",
+        "energy_unit": "meV",
+        "force_unit": "meV/Å",
+        "published": {
+            "Allegro (L=3)": (3.84, 12.98),
+            "NequIP (L=3)": (3.3, 10.8),
+            "MACE (L=2)": (3.0, 8.8),
+        },
+    },
+}
+
+
+def ours(report: dict, spec: dict):
+    """(energy, forces, stress) of our model in the literature's convention and units."""
+    metrics = report["all"]
+    kind = spec["metric"].lower()
+    if spec["energy_unit"] == "meV/atom":
+        energy = 1000 * metrics[f"energy_per_atom_{kind}"]
+    else:
+        energy = 1000 * metrics[f"energy_{kind}"]
+    forces = metrics[f"forces_{kind}"] * (1000 if spec["force_unit"] == "meV/Å" else 1)
+    stress = metrics.get(f"stress_{kind}")
+    return energy, forces, stress
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"), help="data folder")
+    parser.add_argument("--json", help="write every metric here")
+    parser.add_argument("--plots", help="write parity plots under this folder")
+    args = parser.parse_args(argv)
+
+    from mlip.train.evaluate import evaluate
+
+    results = {}
+    print("| potential | test set | metric | E | F | stress MAE (meV/Å³) | reference: E / F |")
+    print("|---|---|---|---|---|---|---|")
+    for name, spec in POTENTIALS.items():
+        model = os.path.join(ROOT, "potentials", name, "model.pt")
+        if not os.path.exists(model):
+            print(f"| {name} | - | - | model not found at {model} | | | |")
+            continue
+        files = [os.path.join(args.data, f) for f in spec["test"]]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            print(f"| {name} | missing test data {missing} | | | | | |", file=sys.stderr)
+            continue
+        plots = os.path.join(args.plots, name) if args.plots else None
+        report = evaluate(model, files, plots_dir=plots)
+        results[name] = report
+        energy, forces, stress = ours(report, spec)
+        references = "; ".join(f"{k} {e} / {f}" for k, (e, f) in spec["published"].items())
+        stress_text = f"{1000 * report['all']['stress_mae']:.2f}" if report["all"].get("stress_mae") else "-"
+        print(
+            f"| {name} | {', '.join(spec['test'])} | {spec['metric']} | {energy:.2f} {spec['energy_unit']} "
+            f"| {forces:.3g} {spec['force_unit']} | {stress_text} | {references} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
