@@ -21,7 +21,12 @@ ghost's force is part of the force on its owner), and the virials are summed (ea
 the same in every domain that holds it, so sum_d W_d = -sum_edges r (x) dE/dr).
 
 Any partition of the atoms into domains gives the same result, so atoms may cross domain borders
-during MD without harm.
+during MD without harm. The r_max neighbor list is rebuilt on every call (the calculator's skin
+list is not used): vesin needs ~30 ms for 16k atoms, noise next to the model.
+
+Measured (Allegro small, float32, 32000 Cu atoms, one energy+forces+stress call, 1 thread, busy
+machine): whole system 15.3 GiB peak RSS, 120 s; domains of ~4000 atoms 2.6 GiB, 53 s; of ~1000
+atoms 1.0 GiB, 26 s (md_examples/benchmark_md.py memory).
 """
 
 from typing import Dict, List, Tuple
