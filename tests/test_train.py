@@ -19,6 +19,7 @@ from mlip.train import (
     CheckpointError, ConfigError, config_from_dict, load_checkpoint, load_config, model_from_checkpoint, resume,
     train,
 )
+from mlip.train.evaluate import evaluate
 
 TINY = {
     "allegro": {"num_scalar": 8, "num_tensor": 8, "mlp_hidden": 16, "readout_hidden": 8},
@@ -254,3 +255,10 @@ def test_direct_head_fits_about_as_well_as_the_gradient_head(trained_run, data_f
           f"direct head {1000 * direct_mae:.0f} meV/Å (untrained {1000 * direct.history[0]['val_forces_mae']:.0f})")
     assert direct_mae < direct.history[0]["val_forces_mae"] / 3.0
     assert direct_mae < 2.0 * gradient_mae
+
+    # Deployed, the direct head is evaluated with its net force removed per structure, and no stress.
+    model_path = tmp_path / "direct.pt"
+    assert main(["deploy", direct.run_dir, "-o", str(model_path)]) == 0
+    report = evaluate(str(model_path), [data_file])
+    assert "stress_mae" not in report["all"]
+    assert report["all"]["forces_mae"] < direct.history[0]["val_forces_mae"] / 3.0

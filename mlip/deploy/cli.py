@@ -1,8 +1,6 @@
 """`mlip deploy`, `mlip info` and `mlip evaluate`: checkpoints -> model files -> errors on data."""
 
 import json
-import os
-import sys
 
 
 def register(commands) -> None:
@@ -34,13 +32,11 @@ def register(commands) -> None:
 
 
 def run_deploy(args) -> int:
-    from ..train.checkpoint import BEST, load_checkpoint
-    from ..train.trainer import model_from_checkpoint
+    from ..train.checkpoint import load_checkpoint
+    from ..train.trainer import model_from_checkpoint, prefer_best
     from . import deploy_model
 
-    path = args.checkpoint
-    if os.path.isdir(path):
-        path = os.path.join(path, BEST)
+    path = prefer_best(args.checkpoint)
     checkpoint = load_checkpoint(path)
     use_ema = not args.no_ema and checkpoint.get("ema") is not None
     model = model_from_checkpoint(checkpoint, use_ema=use_ema)

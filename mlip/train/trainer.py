@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import yaml
 
-from ..data import BatchLoader
+from ..data import BatchLoader, keys
 from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, build_model
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -57,6 +57,10 @@ def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = 
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
     os.makedirs(config.run_dir, exist_ok=True)
+    for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
+        stale = os.path.join(config.run_dir, "data", name)
+        if os.path.exists(stale):
+            os.remove(stale)
     if config.schedule.cosine_epochs is None:
         # Fixed now, so a resumed run with another stop rule keeps the same learning-rate curve.
         config.schedule.cosine_epochs = config.stop.max_epochs
@@ -96,8 +100,9 @@ def checkpoint_weights(checkpoint: Dict, use_ema: bool = True) -> Dict[str, torc
 def model_from_checkpoint(checkpoint: Dict, use_ema: bool = True, device="cpu") -> Potential:
     """The trained potential of a checkpoint (a dict from load_checkpoint), in eval mode."""
     config = config_from_dict(checkpoint["config"])
-    model = build_model(ModelConfig(**checkpoint["model_config"]),
-                        DatasetStatistics.from_dict(checkpoint["statistics"]), DTYPES[config.dtype])
+    with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the global RNG alone
+        model = build_model(ModelConfig(**checkpoint["model_config"]),
+                            DatasetStatistics.from_dict(checkpoint["statistics"]), DTYPES[config.dtype])
     _load_weights(model, checkpoint_weights(checkpoint, use_ema))
     return model.to(device).eval()
 
@@ -128,7 +133,7 @@ class Trainer:
         # model starts as exactly the source model (its energy scale and reference energies included).
         source = checkpoint
         if source is None and config.init_from:
-            source = load_checkpoint(_prefer_best(config.init_from))
+            source = load_checkpoint(prefer_best(config.init_from))
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
@@ -163,6 +168,7 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_batches = 0.0, 0
         self.resumed = checkpoint is not None
         self.rng = None
+        self._start: Optional[float] = None  # perf_counter at the start of fit()
         self._last_val: Dict[str, str] = {}  # validation numbers shown on the progress bar
         if checkpoint is not None:
             self._load_state(checkpoint)
@@ -205,7 +211,7 @@ class Trainer:
         save_checkpoint(self.state(), os.path.join(self.run_dir, name))
 
     def elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._start if hasattr(self, "_start") else 0.0)
+        return self.elapsed_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -220,7 +226,7 @@ class Trainer:
         history = self._open_log()
         stop_reason = ""
         try:
-            if not history:  # the untrained model's errors: the reference point of the learning curve
+            if not self.resumed:  # the untrained model's errors: the reference point of the learning curve
                 history.append(self._log_row(train_loss=None, validation=self.validate()))
                 self._append_log(history[-1])
             while not stop_reason:
@@ -254,12 +260,17 @@ class Trainer:
         n_batches = len(self.train_loader)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{config.stop.max_epochs}",
                    unit="batch", leave=False, disable=not config.progress, dynamic_ncols=True)
+        self._throughput = [0.0, 0, 0]  # seconds in steps, structures, atoms (this process, this epoch)
         try:
             for b, batch in enumerate(self.train_loader.epoch(self.epoch)):
                 if b < self.batch_in_epoch:
                     continue  # taken before the checkpoint this run resumed from
                 self.schedule.before_step(self.epoch + b / n_batches)
+                start = time.perf_counter()
                 loss = self._train_step(batch)
+                self._throughput[0] += time.perf_counter() - start
+                self._throughput[1] += int(batch[keys.NUM_ATOMS].shape[0])
+                self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
                 self.step += 1
                 self.batch_in_epoch = b + 1
                 self.epoch_loss_sum += loss
@@ -304,6 +315,10 @@ class Trainer:
             raise ValueError(f"stop.monitor {self.config.stop.monitor!r} is not measured on this validation set "
                              f"(measured: {sorted(validation)})")
         row = self._log_row(train_loss, validation)
+        seconds, structures, atoms = self._throughput
+        if seconds > 0:  # forward + backward + optimizer step only (no data loading, no validation)
+            row["train_structures_per_s"] = round(structures / seconds, 2)
+            row["train_atoms_per_s"] = round(atoms / seconds, 1)
         self.schedule.after_epoch(metric)
         improved = metric < self.best
         if improved:
@@ -402,7 +417,7 @@ def _postfix(summary: Dict[str, float]) -> Dict[str, str]:
     return out
 
 
-def _prefer_best(path: str) -> str:
+def prefer_best(path: str) -> str:
     """A run directory means its best.pt (fine-tuning wants the best weights, not the latest)."""
     if os.path.isdir(path):
         best = os.path.join(path, BEST)
