@@ -6,6 +6,7 @@
 
 import numpy as np
 from ase import units
+from ase.constraints import FixCom
 from ase.io import Trajectory
 from ase.md.langevin import Langevin
 from ase.md import thermalize_momenta
@@ -34,8 +35,10 @@ if args.start:
 else:
     thermalize_momenta(atoms, args.temperature, rng=rng)
     Stationary(atoms)
+# Centre of mass fixed by a constraint (Langevin's fixcm=True is deprecated: slightly wrong NVT).
+atoms.set_constraint(FixCom())
 dyn = Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,
-               friction=args.friction / units.fs, rng=rng)
+               friction=args.friction / units.fs, fixcm=False, rng=rng)
 with Trajectory(args.traj, "w", atoms) as trajectory, tqdm(total=args.steps, unit="step") as bar:
     dyn.attach(trajectory.write, interval=args.interval)
 

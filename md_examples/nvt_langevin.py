@@ -5,6 +5,7 @@
 
 import numpy as np
 from ase import units
+from ase.constraints import FixCom
 from ase.md import MDLogger
 from ase.md.langevin import Langevin
 from ase.md import thermalize_momenta
@@ -24,8 +25,10 @@ atoms = setup(args)
 rng = np.random.default_rng(args.seed)
 thermalize_momenta(atoms, args.temperature, rng=rng)
 Stationary(atoms)
+# Centre of mass fixed by a constraint (Langevin's fixcm=True is deprecated: slightly wrong NVT).
+atoms.set_constraint(FixCom())
 dyn = Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,
-               friction=args.friction / units.fs, rng=rng)
+               friction=args.friction / units.fs, fixcm=False, rng=rng)
 dyn.attach(MDLogger(dyn, atoms, "-", header=True, peratom=True), interval=args.log_interval)
 
 samples = []  # (T, Epot per atom) over the second half, after equilibration

@@ -198,9 +198,14 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
 
         return VelocityVerlet(atoms, timestep=dt)
     if ensemble == "nvt":
+        from ase.constraints import FixCom
         from ase.md.langevin import Langevin
 
-        return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng)
+        # Keep the centre of mass fixed by a constraint: Langevin's own fixcm=True samples NVT
+        # slightly wrongly (deprecated since ase 3.28).
+        atoms.set_constraint(list(atoms.constraints) + [FixCom()])
+        return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs,
+                        fixcm=False, rng=rng)
     if ensemble == "npt":
         from ase.md.nose_hoover_chain import IsotropicMTKNPT
 
