@@ -5,6 +5,10 @@
     python benchmarks/compare.py                   # 108 ... 16000 atoms, float32 + float64, 2 repeats
     python benchmarks/compare.py --report bench_out/raw-*.jsonl  # table + plot from earlier results
 
+While others edit main, measure one commit of mlip:
+    git archive HEAD mlip | tar -x -C /tmp/mlip-$(git rev-parse --short HEAD)
+    python benchmarks/compare.py --mlip-src /tmp/mlip-$(git rev-parse --short HEAD)
+
 Every case runs in its own subprocess (peak RSS is per case, no warm caches carried over), and
 cases alternate between mlip and the peers (mlip-allegro, allegro, mlip-nequip, nequip, mace,
 then the next repeat) so that a change in the machine's load hits both sides alike. Each result
@@ -53,6 +57,8 @@ def parse_args():
     p.add_argument("--out", default="bench_out", help="output directory (raw JSON lines, table, plot)")
     p.add_argument("--venvs", default=os.environ.get("MLIP_BENCH_VENVS", os.path.expanduser("~/.cache/mlip-bench")))
     p.add_argument("--mlip-python", default=sys.executable, help="python of the environment with mlip")
+    p.add_argument("--mlip-src", help="import mlip from this source tree (e.g. a `git worktree` of one commit) "
+                                      "instead of the installed one: a fixed revision while others edit main")
     p.add_argument("--max-mem-gb", type=float, default=12.0,
                    help="per case: skip if extrapolated peak RSS exceeds it, and cap the process' data size")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
@@ -89,6 +95,18 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def mlip_revision(path: str) -> str:
+    """Commit of the mlip source measured, with "+dirty" if mlip/ has uncommitted changes
+    (for a plain directory, e.g. ``git archive HEAD mlip | tar -x -C /tmp/mlip-REV``, its name)."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", path, *cmd], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit or not os.path.exists(os.path.join(git("rev-parse", "--show-toplevel"), "mlip")):
+        return os.path.basename(os.path.abspath(path))
+    return commit + ("+dirty" if git("status", "--porcelain", "--", ":/mlip") else "")
+
+
 def wait_for_quiet(threshold: float, max_wait: float) -> float:
     """Wait (at most ``max_wait`` s) until the CPUs are less busy than ``threshold``; returns the wait.
 
@@ -107,6 +125,8 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
 
 def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
     env = dict(os.environ)
+    if args.mlip_src and label["package"].startswith("mlip"):
+        env["PYTHONPATH"] = os.path.abspath(args.mlip_src) + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(args.threads)
     env["MLIP_BENCH_CACHE"] = os.path.join(os.path.abspath(args.out), "cache")
@@ -138,6 +158,8 @@ def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
         record = dict(label, error=" | ".join(tail) or f"exit code {code}")
     record.update(repeat=label["repeat"], wall_s=round(wall, 1), outside_load=round(outside, 3),
                   waited_s=round(waited))
+    if label["package"].startswith("mlip"):
+        record["mlip_revision"] = mlip_revision(args.mlip_src or HERE)
     return record
 
 
