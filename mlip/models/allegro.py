@@ -21,7 +21,9 @@ from ..nn.irreps import IrrepsLinear, TensorProduct
 
 
 class AllegroLayer(nn.Module):
-    def __init__(self, num_scalar: int, num_tensor: int, l_max: int, mlp_hidden: int, avg_num_neighbors: float):
+    def __init__(self, num_scalar: int, num_tensor: int, l_max: int, mlp_hidden: int, avg_num_neighbors: float,
+                 update_tensor: bool = True):
+        """update_tensor=False (last layer without a vector output): V_ij is not needed afterwards."""
         super().__init__()
         self.num_tensor = num_tensor
         self.l_max = l_max
@@ -35,7 +37,9 @@ class AllegroLayer(nn.Module):
         self.tp = TensorProduct(irreps, irreps, irreps)
         channels_out = [num_tensor * n for n in self.tp.paths_per_out]
         self.latent_mlp = mlp([num_scalar + channels_out[0], mlp_hidden, num_scalar])
-        self.tensor_linear = IrrepsLinear(self.tp.irreps_out, channels_out, irreps, [num_tensor] * (l_max + 1))
+        self.tensor_linear: Optional[IrrepsLinear] = (
+            IrrepsLinear(self.tp.irreps_out, channels_out, irreps, [num_tensor] * (l_max + 1)) if update_tensor else None
+        )
 
     def forward(
         self,
@@ -53,7 +57,10 @@ class AllegroLayer(nn.Module):
         product = self.tp(v, list(env_blocks))  # [(E, 2l+1, u * paths)]
         scalars = product[0].squeeze(1)
         x = x + self.latent_mlp(torch.cat([x, scalars], dim=1)) * cutoff
-        return x, self.tensor_linear(product)
+        tensor_linear = self.tensor_linear
+        if tensor_linear is None:
+            return x, v
+        return x, tensor_linear(product)
 
 
 class Allegro(nn.Module):
@@ -86,7 +93,11 @@ class Allegro(nn.Module):
         self.two_body = mlp([2 * num_types + num_basis, mlp_hidden, num_scalar])
         self.initial_weights = nn.Linear(num_scalar, num_tensor * (l_max + 1))
         self.layers = nn.ModuleList(
-            [AllegroLayer(num_scalar, num_tensor, l_max, mlp_hidden, avg_num_neighbors) for _ in range(num_layers)]
+            [
+                AllegroLayer(num_scalar, num_tensor, l_max, mlp_hidden, avg_num_neighbors,
+                             update_tensor=k < num_layers - 1 or vector_output)
+                for k in range(num_layers)
+            ]
         )
         self.readout = mlp([num_scalar, readout_hidden, 1])
         self.vector_readout: Optional[nn.Linear] = (

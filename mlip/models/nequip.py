@@ -73,9 +73,14 @@ class Interaction(nn.Module):
         radial_hidden: int,
         radial_layers: int,
         avg_num_neighbors: float,
+        keep: Optional[List[Irrep]] = None,
     ):
+        """keep: irreps of the output that are used afterwards (None: all). The last layer keeps only
+        what the readouts read, so no work is spent on blocks that cannot reach the energy."""
         super().__init__()
         self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
+        if keep is not None:
+            irreps_hidden = [ir for ir in irreps_hidden if ir in keep]
         self.num_features = num_features
         irreps_sh = [(l, (-1) ** l) for l in range(l_max + 1)]
         self.tp = TensorProduct(irreps_in, irreps_sh, irreps_hidden + [(0, 1)])
@@ -84,6 +89,7 @@ class Interaction(nn.Module):
         scalars = [ir for ir in reachable if ir[0] == 0]
         self.gated: List[Irrep] = [ir for ir in reachable if ir[0] > 0]
         self.num_scalars = len(scalars)
+        self.num_gated = len(self.gated)
         # Gate input blocks: scalars, one 0e gate block, then the gated blocks.
         irreps_gate_in = scalars + ([(0, 1)] if self.gated else []) + self.gated
         channels_gate_in = [num_features] * len(scalars) + ([num_features * len(self.gated)] if self.gated else [])
@@ -144,9 +150,9 @@ class Interaction(nn.Module):
         for k in range(self.num_scalars):
             x = blocks[k]
             out.append(torch.tanh(x) if self.odd_scalars[k] else torch.nn.functional.silu(x))
-        if len(self.gated) > 0:
+        if self.num_gated > 0:
             gates = torch.sigmoid(blocks[self.num_scalars])  # (N, 1, c * num_gated)
-            for k in range(len(self.gated)):
+            for k in range(self.num_gated):
                 gate = gates[:, :, k * self.num_features : (k + 1) * self.num_features]
                 out.append(blocks[self.num_scalars + 1 + k] * gate)
         return out
@@ -182,9 +188,10 @@ class NequIP(nn.Module):
 
         irreps, channels = [(0, 1)], [num_features]
         layers: List[Interaction] = []
-        for _ in range(num_layers):
+        for k in range(num_layers):
+            keep = None if k < num_layers - 1 else [(0, 1)] + ([(1, -1)] if vector_output else [])
             layer = Interaction(irreps, channels, hidden_irreps(l_max, parity), num_features, l_max, num_types,
-                                num_basis, radial_hidden, radial_layers, avg_num_neighbors)
+                                num_basis, radial_hidden, radial_layers, avg_num_neighbors, keep)
             layers.append(layer)
             irreps, channels = layer.irreps_out, layer.channels_out
         self.layers = nn.ModuleList(layers)
