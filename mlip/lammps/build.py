@@ -7,6 +7,7 @@ either, or mlip, gives a fresh build instead of a crash.
 """
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -109,8 +110,6 @@ def compile_command(output: pathlib.Path) -> List[str]:
 
 def _package_dir(name: str) -> pathlib.Path:
     """Directory of an installed package, found without importing it (importing torch is slow)."""
-    import importlib.util
-
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {name!r} is not installed; the LAMMPS plugin needs it")
