@@ -281,9 +281,11 @@ void PairMLIP::compute(int eflag, int vflag)
     // The graph: only what the owned atoms' energies depend on. Owned atoms are centers (hop 0);
     // a model with L message-passing layers also needs edges from every atom up to L - 1 hops
     // (edges shorter than r_max) away, and those atoms' neighbors as nodes. LAMMPS' ghost
-    // shell (L * r_max + skin) holds more atoms than that; leaving the rest out was measured to
-    // halve the cost of NequIP steps. The walk uses LAMMPS' full lists (with ghost lists for
-    // L > 1), which include the skin, so each pair is checked against r_max.
+    // shell (L * r_max + skin) holds more atoms than that. Leaving them out halves the work:
+    // 4096 Si atoms, NequIP small (L = 2, r_max 5), one rank: 187k edges instead of 377k,
+    // 2.2x less model CPU time (the periodic graph without ghosts has 115k edges).
+    // The walk uses LAMMPS' full lists (with ghost lists for L > 1), which include the skin,
+    // so each pair is checked against r_max.
     std::vector<int> node_of(nall, -1);    // LAMMPS atom index -> node index, -1: not in the graph
     std::vector<int> atom_of;              // node index -> LAMMPS atom index; owned atoms first
     atom_of.reserve(nall);
