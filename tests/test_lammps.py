@@ -320,6 +320,28 @@ def test_cli_registers_build_command(plugin, capsys):
     assert capsys.readouterr().out.strip() == str(plugin)
 
 
+def test_plugin_sources_ship_in_the_package():
+    """lammps_plugin/ (for CMake users) links to the sources that `pip install` ships."""
+    from mlip.lammps.build import SOURCE_DIR
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "lammps_plugin"
+    for name in ("pair_mlip.cpp", "pair_mlip.h", "mlip_plugin.cpp", "lammpsplugin_compat.h"):
+        assert (root / name).resolve() == (SOURCE_DIR / name).resolve(), name
+
+
+def test_torch_threads_setting(plugin, tmp_path):
+    model = write_toy_model(tmp_path / "toy.pt", layers=1)
+    data = write_data(rattled_crystal(seed=11, repeat=(1, 1, 1)), tmp_path / "structure.data")
+    script = md_script(data, model, steps=0, thermo="step pe")
+    path = tmp_path / "in.threads"
+    path.write_text(script)
+    for value, expected in (("2", "2 torch thread(s) per rank"), ("0", "MLIP_TORCH_THREADS must be a positive integer")):
+        env = dict(os.environ, MLIP_TORCH_THREADS=value)
+        result = subprocess.run([LMP, "-nocite", "-log", "none", "-in", str(path)], capture_output=True, text=True,
+                                cwd=tmp_path, env=env, timeout=120)
+        assert expected in result.stdout + result.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # Physics with toy models (fast, exact contract)
 
