@@ -6,7 +6,7 @@ product V_ij (x) env_i channel by channel, feeds its scalars to an MLP that upda
 mixes the product back into V_ij. Pair energies E_ij = MLP(x_ij) f_cut(r_ij) sum to E_i.
 Nothing is exchanged between atoms, so E_i depends only on atoms within r_max of i.
 
-Equivariant features are lists of blocks (E, 2l+1, channels), l = 0..l_max with parity (-1)^l
+Equivariant features are lists of blocks (2l+1, E, channels), l = 0..l_max with parity (-1)^l
 (see mlip.nn.irreps).
 """
 
@@ -17,7 +17,7 @@ from e3nn import o3
 from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
-from ..nn.irreps import IrrepsLinear, TensorProduct
+from ..nn.irreps import IrrepsLinear, TensorProduct, harmonics_first, scatter_rows, split_blocks
 
 
 class AllegroLayer(nn.Module):
@@ -44,23 +44,27 @@ class AllegroLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (E, num_scalar) scalar track
-        v: List[torch.Tensor],  # [(E, 2l+1, num_tensor)] equivariant track
-        sh: torch.Tensor,  # (E, (l_max+1)^2, 1) edge harmonics
+        v: List[torch.Tensor],  # [(2l+1, E, num_tensor)] equivariant track
+        sh: torch.Tensor,  # ((l_max+1)^2, E, 1) edge harmonics
         cutoff: torch.Tensor,  # (E, 1) envelope
         edge_center: torch.Tensor,  # (E,)
         num_nodes: int,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        w = (self.env_weights(x) * cutoff).view(-1, self.l_max + 1, self.num_tensor)
-        weighted = sh * w.index_select(1, self.component_l)  # (E, (l_max+1)^2, u)
-        env = scatter_sum(weighted, edge_center, num_nodes) * self.inv_sqrt_neighbors
-        env_blocks = torch.split(env[edge_center], self.block_sizes, dim=1)
-        product = self.tp(v, list(env_blocks))  # [(E, 2l+1, u * paths)]
-        scalars = product[0].squeeze(1)
+        weighted = sh * per_component(self.env_weights(x) * cutoff, self.component_l, self.l_max)
+        env = scatter_rows(weighted, edge_center, num_nodes) * self.inv_sqrt_neighbors  # (d, N, u)
+        product = self.tp(v, split_blocks(env.index_select(1, edge_center), self.l_max))  # [(2l+1, E, u * paths)]
+        scalars = product[0].squeeze(0)
         x = x + self.latent_mlp(torch.cat([x, scalars], dim=1)) * cutoff
         tensor_linear = self.tensor_linear
         if tensor_linear is None:
             return x, v
         return x, tensor_linear(product)
+
+
+def per_component(weights: torch.Tensor, component_l: torch.Tensor, l_max: int) -> torch.Tensor:
+    """Per-l channel weights (E, (l_max+1) * u) -> one row per harmonic component ((l_max+1)^2, E, u)."""
+    channels = weights.shape[1] // (l_max + 1)
+    return weights.view(weights.shape[0], l_max + 1, channels).transpose(0, 1).index_select(0, component_l)
 
 
 class Allegro(nn.Module):
@@ -112,13 +116,12 @@ class Allegro(nn.Module):
         center, neighbor = edge_index[0], edge_index[1]
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
         cutoff = self.cutoff(lengths).unsqueeze(-1)  # (E, 1)
-        sh = self.spherical_harmonics(edge_vectors).unsqueeze(-1)  # (E, (l_max+1)^2, 1)
+        sh = harmonics_first(self.spherical_harmonics(edge_vectors))  # ((l_max+1)^2, E, 1)
 
         species = torch.nn.functional.one_hot(atom_types, self.num_types).to(edge_vectors.dtype)
         pair = torch.cat([species[center], species[neighbor], self.basis(lengths) * cutoff], dim=1)
         x = self.two_body(pair) * cutoff  # (E, num_scalar)
-        w = self.initial_weights(x).view(-1, self.l_max + 1, self.num_tensor)
-        v = split_harmonics_weighted(sh, w.index_select(1, self.component_l), self.l_max)
+        v = split_blocks(sh * per_component(self.initial_weights(x), self.component_l, self.l_max), self.l_max)
         for layer in self.layers:
             x, v = layer(x, v, sh, cutoff, center, num_nodes)
 
@@ -127,11 +130,7 @@ class Allegro(nn.Module):
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            pair_vectors = vector_readout(v[1]).squeeze(-1) * cutoff  # (E, 3), l=1 block is (x, y, z)
+            pair_vectors = vector_readout(v[1]).squeeze(-1).t() * cutoff  # (E, 3); the l=1 block is (x, y, z)
             vectors = scatter_sum(pair_vectors, center, num_nodes)
         return energies, vectors
 
-
-def split_harmonics_weighted(sh: torch.Tensor, weights: torch.Tensor, l_max: int) -> List[torch.Tensor]:
-    """sh (E, (l_max+1)^2, 1) * weights (E, (l_max+1)^2, u) -> blocks [(E, 2l+1, u)]."""
-    return list(torch.split(sh * weights, [2 * l + 1 for l in range(l_max + 1)], dim=1))

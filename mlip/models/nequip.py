@@ -5,7 +5,7 @@ m_ij = TP(h_j, Y(r_ij); w(|r_ij|)) from neighbor j to center i, sums them, mixes
 species-dependent self-connection, applies a gated nonlinearity and adds a residual. After L
 layers an atom's energy depends on atoms up to L * r_max away (``message_passing_layers``).
 
-Equivariant features are lists of blocks (N, 2l+1, channels) (see mlip.nn.irreps).
+Equivariant features are lists of blocks (2l+1, N, channels) (see mlip.nn.irreps).
 """
 
 import math
@@ -16,7 +16,7 @@ from e3nn import o3
 from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
-from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, split_harmonics
+from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, harmonics_first, scatter_rows, split_blocks
 
 
 def hidden_irreps(l_max: int, parity: bool) -> List[Irrep]:
@@ -52,9 +52,9 @@ class SpeciesLinear(nn.Module):
     def forward(self, blocks: List[torch.Tensor], species: torch.Tensor) -> List[torch.Tensor]:
         out: List[torch.Tensor] = []
         for k, weight in enumerate(self.weights):
-            x = blocks[self.sources[k]]  # (N, d, c_in)
+            x = blocks[self.sources[k]]  # (d, N, c_in)
             y = torch.matmul(x, weight).view(x.shape[0], x.shape[1], self.num_types, self.channels_out[k])
-            out.append((y * species.view(-1, 1, self.num_types, 1)).sum(dim=2))  # (N, d, c_out)
+            out.append((y * species.view(1, -1, self.num_types, 1)).sum(dim=2))  # (d, N, c_out)
         return out
 
 
@@ -111,30 +111,23 @@ class Interaction(nn.Module):
         self.linear_out = IrrepsLinear(self.tp.irreps_out, channels_mid, irreps_gate_in, channels_gate_in)
         self.self_connection = SpeciesLinear(irreps_in, channels_in, irreps_gate_in, channels_gate_in, num_types)
         self.residual = irreps_in == self.irreps_out and channels_in == self.channels_out
-        self.mid_sizes: List[int] = [(2 * l + 1) * c for (l, _), c in zip(self.tp.irreps_out, channels_mid)]
-        self.mid_shapes: List[List[int]] = [[2 * l + 1, c] for (l, _), c in zip(self.tp.irreps_out, channels_mid)]
 
     def forward(
         self,
-        features: List[torch.Tensor],  # [(N, 2l+1, c)]
+        features: List[torch.Tensor],  # [(2l+1, N, c)]
         species: torch.Tensor,  # (N, num_types) one-hot
-        sh: List[torch.Tensor],  # [(E, 2l+1, 1)]
+        sh: List[torch.Tensor],  # [(2l+1, E, 1)]
         edge_radial: torch.Tensor,  # (E, num_basis), cutoff envelope included
         edge_index: torch.Tensor,  # (2, E)
     ) -> List[torch.Tensor]:
         center, neighbor = edge_index[0], edge_index[1]
         num_nodes = species.shape[0]
         h = self.linear_in(features)
-        h_neighbor = [block.index_select(0, neighbor) for block in h]
-        weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp)
-        messages = self.tp(h_neighbor, sh, weights)  # [(E, 2l+1, c * paths)]
-        # One scatter for all blocks: flatten, sum into centers, split back.
-        flat = torch.cat([m.reshape(m.shape[0], m.shape[1] * m.shape[2]) for m in messages], dim=1)
-        summed = scatter_sum(flat, center, num_nodes) * self.inv_sqrt_neighbors
-        aggregated = [
-            part.view(num_nodes, shape[0], shape[1])
-            for part, shape in zip(torch.split(summed, self.mid_sizes, dim=1), self.mid_shapes)
-        ]
+        h_neighbor = [block.index_select(1, neighbor) for block in h]
+        # (num_paths, E, c): one contiguous slab of radial weights per path
+        weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp).transpose(0, 1).contiguous()
+        messages = self.tp(h_neighbor, sh, weights)  # [(2l+1, E, c * paths)]
+        aggregated = [scatter_rows(m, center, num_nodes) * self.inv_sqrt_neighbors for m in messages]
         gate_in = self.linear_out(aggregated)
         self_connection = self.self_connection(features, species)
         for k, target in enumerate(self.self_connection.targets):
@@ -151,7 +144,7 @@ class Interaction(nn.Module):
             x = blocks[k]
             out.append(torch.tanh(x) if self.odd_scalars[k] else torch.nn.functional.silu(x))
         if self.num_gated > 0:
-            gates = torch.sigmoid(blocks[self.num_scalars])  # (N, 1, c * num_gated)
+            gates = torch.sigmoid(blocks[self.num_scalars])  # (1, N, c * num_gated)
             for k in range(self.num_gated):
                 gate = gates[:, :, k * self.num_features : (k + 1) * self.num_features]
                 out.append(blocks[self.num_scalars + 1 + k] * gate)
@@ -207,15 +200,15 @@ class NequIP(nn.Module):
         self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
-        sh = split_harmonics(self.spherical_harmonics(edge_vectors), self.l_max)
+        sh = split_blocks(harmonics_first(self.spherical_harmonics(edge_vectors)), self.l_max)
         edge_radial = self.basis(lengths) * self.cutoff(lengths).unsqueeze(-1)
         species = torch.nn.functional.one_hot(atom_types, self.num_types).to(edge_vectors.dtype)
-        features = [self.embedding(species).unsqueeze(1)]  # [(N, 1, c)]
+        features = [self.embedding(species).unsqueeze(0)]  # [(1, N, c)]
         for layer in self.layers:
             features = layer(features, species, sh, edge_radial, edge_index)
         energies = self.readout(features[0]).view(-1)
         vectors: Optional[torch.Tensor] = None
         vector_readout = self.vector_readout
         if vector_readout is not None:
-            vectors = vector_readout(features[self.vector_index]).squeeze(-1)  # (N, 3): 1o block is (x, y, z)
+            vectors = vector_readout(features[self.vector_index]).squeeze(-1).t()  # (N, 3): 1o block is (x, y, z)
         return energies, vectors
