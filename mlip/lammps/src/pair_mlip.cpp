@@ -14,6 +14,7 @@
 #include "utils.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -145,6 +146,9 @@ void PairMLIP::load_model(const std::string &path)
 
   std::unordered_map<std::string, std::string> extra_files{{METADATA_FILE, ""}};
   try {
+    // Without the graph executor's optimizations (here and at every call): its own autodiff made
+    // a NequIP force call 1.7x slower than eager PyTorch on CPU (torch 2.13); see model_file.py.
+    torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
     model = torch::jit::load(path, torch::kCPU, extra_files);
   } catch (const std::exception &e) {
     error->all(FLERR,
@@ -350,6 +354,7 @@ void PairMLIP::compute(int eflag, int vflag)
                                            (int64_t) nlocal};
     c10::IValue result;
     try {
+      torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
       result = model.forward(inputs);
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
