@@ -20,7 +20,8 @@ import numpy as np
 from ase import units
 from ase.build import bulk
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.constraints import FixCom
+from ase.md import thermalize_momenta
 from ase.neighborlist import natural_cutoffs, neighbor_list
 from tqdm import tqdm
 
@@ -31,9 +32,10 @@ ROOT = os.path.dirname(HERE)
 def run_nvt(atoms, temperature, timestep_fs, picoseconds, check, every=100, seed=0):
     """Langevin NVT; ``check(atoms)`` runs every ``every`` steps and returns a problem or None."""
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=0.01 / units.fs, rng=rng)
+    thermalize_momenta(atoms, temperature, rng=rng)
+    atoms.set_constraint(FixCom())  # Langevin's own fixcm is deprecated (slightly wrong NVT)
+    dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=0.01 / units.fs,
+                        fixcm=False, rng=rng)
     steps = int(round(picoseconds * 1000 / timestep_fs))
     temperatures, problems = [], []
     start = time.perf_counter()

@@ -81,6 +81,10 @@ def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        # mkstemp creates the file 0600; a model file is meant to be shared: use the umask's default.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
