@@ -1,0 +1,36 @@
+"""The shipped potentials load with this version of mlip and still give their trained physics."""
+
+import os
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from mlip import MLIPCalculator
+from mlip.deploy import read_metadata
+
+POTENTIALS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "potentials")
+NAMES = sorted(n for n in os.listdir(POTENTIALS) if os.path.isfile(os.path.join(POTENTIALS, n, "model.pt")))
+
+
+def test_potentials_are_shipped():
+    assert {"si-allegro", "3bpa-nequip"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_is_complete(name):
+    metadata = read_metadata(os.path.join(POTENTIALS, name, "model.pt"))
+    assert metadata["force_head"] == "gradient"
+    assert metadata["training_data_hash"]
+    assert os.path.isfile(os.path.join(POTENTIALS, name, "README.md"))
+
+
+def test_silicon_diamond_matches_its_dft_reference():
+    """Near the DFT lattice constant (5.471 Å) diamond Si sits at ~-5.42 eV/atom (mlearn PBE),
+    with zero forces by symmetry and a stress of order 0.1 GPa at most."""
+    atoms = bulk("Si", "diamond", a=5.471, cubic=True)
+    atoms.calc = MLIPCalculator(os.path.join(POTENTIALS, "si-allegro", "model.pt"))
+    energy_per_atom = atoms.get_potential_energy() / len(atoms)
+    assert abs(energy_per_atom - (-5.42)) < 0.01, energy_per_atom
+    assert np.abs(atoms.get_forces()).max() < 1e-4
+    assert np.abs(atoms.get_stress()).max() < 0.2 / 160.2  # 0.2 GPa in eV/Å^3
