@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_structure, matrix_to_voigt
+from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import neighbor_list
 from ..deploy.model_file import DTYPES, load_model
 
@@ -117,12 +117,9 @@ class MLIPCalculator(Calculator):
             lengths = vectors[inside].norm(dim=1)
         else:
             lengths = (positions[edge_index[1]] - positions[edge_index[0]] + shifts).norm(dim=1)
+        # One device-side min per step; the arrays leave the device only to build the error.
         if self.min_distance > 0 and lengths.numel() and float(lengths.min()) < self.min_distance:
-            k = int(torch.argmin(lengths))
-            raise ValueError(
-                f"atoms {int(edge_index[0, k])} and {int(edge_index[1, k])} are {float(lengths[k]):.3g} Å apart "
-                f"(< {self.min_distance} Å): overlapping atoms or positions in the wrong units?"
-            )
+            check_min_distance(lengths.cpu().numpy(), edge_index.cpu().numpy(), self.min_distance)
         return self.model(positions, graph["atom_types"], edge_index, shifts, len(atoms))
 
     # --- ASE interface ----------------------------------------------------------------------------

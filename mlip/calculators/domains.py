@@ -34,6 +34,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
+from ..data.atoms import check_min_distance
 from ..data.neighbors import neighbor_list
 
 
@@ -148,14 +149,8 @@ def _global_graph(positions, cell, pbc, r_max: float, min_distance: float) -> Di
     edge_index, cell_shifts = neighbor_list(positions, cell, pbc, r_max)  # sorted by center
     if min_distance > 0 and edge_index.shape[1]:
         vectors = positions[edge_index[1]] - positions[edge_index[0]] + cell_shifts @ cell  # (E, 3)
-        lengths = np.linalg.norm(vectors, axis=1)
-        k = int(np.argmin(lengths))
-        if lengths[k] < min_distance:
-            raise ValueError(
-                f"atoms {int(edge_index[0, k])} and {int(edge_index[1, k])} are {lengths[k]:.3g} Å apart "
-                f"(< {min_distance} Å): overlapping atoms or positions in the wrong units?"
-            )
-        del vectors, lengths
+        check_min_distance(np.linalg.norm(vectors, axis=1), edge_index, min_distance)
+        del vectors
     pointer = np.zeros(len(positions) + 1, dtype=np.int64)  # edges of atom a: pointer[a]:pointer[a+1]
     np.cumsum(np.bincount(edge_index[0], minlength=len(positions)), out=pointer[1:])
     return {"pointer": pointer, "neighbor": edge_index[1], "cell_shifts": cell_shifts}

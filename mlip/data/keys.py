@@ -18,19 +18,14 @@ NUM_ATOMS = "num_atoms"  # (B,) int64 | nodes per structure
 EDGE_INDEX = "edge_index"  # (2, E) int64 | row 0: center i, row 1: neighbor j
 EDGE_CELL_SHIFTS = "edge_cell_shifts"  # (E, 3) int64 | image of j: integer multiples of the cell rows
 EDGE_SHIFTS = "edge_shifts"  # (E, 3) float | Cartesian shift, Å: r_ij = x_j - x_i + shift_ij
-EDGE_VECTORS = "edge_vectors"  # (E, 3) float | r_ij, Å (the variable forces/virial derive from)
-EDGE_LENGTHS = "edge_lengths"  # (E,) float | |r_ij|, Å
 
 # --- labels and predictions --------------------------------------------------------------------
 ENERGY = "energy"  # (B,) float64 | total energy, eV
-ATOMIC_ENERGIES = "atomic_energies"  # (N,) float | per-atom energy incl. reference energies, eV
+ATOMIC_ENERGIES = "atomic_energies"  # (N,) float64 | per-atom energy incl. reference energies, eV
 FORCES = "forces"  # (N, 3) float | eV/Å
 VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV
 STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only)
 
 # --- bookkeeping -------------------------------------------------------------------------------
 HAS_STRESS = "has_stress"  # (B,) bool | the label set carries a stress for this structure
-CONFIG_WEIGHT = "config_weight"  # (B,) float | per-structure loss weight (1 by default)
 STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset
-
-LABEL_KEYS = (ENERGY, FORCES, STRESS)
