@@ -20,10 +20,12 @@ TINY = {
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4}
 
 
-def tiny_model(family: str, head: str = "gradient", dtype=torch.float64, seed: int = 0, r_max: float = R_MAX):
+def tiny_model(family: str, head: str = "gradient", dtype=torch.float64, seed: int = 0, r_max: float = R_MAX,
+               **overrides):
     torch.manual_seed(seed)
     statistics = DatasetStatistics(TYPE_NAMES, reference_energies=[-3.5, -4.5], force_rms=5.0, avg_num_neighbors=20.0)
-    model = build_model(ModelConfig(family, "small", head, r_max=r_max, overrides=TINY[family]), statistics, dtype)
+    overrides = dict(TINY[family], **overrides)
+    model = build_model(ModelConfig(family, "small", head, r_max=r_max, overrides=overrides), statistics, dtype)
     # Untrained readouts are nearly zero; larger weights make every check sensitive.
     with torch.no_grad():
         for name, parameter in model.named_parameters():

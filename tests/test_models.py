@@ -163,3 +163,27 @@ def test_scripted_equals_eager(family, head, dtype, tmp_path):
     assert metadata["force_head"] == head
     assert metadata["message_passing_layers"] == (2 if family == "nequip" else 1)
     assert metadata["dtype"] == str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("l_max", [2, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_higher_l_max_symmetry_and_derivatives(family, l_max):
+    """l_max 2 and 3 take the general Clebsch-Gordan paths (for NequIP only in a middle layer, hence 3
+    layers): O(3) + permutation, and finite differences."""
+    model = tiny_model(family, l_max=l_max, **({"num_layers": 3} if family == "nequip" else {}))
+    rng = np.random.default_rng(2)
+    atoms = triclinic_alloy()
+    q = random_orthogonal(rng, reflect=True)
+    permutation = rng.permutation(len(atoms))
+    moved = atoms[permutation]
+    moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
+    moved.positions = atoms.positions[permutation] @ q.T
+    before, after = predict(model, [atoms]), predict(model, [moved])
+    assert_close(after["energy"], before["energy"], 1e-9, "energy")
+    assert_close(after["forces"], before["forces"][permutation] @ q.T, 1e-8, "forces")
+    assert_close(after["stress"][0], q @ before["stress"][0] @ q.T, 1e-8, "stress")
+
+    atoms.calc = MLIPCalculator(model)
+    forces = atoms.get_forces()
+    assert np.abs(forces).max() > 1e-2
+    assert_close(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), 1e-6, "forces vs finite differences")

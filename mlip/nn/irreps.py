@@ -109,6 +109,19 @@ class TensorProduct(nn.Module):
                 c = (a * b).sum(dim=0, keepdim=True)
             elif kind == 3:
                 c = torch.linalg.cross(a, b.expand_as(a), dim=0)
+            elif b.shape[2] == 1 and a.shape[2] > 1:
+                # Right operand shared by all channels (NequIP's harmonics): contract it with the
+                # coefficients first, (d1, d3, rows, 1), then d1 broadcast products: d2 times less
+                # work and memory than forming the channel-wide outer product.
+                cg = self.cg_table[k, :d1, :d2, :d3].to(device=a.device, dtype=a.dtype)
+                rows = b.shape[1]
+                mixed = torch.matmul(cg.transpose(1, 2).reshape(d1 * d3, d2), b.view(d2, rows)).view(d1, d3, rows, 1)
+                # unbind, not indexing: the backward of one unbind is one stack, while each index
+                # would zero-fill a gradient the size of the whole operand
+                mixed_rows, a_rows = mixed.unbind(0), a.unbind(0)
+                c = mixed_rows[0] * a_rows[0]
+                for i in range(1, d1):
+                    c = c + mixed_rows[i] * a_rows[i]
             else:
                 rows, channels = a.shape[1], max(a.shape[2], b.shape[2])
                 outer = (a.unsqueeze(1) * b.unsqueeze(0)).reshape(d1 * d2, rows * channels)
