@@ -49,6 +49,10 @@ def parse_args():
     p.add_argument("--mlip-paths", nargs="+", default=["torchscript"], choices=["torchscript", "eager"])
     p.add_argument("--peer-path", action="append", default=[], metavar="PEER=PATH[,PATH]",
                    help="e.g. nequip=eager,aoti (AOTI compiles once per dtype, 20-300 s); default eager")
+    p.add_argument("--peer-malloc", choices=["default", "heap", "both"], default="both",
+                   help="run peers with glibc's default malloc, with the heap settings mlip applies to itself "
+                        "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, path suffix +heap), or both; ratios "
+                        "take each peer's fastest")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per case")
     p.add_argument("--quick", action="store_true", help="108 and 864 atoms, one repeat (float32 unless --dtypes)")
@@ -130,6 +134,7 @@ def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(args.threads)
     env["MLIP_BENCH_CACHE"] = os.path.join(os.path.abspath(args.out), "cache")
+    env.update(label.get("env", {}))
     limit = int(args.max_mem_gb * 2**30)
 
     def cap_memory():
@@ -156,7 +161,7 @@ def run_case(python: str, script: str, case_args, args, label: dict) -> dict:
     else:
         tail = [line for line in (stderr or "").strip().splitlines() if line.strip()][-3:]
         record = dict(label, error=" | ".join(tail) or f"exit code {code}")
-    record.update(repeat=label["repeat"], wall_s=round(wall, 1), outside_load=round(outside, 3),
+    record.update(path=label["path"], repeat=label["repeat"], wall_s=round(wall, 1), outside_load=round(outside, 3),
                   waited_s=round(waited))
     if label["package"].startswith("mlip"):
         record["mlip_revision"] = mlip_revision(args.mlip_src or HERE)
@@ -175,8 +180,13 @@ def planned_cases(args):
     def peer_cases(peer, extra, paths):
         python = os.path.join(args.venvs, f"{peer}-venv", "bin", "python")
         script = os.path.join(HERE, "peers", f"run_{peer}.py")
+        variants = {"default": [False], "heap": [True], "both": [False, True]}[args.peer_malloc]
         for path in paths or args.peer_paths[peer]:
-            yield dict(package=peer, path=path), python, script, ["--path", path, *extra]
+            for heap in variants:
+                label = dict(package=peer, path=path + ("+heap" if heap else ""))
+                if heap:  # what mlip.allocator.reuse_freed_memory() sets, by environment before start
+                    label["env"] = dict(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str((1 << 31) - 1))
+                yield label, python, script, ["--path", path, *extra]
 
     def alternate(extra, peers, mlip_paths, peer_paths=None):
         # allegro pairs with mlip-allegro, nequip and mace with mlip-nequip

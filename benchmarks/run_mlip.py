@@ -55,9 +55,11 @@ def run_md(family: str, args) -> None:
 
 def run_train(family: str, args) -> None:
     """Training steps on 3BPA molecules: forward, energy + force MSE, backward, Adam step."""
+    from mlip.allocator import reuse_freed_memory
     from mlip.data import LabelKeys, TypeMapper, atoms_to_graph, collate
 
     common.set_threads(args.threads)
+    reuse_freed_memory()  # as mlip's trainer does
     type_names = ["C", "H", "N", "O"]
     dtype = getattr(torch, args.dtype)
     model = build(family, args.dtype, type_names)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from ..allocator import reuse_freed_memory
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import neighbor_list
 from ..deploy.model_file import DTYPES, load_model
@@ -55,6 +56,7 @@ class MLIPCalculator(Calculator):
         domain_threshold: Optional[int] = DEFAULT_DOMAIN_THRESHOLD,
         domain_atoms: int = 4000,
         threads: Optional[int] = None,
+        reuse_memory: bool = True,
         **kwargs,
     ):
         """
@@ -63,6 +65,8 @@ class MLIPCalculator(Calculator):
         domain_threshold: systems with more atoms are evaluated by spatial domains of about
             ``domain_atoms`` owned atoms each (identical results, bounded memory); None disables.
         threads: if given, sets torch's (process-wide) intra-op thread count.
+        reuse_memory: let glibc recycle large freed blocks (process-wide; ~2x faster steps for
+            thousands of atoms, higher peak RSS; see mlip.allocator).
         """
         super().__init__(**kwargs)
         self.device = torch.device(device)
@@ -79,6 +83,8 @@ class MLIPCalculator(Calculator):
         self.domain_atoms = int(domain_atoms)
         if threads is not None:
             torch.set_num_threads(int(threads))
+        if reuse_memory:
+            reuse_freed_memory()
         self._neighbors: Optional[Dict[str, Any]] = None
 
     # --- neighbor list with a skin ------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import yaml
 
+from ..allocator import reuse_freed_memory
 from ..data import BatchLoader, keys
 from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, build_model
@@ -219,6 +220,7 @@ class Trainer:
         threads = torch.get_num_threads()
         if config.threads:
             torch.set_num_threads(config.threads)
+        reuse_freed_memory()  # ~1.2x faster steps here (see mlip.allocator)
         self._start = time.perf_counter()
         self._last_plot = time.perf_counter()
         if self.rng is not None:
