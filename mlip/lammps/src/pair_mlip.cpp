@@ -16,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -38,6 +42,19 @@ std::string first_line(const std::string &text)
 {
   const auto end = text.find('\n');
   return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// Large tensors from glibc's heap instead of fresh mmap'd pages every step (page faults and
+// zero-filling of hundreds of MB per step for thousands of atoms); the same settings as
+// mlip/allocator.py, and MLIP_REUSE_MEMORY=0 turns them off there and here.
+void reuse_freed_memory()
+{
+#if defined(__GLIBC__)
+  const char *env = std::getenv("MLIP_REUSE_MEMORY");
+  if (env && std::string(env) == "0") return;
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
 }
 
 std::string join(const std::vector<std::string> &words)
@@ -72,6 +89,7 @@ PairMLIP::PairMLIP(LAMMPS *lmp) : Pair(lmp)
                  env);
   }
   at::set_num_threads(threads);
+  reuse_freed_memory();
 }
 
 PairMLIP::~PairMLIP()
