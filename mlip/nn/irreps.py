@@ -102,6 +102,16 @@ class TensorProduct(nn.Module):
             a, b = left[path[0]], right[path[1]]
             d1, d2, d3, out, kind = path[2], path[3], path[4], path[5], path[6]
             factor = self.factors[k]
+            # The product is linear in the left operand and the weights are per row and channel,
+            # so they (and the constant factor) go on whichever of left operand and result has
+            # fewer components: e.g. 0e x 1o -> 1o weights a (1, rows, c), not c (3, rows, c).
+            scale: Optional[torch.Tensor] = None
+            if weights is not None:
+                scale = weights[k] * factor if factor != 1.0 else weights[k]
+                factor = 1.0
+            if scale is not None and d1 < d3:
+                a = a * scale
+                scale = None
             # kinds (literals: TorchScript cannot read module globals): 0/1 scalar x block, 2 dot, 3 cross
             if kind == 0 or kind == 1:
                 c = a * b
@@ -127,8 +137,8 @@ class TensorProduct(nn.Module):
                 outer = (a.unsqueeze(1) * b.unsqueeze(0)).reshape(d1 * d2, rows * channels)
                 cg = self.cg_table[k, :d1, :d2, :d3].reshape(d1 * d2, d3).to(device=a.device, dtype=a.dtype)
                 c = torch.matmul(cg.t(), outer).view(d3, rows, channels)
-            if weights is not None:
-                c = c * weights[k]
+            if scale is not None:
+                c = c * scale
             grouped[out].append(c * factor if factor != 1.0 else c)
         return [torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0] for blocks in grouped]
 
