@@ -159,7 +159,8 @@ def test_scripted_equals_eager(family, head, dtype, tmp_path):
         results.append(properties)
     for key in results[0]:
         assert_close(results[1][key], results[0][key], TOLERANCE[dtype], key)
-    _, metadata = load_model(path)
+    loaded, metadata = load_model(path)
+    assert not any(p.requires_grad for p in loaded.parameters()), "inference weights should be frozen"
     assert metadata["force_head"] == head
     assert metadata["message_passing_layers"] == (2 if family == "nequip" else 1)
     assert metadata["dtype"] == str(dtype).replace("torch.", "")

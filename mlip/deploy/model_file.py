@@ -144,6 +144,11 @@ def load_model(
     except Exception as error:  # torch raises RuntimeError subclasses with long C++ traces
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelFileError(f"{path}: TorchScript archive could not be loaded: {first_line}") from None
+    # A deployed model is for inference: with frozen weights autograd keeps only what forces and
+    # stress need (e.g. not the inputs of every radial-MLP matmul: -175 MB of 780 MB saved
+    # tensors for NequIP small on 4000 Cu atoms).
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     return UnoptimizedScript(model).eval(), metadata
 
 

@@ -175,6 +175,8 @@ void PairMLIP::load_model(const std::string &path)
                path, first_line(e.what()));
   }
   model.eval();
+  // Inference only: with frozen weights autograd saves just what forces and the virial need.
+  for (auto parameter : model.parameters()) parameter.requires_grad_(false);
 
   const std::string &text = extra_files[METADATA_FILE];
   if (text.empty())
