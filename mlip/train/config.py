@@ -39,6 +39,9 @@ class OptimizerConfig:
     name: str = "adam"  # adam | adamw
     lr: float = 0.005
     weight_decay: float = 0.0
+    # AMSGrad never lets Adam's second-moment estimate shrink: the usual remedy for loss spikes like
+    # those of two 3BPA runs here at lr 0.01 and 0.005 (NequIP and MACE default to it)
+    amsgrad: bool = False
     clip_grad_norm: Optional[float] = None  # max global gradient norm; None: no clipping
     ema_decay: Optional[float] = 0.99  # exponential moving average of weights; None: off
 

@@ -12,7 +12,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[config.name](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return OPTIMIZERS[config.name](model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                   amsgrad=config.amsgrad)
 
 
 class LearningRateSchedule:
