@@ -15,7 +15,6 @@ it off (e.g. when many processes share a node's memory). Other C libraries (musl
 """
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -34,6 +33,6 @@ def reuse_freed_memory() -> bool:
         return False
     if platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the process' own symbols: glibc's mallopt, no library search
     ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD)) == 1
     return ok and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD)) == 1
