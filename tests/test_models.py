@@ -6,6 +6,7 @@ import torch
 
 from mlip import MLIPCalculator
 from mlip.deploy import deploy_model, load_model
+from mlip.models import model_metadata
 
 from physics import (
     R_MAX, TOLERANCE, assert_close, cluster, predict, random_orthogonal, tiny_model, triclinic_alloy,
@@ -188,3 +189,69 @@ def test_higher_l_max_symmetry_and_derivatives(family, l_max):
     forces = atoms.get_forces()
     assert np.abs(forces).max() > 1e-2
     assert_close(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), 1e-6, "forces vs finite differences")
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paired_edges_give_the_same_results(family, head):
+    """Edges as [one direction; reverses] with paired=True (NequIP then computes radial weights
+    once per pair) give the energies, forces, virial and training gradients of the plain list."""
+    import mlip.data as data
+    from mlip.models import DeployedPotential
+
+    model = tiny_model(family, head)
+    deployed = torch.jit.script(DeployedPotential(model))
+    atoms = triclinic_alloy()
+    positions = torch.tensor(atoms.positions)
+    types = torch.tensor(data.TypeMapper(["Cu", "Ni"])(atoms.numbers))
+    edge_index, shifts = data.neighbor_list(atoms.positions, atoms.cell.array, True, R_MAX)
+    paired_index, paired_shifts = data.pair_edges(edge_index, shifts)
+    plain = deployed(positions, types, torch.tensor(edge_index), torch.tensor(shifts @ atoms.cell.array), len(atoms))
+    paired = deployed(positions, types, torch.tensor(paired_index), torch.tensor(paired_shifts @ atoms.cell.array),
+                      len(atoms), True)
+    assert set(paired) == set(plain)
+    for key in plain:
+        assert_close(paired[key], plain[key], 1e-12, key)
+
+    # Training: a force loss and its parameter gradients (double backward through the pairs).
+    model.train()
+    graphs = [data.atoms_to_graph(a, R_MAX, data.TypeMapper(["Cu", "Ni"])) for a in (atoms, cluster())]
+    results = []
+    for pair in (False, True):
+        batch = data.collate(graphs, torch.float64, paired=pair)
+        assert (data.keys.EDGES_PAIRED in batch) == pair
+        out = model(batch)
+        loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        results.append([out["energy"].detach(), out["forces"].detach()] +
+                       [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, parameters)])
+    for got, want in zip(results[1], results[0]):
+        assert_close(got.detach().numpy(), want.detach().numpy(), 1e-10, "training")
+
+
+def test_calculator_gives_old_model_files_plain_edges():
+    """A deployed model without the ``paired`` argument (files written before it existed) gets
+    the plain full list, with the same results."""
+    from mlip.models import DeployedPotential
+
+    class OldContract(torch.nn.Module):
+        def __init__(self, deployed):
+            super().__init__()
+            self.deployed = deployed
+
+        def forward(self, positions, atom_types, edge_index, edge_shifts, num_local: int):
+            return self.deployed(positions, atom_types, edge_index, edge_shifts, num_local)
+
+    model = tiny_model("nequip")
+    metadata = model_metadata(model)
+    deployed = DeployedPotential(model).eval()
+    atoms = triclinic_alloy()
+    results = []
+    for module in (deployed, torch.jit.script(OldContract(deployed))):
+        calc = MLIPCalculator((module, metadata))
+        assert calc.paired == (module is deployed)
+        atoms.calc = calc
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    for got, want in zip(results[1], results[0]):
+        assert_close(got, want, 1e-12)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mlip.data.neighbors import BACKENDS, neighbor_list
+from mlip.data.neighbors import BACKENDS, neighbor_list, pair_edges
 
 
 def brute_force(positions, cell, pbc, r_max):
@@ -160,3 +160,26 @@ def test_bad_arguments():
         neighbor_list(np.zeros((1, 3)), np.eye(3), True, 0.0)
     with pytest.raises(ValueError, match="unknown neighbor-list backend"):
         neighbor_list(np.zeros((1, 3)), np.eye(3), True, 1.0, backend="nope")
+
+
+def test_pair_edges_reorders_full_lists_into_reverse_pairs():
+    """[one direction; reverses]: the same edge set, edge k + E/2 = (j, i, -S) of edge k, for
+    every random case (self-images of small cells, mixed periodicity, molecules)."""
+    for positions, cell, pbc, r_max in CASES:
+        edge_index, shifts = neighbor_list(positions, cell, pbc, r_max)
+        paired_index, paired_shifts = pair_edges(edge_index, shifts)
+        half = edge_index.shape[1] // 2
+        assert edge_set(paired_index[0], paired_index[1], paired_shifts) == edge_set(edge_index[0], edge_index[1], shifts)
+        assert (paired_index[:, half:] == paired_index[::-1, :half]).all()
+        assert (paired_shifts[half:] == -paired_shifts[:half]).all()
+
+
+def test_pair_edges_refuses_asymmetric_lists():
+    edge_index, shifts = neighbor_list(np.random.default_rng(0).uniform(0, 3, (6, 3)), np.eye(3) * 3, True, 2.5)
+    for keep in (np.arange(edge_index.shape[1]) != 3,  # one edge without its reverse
+                 np.ones(edge_index.shape[1], dtype=bool)):
+        broken_shifts = shifts.copy()
+        if keep.all():  # same count, but an image that has no reverse
+            broken_shifts[0] += 1
+        with pytest.raises(ValueError, match="not symmetric"):
+            pair_edges(edge_index[:, keep], broken_shifts[keep])

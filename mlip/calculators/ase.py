@@ -21,8 +21,8 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from ..allocator import reuse_freed_memory
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
-from ..data.neighbors import neighbor_list
-from ..deploy.model_file import DTYPES, load_model
+from ..data.neighbors import neighbor_list, pair_edges
+from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
 
@@ -74,6 +74,8 @@ class MLIPCalculator(Calculator):
         self.dtype = DTYPES[self.metadata["dtype"]]
         self.r_max = float(self.metadata["r_max"])
         self.type_mapper = TypeMapper(self.metadata["type_names"])
+        # Edges ordered as [one direction; reverses] let NequIP compute radial weights once per pair.
+        self.paired = accepts_paired_edges(self.model)
         self.gradient_head = self.metadata["force_head"] == "gradient"
         if not self.gradient_head:
             self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
@@ -101,6 +103,8 @@ class MLIPCalculator(Calculator):
             if 2.0 * displacement <= self.skin:
                 return cached
         edge_index, cell_shifts = neighbor_list(positions, atoms.cell.array, atoms.pbc, self.r_max + self.skin)
+        if self.paired:
+            edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
         self._neighbors = {
             "numbers": atoms.numbers.copy(),
             "pbc": atoms.pbc.copy(),
@@ -119,6 +123,8 @@ class MLIPCalculator(Calculator):
         if self.skin > 0:
             vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts
             inside = (vectors * vectors).sum(dim=1) < self.r_max**2
+            if self.paired:  # keep or drop both directions of a pair together
+                inside = inside[: len(inside) // 2].repeat(2)
             edge_index, shifts = edge_index[:, inside], shifts[inside]
             lengths = vectors[inside].norm(dim=1)
         else:
@@ -126,6 +132,8 @@ class MLIPCalculator(Calculator):
         # One device-side min per step; the arrays leave the device only to build the error.
         if self.min_distance > 0 and lengths.numel() and float(lengths.min()) < self.min_distance:
             check_min_distance(lengths.cpu().numpy(), edge_index.cpu().numpy(), self.min_distance)
+        if self.paired:
+            return self.model(positions, graph["atom_types"], edge_index, shifts, len(atoms), True)
         return self.model(positions, graph["atom_types"], edge_index, shifts, len(atoms))
 
     # --- ASE interface ----------------------------------------------------------------------------

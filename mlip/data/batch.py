@@ -6,26 +6,31 @@ import numpy as np
 import torch
 
 from . import keys
+from .neighbors import pair_edges
 
 
 def collate(
     graphs: List[Dict[str, np.ndarray]],
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device] = None,
+    paired: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Concatenate structures; node indices of edges are offset, a ``batch`` index is added.
 
     Float fields are cast to ``dtype`` except the energy, kept in float64 (totals of thousands of
-    atoms lose meV in float32).
+    atoms lose meV in float32). ``paired``: edges reordered as [one direction; reverses]
+    (mlip.data.pair_edges), flagged by ``edges_paired``, so models can share per-pair work.
     """
     num_atoms = np.array([len(g[keys.ATOM_TYPES]) for g in graphs], dtype=np.int64)
-    num_edges = np.array([g[keys.EDGE_INDEX].shape[1] for g in graphs], dtype=np.int64)
     node_offsets = np.concatenate([[0], np.cumsum(num_atoms)[:-1]])
+    node_graph = np.repeat(np.arange(len(graphs)), num_atoms)
 
     cell = np.stack([g[keys.CELL] for g in graphs])  # (B, 3, 3)
     edge_index = np.concatenate([g[keys.EDGE_INDEX] + off for g, off in zip(graphs, node_offsets)], axis=1)
     cell_shifts = np.concatenate([g[keys.EDGE_CELL_SHIFTS] for g in graphs])  # (E, 3)
-    edge_graph = np.repeat(np.arange(len(graphs)), num_edges)
+    if paired:
+        edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
+    edge_graph = node_graph[edge_index[0]]
     edge_shifts = np.einsum("ek,ekc->ec", cell_shifts.astype(np.float64), cell[edge_graph])
 
     def to(array, tensor_dtype):
@@ -36,12 +41,14 @@ def collate(
         keys.ATOM_TYPES: to(np.concatenate([g[keys.ATOM_TYPES] for g in graphs]), torch.int64),
         keys.CELL: to(cell, dtype),
         keys.PBC: to(np.stack([g[keys.PBC] for g in graphs]), torch.bool),
-        keys.BATCH: to(np.repeat(np.arange(len(graphs)), num_atoms), torch.int64),
+        keys.BATCH: to(node_graph, torch.int64),
         keys.NUM_ATOMS: to(num_atoms, torch.int64),
         keys.EDGE_INDEX: to(edge_index, torch.int64),
         keys.EDGE_CELL_SHIFTS: to(cell_shifts, torch.int64),
         keys.EDGE_SHIFTS: to(edge_shifts, dtype),
     }
+    if paired:
+        batch[keys.EDGES_PAIRED] = torch.tensor(True, device=device)
     if all(keys.ENERGY in g for g in graphs):
         batch[keys.ENERGY] = to(np.array([g[keys.ENERGY] for g in graphs]), torch.float64)
     if all(keys.FORCES in g for g in graphs):

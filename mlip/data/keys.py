@@ -18,6 +18,7 @@ NUM_ATOMS = "num_atoms"  # (B,) int64 | nodes per structure
 EDGE_INDEX = "edge_index"  # (2, E) int64 | row 0: center i, row 1: neighbor j
 EDGE_CELL_SHIFTS = "edge_cell_shifts"  # (E, 3) int64 | image of j: integer multiples of the cell rows
 EDGE_SHIFTS = "edge_shifts"  # (E, 3) float | Cartesian shift, Å: r_ij = x_j - x_i + shift_ij
+EDGES_PAIRED = "edges_paired"  # () bool | edge k + E/2 is the reverse of edge k (data.pair_edges)
 
 # --- labels and predictions --------------------------------------------------------------------
 ENERGY = "energy"  # (B,) float64 | total energy, eV

@@ -55,6 +55,35 @@ def neighbor_list(
     return edge_index, shifts[order].astype(np.int64)
 
 
+def pair_edges(edge_index: np.ndarray, cell_shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A full list (both directions of every pair) reordered as [one direction; the reverses].
+
+    Edge ``k + E/2`` is the reverse of edge ``k`` (j -> i, image -shift), so models can compute
+    what depends only on the pair distance (NequIP's radial weights) once per pair. The kept
+    direction is i < j, or for an atom and its own image, the shift that is positive at its first
+    nonzero component. Works on batches (node indices offset per structure). Raises if the list
+    is not symmetric (e.g. edges centered only on owned atoms).
+    """
+    i, j = edge_index[0], edge_index[1]
+    first_nonzero = np.argmax(cell_shifts != 0, axis=1)
+    positive_image = cell_shifts[np.arange(len(i)), first_nonzero] > 0
+    forward = (i < j) | ((i == j) & positive_image)
+    kept_index, kept_shifts = edge_index[:, forward], cell_shifts[forward]
+    backward = ~forward
+    # Every dropped edge must be the reverse of a kept one (a sort of each side; cheap next to
+    # building the list): a silently unpaired edge would get another pair's radial weights.
+    n = int(edge_index.max()) + 1 if len(i) else 0
+    kept_sorted = _edge_order(kept_index[0], kept_index[1], kept_shifts, n)
+    dropped_sorted = _edge_order(j[backward], i[backward], -cell_shifts[backward], n)
+    if len(kept_sorted) != len(dropped_sorted) or not (
+        np.array_equal(kept_index[:, kept_sorted], edge_index[::-1][:, backward][:, dropped_sorted])
+        and np.array_equal(kept_shifts[kept_sorted], -cell_shifts[backward][dropped_sorted])
+    ):
+        raise ValueError("edge list is not symmetric (some edge i->j lacks its reverse j->i): cannot pair it")
+    return (np.concatenate([kept_index, kept_index[::-1]], axis=1),
+            np.concatenate([kept_shifts, -kept_shifts]))
+
+
 def _edge_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, n: int) -> np.ndarray:
     """Permutation sorting edges by (i, j, shift_x, shift_y, shift_z).
 

@@ -8,6 +8,8 @@ Contract shared by ASE, domain decomposition and the LAMMPS pair style
             edge_index: (2, E) int64  row 0 center i, row 1 neighbor j
             edge_shifts: (E, 3) float Å, r_ij = x_j - x_i + shift_ij (zeros where images are ghosts)
             num_local: int            atoms with index < num_local own their energy
+            paired: bool = False      edge k + E/2 is the reverse of edge k (mlip.data.pair_edges);
+                                      lets the model share per-pair work. Only for symmetric lists.
     ) -> Dict[str, Tensor]:
             "atomic_energies": (num_local,) float64, eV, reference energies included
             "energy":          ()  float64, eV, sum of atomic_energies
@@ -150,6 +152,18 @@ def load_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return UnoptimizedScript(model).eval(), metadata
+
+
+def accepts_paired_edges(model: torch.nn.Module) -> bool:
+    """Whether a deployed model's forward takes the optional ``paired`` flag (files deployed before
+    the flag existed do not: they get plain full edge lists)."""
+    if isinstance(model, UnoptimizedScript):
+        model = model.scripted
+    if isinstance(model, torch.jit.ScriptModule):
+        return any(argument.name == "paired" for argument in model.forward.schema.arguments)
+    import inspect
+
+    return "paired" in inspect.signature(model.forward).parameters
 
 
 class UnoptimizedScript(torch.nn.Module):

@@ -110,8 +110,10 @@ class Allegro(nn.Module):
         self.register_buffer("component_l", torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)]))
 
     def forward(
-        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor
+        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor, paired: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """paired (edge k + E/2 reverses edge k) is accepted and unused: every per-edge quantity
+        here depends on the ordered species pair (center, neighbor), so the two directions differ."""
         num_nodes = atom_types.shape[0]
         center, neighbor = edge_index[0], edge_index[1]
         lengths = torch.linalg.norm(edge_vectors, dim=-1)

@@ -39,14 +39,21 @@ class Potential(nn.Module):
         edge_shifts: torch.Tensor,  # (E, 3)
         num_local: int,
         create_graph: bool,
+        paired: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Per-atom energies of the first ``num_local`` nodes, forces on all nodes,
-        edge vectors and (gradient head) dE/dr_ij."""
+        edge vectors and (gradient head) dE/dr_ij.
+
+        paired: edge k + E/2 is the reverse of edge k (mlip.data.pair_edges); the model may then
+        compute what depends on the pair distance alone once per pair. Forces and virial stay
+        exact: r_ji = -r_ij as functions of the positions, so the chain rule through either
+        direction gives the same total.
+        """
         center, neighbor = edge_index[0], edge_index[1]
         edge_vectors = (positions[neighbor] - positions[center] + edge_shifts).detach()
         if self.gradient_head:
             edge_vectors.requires_grad_(True)
-        raw_energies, raw_vectors = self.energy_model(edge_vectors, atom_types, edge_index)
+        raw_energies, raw_vectors = self.energy_model(edge_vectors, atom_types, edge_index, paired)
         # Reference energies are ~1e3 eV per atom: add them in float64 so float32 models keep meV.
         reference = self.reference_energies.to(torch.float64)[atom_types]
         atomic_energies = ((self.energy_scale * raw_energies).to(torch.float64) + reference)[:num_local]
@@ -76,7 +83,7 @@ class Potential(nn.Module):
         num_graphs = data[keys.NUM_ATOMS].shape[0]
         atomic_energies, forces, edge_vectors, edge_grad = self.energies_and_forces(
             positions, data[keys.ATOM_TYPES], data[keys.EDGE_INDEX], data[keys.EDGE_SHIFTS],
-            positions.shape[0], self.training,
+            positions.shape[0], self.training, keys.EDGES_PAIRED in data and bool(data[keys.EDGES_PAIRED]),
         )
         out = {
             keys.ATOMIC_ENERGIES: atomic_energies,
@@ -118,9 +125,10 @@ class DeployedPotential(nn.Module):
         edge_index: torch.Tensor,
         edge_shifts: torch.Tensor,
         num_local: int,
+        paired: bool = False,
     ) -> Dict[str, torch.Tensor]:
         atomic_energies, forces, edge_vectors, edge_grad = self.potential.energies_and_forces(
-            positions, atom_types, edge_index, edge_shifts, num_local, False
+            positions, atom_types, edge_index, edge_shifts, num_local, False, paired
         )
         out = {
             keys.ATOMIC_ENERGIES: atomic_energies.detach(),

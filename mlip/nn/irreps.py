@@ -59,7 +59,8 @@ class TensorProduct(nn.Module):
 
     left blocks (2l+1, rows, u); right blocks (2l+1, rows, u) or (2l+1, rows, 1) (broadcast over
     channels). With ``weights`` (num_paths, rows, u) every path is scaled per row and channel
-    (NequIP's 'uvu' with radial weights); without, it is Allegro's 'uuu' product.
+    (NequIP's 'uvu' with radial weights); without, it is Allegro's 'uuu' product. Weights of
+    (num_paths, rows/2, u) scale rows k and k + rows/2 alike (paired edges share radial weights).
     Output: one block per irrep of ``self.irreps_out``, shape (2l+1, rows, u * paths into it).
     """
 
@@ -110,7 +111,7 @@ class TensorProduct(nn.Module):
                 scale = weights[k] * factor if factor != 1.0 else weights[k]
                 factor = 1.0
             if scale is not None and d1 < d3:
-                a = a * scale
+                a = scale_rows(a, scale)
                 scale = None
             # kinds (literals: TorchScript cannot read module globals): 0/1 scalar x block, 2 dot, 3 cross
             if kind == 0 or kind == 1:
@@ -138,9 +139,19 @@ class TensorProduct(nn.Module):
                 cg = self.cg_table[k, :d1, :d2, :d3].reshape(d1 * d2, d3).to(device=a.device, dtype=a.dtype)
                 c = torch.matmul(cg.t(), outer).view(d3, rows, channels)
             if scale is not None:
-                c = c * scale
+                c = scale_rows(c, scale)
             grouped[out].append(c * factor if factor != 1.0 else c)
         return [torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0] for blocks in grouped]
+
+
+def scale_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(d, rows, u) * (rows, u), or * (rows/2, u) applied to both halves of the rows (a broadcast:
+    the shared weights are never copied)."""
+    if scale.shape[0] == x.shape[1]:
+        return x * scale
+    if 2 * scale.shape[0] != x.shape[1]:
+        raise ValueError(f"weights for {scale.shape[0]} rows do not fit {x.shape[1]} rows (or pairs of them)")
+    return (x.reshape(x.shape[0], 2, scale.shape[0], x.shape[2]) * scale).view(x.shape)
 
 
 class IrrepsLinear(nn.Module):

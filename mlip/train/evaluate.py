@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data import GraphDataset, LabelKeys, collate, keys
-from ..deploy.model_file import DTYPES, load_model
+from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
 from .metrics import ALL, ErrorMetrics
 
 # Structures per model call are added until this many atoms: large enough to amortize the call,
@@ -42,6 +42,7 @@ def evaluate(
     model, metadata = load_model(model_path, device=device)
     dtype = DTYPES[metadata["dtype"]]
     gradient_head = metadata["force_head"] == "gradient"
+    paired = accepts_paired_edges(model)
     overall = ErrorMetrics()
     report = {"model": os.fspath(model_path), "force_head": metadata["force_head"], "files": {}}
     for path in files:
@@ -54,7 +55,7 @@ def evaluate(
                                                      "stress (eV/Å³)": [[], []]}
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
-            batch = collate(graphs, dtype=dtype, device=device)
+            batch = collate(graphs, dtype=dtype, device=device, paired=paired)
             prediction = predict(model, batch, gradient_head)
             groups = [str(c) for c in dataset.config_types[indices]]
             metrics.update(prediction, batch, groups)
@@ -85,8 +86,9 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
     num_graphs = batch[keys.NUM_ATOMS].shape[0]
     structure = batch[keys.BATCH]
     positions = batch[keys.POSITIONS]
-    out = model(positions, batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX], batch[keys.EDGE_SHIFTS],
-                positions.shape[0])
+    inputs = (positions, batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX], batch[keys.EDGE_SHIFTS], positions.shape[0])
+    paired = keys.EDGES_PAIRED in batch and bool(batch[keys.EDGES_PAIRED])
+    out = model(*inputs, True) if paired else model(*inputs)
     energy = torch.zeros(num_graphs, dtype=torch.float64, device=positions.device)
     energy = energy.index_add(0, structure, out[keys.ATOMIC_ENERGIES].to(torch.float64))
     forces = out[keys.FORCES]
