@@ -40,3 +40,30 @@ def test_tensor_product_matches_dense_contraction(right_channels, weighted):
     expected_grads = torch.autograd.grad(sum((b * p).sum() for b, p in zip(reference, probes)), left + right)
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("l_max", [0, 1, 2, 3, 4, 6])
+def test_spherical_harmonics_match_e3nn(l_max):
+    """Our recursion reproduces e3nn's SphericalHarmonics (normalize=True, component
+    normalization), first and second derivatives included (forces and force training)."""
+    from e3nn import o3
+
+    from mlip.nn.harmonics import SphericalHarmonics
+
+    ours = torch.jit.script(SphericalHarmonics(l_max))
+    reference = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(l_max), normalize=True,
+                                      normalization="component")
+    vectors = (torch.randn(40, 3, dtype=torch.float64) * 2.0).requires_grad_(True)
+    got, want = ours(vectors), reference(vectors).t().unsqueeze(-1)
+    assert got.shape == ((l_max + 1) ** 2, 40, 1)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(got.square().sum(0), torch.full((40, 1), (l_max + 1.0) ** 2, dtype=torch.float64))
+    if l_max == 0:
+        return
+    weights = torch.randn_like(got)
+    grads = [torch.autograd.grad((y * weights).sum() ** 2, vectors, create_graph=True)[0] for y in (got, want)]
+    assert torch.allclose(grads[0], grads[1], atol=1e-10)
+    second = [torch.autograd.grad(g.sum(), vectors, retain_graph=True)[0] for g in grads]
+    assert torch.allclose(second[0], second[1], atol=1e-8)
+    float32 = ours(vectors.detach().float())
+    assert float32.dtype == torch.float32 and torch.allclose(float32.double(), want, atol=1e-5)

@@ -13,11 +13,11 @@ Equivariant features are lists of blocks (2l+1, E, channels), l = 0..l_max with 
 from typing import List, Optional, Tuple
 
 import torch
-from e3nn import o3
 from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
-from ..nn.irreps import IrrepsLinear, TensorProduct, harmonics_first, scatter_rows, split_blocks
+from ..nn.harmonics import SphericalHarmonics
+from ..nn.irreps import IrrepsLinear, TensorProduct, scatter_rows, split_blocks
 
 
 class AllegroLayer(nn.Module):
@@ -89,9 +89,7 @@ class Allegro(nn.Module):
         self.num_types = num_types
         self.num_tensor = num_tensor
         self.l_max = l_max
-        self.spherical_harmonics = o3.SphericalHarmonics(
-            o3.Irreps.spherical_harmonics(l_max), normalize=True, normalization="component"
-        )
+        self.spherical_harmonics = SphericalHarmonics(l_max)
         self.basis = BesselBasis(r_max, num_basis)
         self.cutoff = PolynomialCutoff(r_max, cutoff_p)
         self.two_body = mlp([2 * num_types + num_basis, mlp_hidden, num_scalar])
@@ -118,7 +116,7 @@ class Allegro(nn.Module):
         center, neighbor = edge_index[0], edge_index[1]
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
         cutoff = self.cutoff(lengths).unsqueeze(-1)  # (E, 1)
-        sh = harmonics_first(self.spherical_harmonics(edge_vectors))  # ((l_max+1)^2, E, 1)
+        sh = self.spherical_harmonics(edge_vectors)  # ((l_max+1)^2, E, 1)
 
         species = torch.nn.functional.one_hot(atom_types, self.num_types).to(edge_vectors.dtype)
         pair = torch.cat([species[center], species[neighbor], self.basis(lengths) * cutoff], dim=1)

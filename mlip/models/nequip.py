@@ -12,11 +12,11 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-from e3nn import o3
 from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
-from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, harmonics_first, scatter_rows, split_blocks
+from ..nn.harmonics import SphericalHarmonics
+from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, scatter_rows, split_blocks
 
 
 def hidden_irreps(l_max: int, parity: bool) -> List[Irrep]:
@@ -172,9 +172,7 @@ class NequIP(nn.Module):
         super().__init__()
         self.num_types = num_types
         self.l_max = l_max
-        self.spherical_harmonics = o3.SphericalHarmonics(
-            o3.Irreps.spherical_harmonics(l_max), normalize=True, normalization="component"
-        )
+        self.spherical_harmonics = SphericalHarmonics(l_max)
         self.basis = BesselBasis(r_max, num_basis)
         self.cutoff = PolynomialCutoff(r_max, cutoff_p)
         self.embedding = nn.Linear(num_types, num_features, bias=False)
@@ -202,7 +200,7 @@ class NequIP(nn.Module):
         """paired: edge k + E/2 is the reverse of edge k. The radial weights depend on the pair
         distance only, so they are computed for the first half and shared by each pair: the radial
         MLPs are most of the cost (~65 % at 4000 atoms), and this halves them exactly."""
-        sh = split_blocks(harmonics_first(self.spherical_harmonics(edge_vectors)), self.l_max)
+        sh = split_blocks(self.spherical_harmonics(edge_vectors), self.l_max)
         if paired:
             if edge_vectors.shape[0] % 2 != 0:
                 raise ValueError("paired edges need an even number of edges")

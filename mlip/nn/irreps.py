@@ -6,8 +6,8 @@ of a tensor product be a broadcast product, a dot or a cross product on whole co
 and every equivariant linear layer one matmul over channels. (Components first rather than
 (rows, 2l+1, channels): slicing and broadcasting over the first dimension keeps every operand
 contiguous, measured 2-4x faster per elementwise op here.) Clebsch-Gordan coefficients are e3nn's
-(``o3.wigner_3j``), in e3nn's real basis (l=1 components ordered x, y, z), so the harmonics of
-``e3nn.o3.SphericalHarmonics`` plug in directly.
+(``o3.wigner_3j``), in e3nn's real basis (l=1 components ordered x, y, z), the basis of the
+harmonics in mlip.nn.harmonics (identical to e3nn's SphericalHarmonics).
 
 Why not e3nn's TensorProduct: profiled on this machine, its generated code spent most of a
 force evaluation zero-filling per-path gradient slices and forming full outer products for
@@ -180,11 +180,6 @@ class IrrepsLinear(nn.Module):
             x = blocks[sources[0]] if len(sources) == 1 else torch.cat([blocks[s] for s in sources], dim=2)
             out.append(torch.matmul(x, weight))
         return out
-
-
-def harmonics_first(sh: torch.Tensor) -> torch.Tensor:
-    """e3nn's (E, (l_max+1)^2) harmonics -> ((l_max+1)^2, E, 1), contiguous."""
-    return sh.t().contiguous().unsqueeze(-1)
 
 
 def split_blocks(x: torch.Tensor, l_max: int) -> List[torch.Tensor]:
