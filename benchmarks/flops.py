@@ -62,12 +62,13 @@ def nominal_peak_gflops(dtype: torch.dtype, cores: int) -> float:
 
 
 def model_inputs(model, atoms_count: int):
-    """Flat inputs of one MD evaluation: positions, types, edges within r_max, shifts, local count."""
-    from mlip.data.neighbors import neighbor_list
+    """Flat inputs of one MD evaluation: positions, types, edges within r_max (paired, as the
+    calculator passes them), shifts, local count."""
+    from mlip.data.neighbors import neighbor_list, pair_edges
 
     atoms = common.cu_fcc(atoms_count)
     dtype = next(model.parameters()).dtype
-    edge_index, cell_shifts = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, common.R_MAX)
+    edge_index, cell_shifts = pair_edges(*neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, common.R_MAX))
     return (
         torch.tensor(atoms.positions, dtype=dtype),
         torch.zeros(len(atoms), dtype=torch.int64),
@@ -112,7 +113,7 @@ class CountFlops(TorchDispatchMode):
 def evaluate(model, inputs):
     # What one MD step asks of the model: energies and forces (gradient head, so also the
     # edge gradients the virial is made from), without a graph for higher derivatives.
-    return model.energies_and_forces(*inputs, create_graph=False)
+    return model.energies_and_forces(*inputs, create_graph=False, paired=True)
 
 
 def main():

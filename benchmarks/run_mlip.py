@@ -8,6 +8,7 @@ the ``small`` preset, untrained: speed does not depend on the weights.
 """
 
 import os
+import subprocess
 import sys
 
 import torch
@@ -34,15 +35,21 @@ def build(family: str, dtype: str, type_names=("Cu",)):
 def calculator(family: str, args):
     from mlip import MLIPCalculator
 
-    model = build(family, args.dtype)
     if args.path == "eager":
-        return MLIPCalculator(model)
+        return MLIPCalculator(build(family, args.dtype))
+    os.makedirs(args.cache_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(args.cache_dir, f"mlip-{family}-{args.dtype}.pt"))
+    # Rebuilt each time so it never runs a stale file, in a child process: users load a file
+    # deployed elsewhere, and scripting + the deploy check would add ~170 MB to this process' peak.
+    code = f"import run_mlip; run_mlip.deploy({family!r}, {args.dtype!r}, {path!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return MLIPCalculator(path)
+
+
+def deploy(family: str, dtype: str, path: str) -> None:
     from mlip.deploy import deploy_model
 
-    os.makedirs(args.cache_dir, exist_ok=True)
-    path = os.path.join(args.cache_dir, f"mlip-{family}-{args.dtype}.pt")
-    deploy_model(model, path)  # a second or two: rebuilt each time so it never runs a stale file
-    return MLIPCalculator(path)
+    deploy_model(build(family, dtype), path)
 
 
 def run_md(family: str, args) -> None:
