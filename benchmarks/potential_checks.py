@@ -1,11 +1,13 @@
 """Physical sanity of the shipped potentials: long NVT MD stays intact, relaxed lattice = DFT's.
 
-    python benchmarks/potential_checks.py [--ps 10] [--only si|3bpa] [--data ../shared/data]
+    python benchmarks/potential_checks.py [--ps 10] [--only si|mo|3bpa] [--data ../shared/data]
 
 - Si (potentials/si-allegro): 10 ps Langevin NVT at 1000 K on a 64-atom diamond cell: no two atoms
   closer than 1.9 Å, mean coordination (< 2.9 Å) stays near 4, the temperature holds. Then a
   cell + positions relaxation (FIRE, FrechetCellFilter) compared with the DFT lattice constant
   implied by the training data (see dft_lattice_constant).
+- Mo (potentials/mo-allegro): the same on a 54-atom bcc cell at 1000 K (closest 2.2 Å, mean
+  coordination within 2.95 Å between 6 and 10) and the relaxed bcc lattice constant.
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
   (ASE natural cutoffs x 1.2) of every sampled frame equals the starting one: no bond breaks or forms.
 Exit status 1 if a check fails.
@@ -59,24 +61,25 @@ def run_nvt(atoms, temperature, timestep_fs, picoseconds, check, every=100, seed
     }
 
 
-def dft_lattice_constant(training_file):
-    """Si lattice constant at zero pressure implied by the mlearn 'Elastic' DFT cells.
+def dft_lattice_constant(training_file, repeat):
+    """Cubic lattice constant at zero pressure implied by the mlearn 'Elastic' DFT cells.
 
-    The Elastic cells are a diamond 2x2x2 reference cell under +-2..8 % strains. The reference lattice
-    constant is read from an unstrained axis; the small residual pressure of the reference is removed
-    with a linear fit of the pressure against the volumetric strain of the uniaxial (mode 0-2) cells
-    with |strain| <= 2 %: a0 = a_ref (1 + eps_V(P=0))^(1/3).
+    The Elastic cells are a repeat x repeat x repeat conventional reference cell (Si diamond 2x2x2,
+    Mo bcc 3x3x3) under +-2..8 % strains. The reference lattice constant is read from an unstrained
+    axis; the small residual pressure of the reference is removed with a linear fit of the pressure
+    against the volumetric strain of the uniaxial (mode 0-2) cells with |strain| <= 2 %:
+    a0 = a_ref (1 + eps_V(P=0))^(1/3).
     """
     import ase.io
 
     cells = [a for a in ase.io.read(training_file, ":") if a.info.get("config_type") == "Elastic"]
-    reference = float(np.median([sorted(a.cell.lengths())[1] for a in cells])) / 2  # 2x2x2 cell
-    volume_ref = 8 * 8 * reference**3 / 8  # 64 atoms
+    reference = float(np.median([sorted(a.cell.lengths())[1] for a in cells])) / repeat
+    volume_ref = (repeat * reference) ** 3
     strains, pressures = [], []
     for a in cells:
         description = a.info.get("description", "")
         if any(f"mode {m}," in description for m in (0, 1, 2)):
-            eps_v = a.get_volume() / (volume_ref) - 1
+            eps_v = a.get_volume() / volume_ref - 1
             if abs(eps_v) <= 0.021:
                 strains.append(eps_v)
                 pressures.append(-a.get_stress()[:3].mean())
@@ -85,33 +88,43 @@ def dft_lattice_constant(training_file):
     return reference * (1 + eps_zero) ** (1 / 3), reference, len(strains)
 
 
-def check_si(model, data, picoseconds):
+# element: (crystal, starting a (Å), MD supercell, NVT K, closest allowed (Å), shell (Å),
+#           allowed mean coordination within the shell, Elastic reference repeat)
+CRYSTALS = {
+    "Si": ("diamond", 5.43, 2, 1000, 1.9, 2.9, (3.0, 5.0), 2),  # crystal or liquid-like Si: 4-5
+    "Mo": ("bcc", 3.16, 3, 1000, 2.2, 2.95, (6.0, 10.0), 3),  # bcc: 8 nearest neighbours at 2.74 Å
+}
+
+
+def check_crystal(element, model, data, picoseconds):
+    """NVT of a supercell stays a solid of sane coordination; relaxed a0 within 0.02 Å of DFT's."""
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
     from mlip import MLIPCalculator
 
+    structure, a0, size, temperature, closest, shell, (low, high), elastic_repeat = CRYSTALS[element]
     results = {}
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+    atoms = bulk(element, structure, a=a0, cubic=True).repeat((size, size, size))
     atoms.calc = MLIPCalculator(model)
 
     def intact(a):
-        i, d = neighbor_list("id", a, 2.9)
-        if neighbor_list("d", a, 1.9).size:
-            return "two atoms closer than 1.9 Å"
+        i, d = neighbor_list("id", a, shell)
+        if neighbor_list("d", a, closest).size:
+            return f"two atoms closer than {closest} Å"
         coordination = np.bincount(i, minlength=len(a)).mean()
-        if not 3.0 < coordination < 5.0:
-            return f"mean coordination {coordination:.2f} (crystal or liquid-like Si: 4-5)"
+        if not low < coordination < high:
+            return f"mean coordination {coordination:.2f} within {shell} Å (expected {low}-{high})"
         return None
 
-    results["nvt_1000K"] = run_nvt(atoms, 1000, 1.0, picoseconds, intact)
+    results[f"nvt_{temperature}K"] = run_nvt(atoms, temperature, 1.0, picoseconds, intact)
 
-    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    crystal = bulk(element, structure, a=a0, cubic=True)
     crystal.calc = MLIPCalculator(model)
     FIRE(FrechetCellFilter(crystal), logfile=None).run(fmax=1e-4, steps=500)
     a_model = float(np.cbrt(crystal.get_volume()))
-    training = os.path.join(data, "mlearn_zuo2020", "Si_training.extxyz.gz")
-    a_dft, a_reference, n = dft_lattice_constant(training)
+    training = os.path.join(data, "mlearn_zuo2020", f"{element}_training.extxyz.gz")
+    a_dft, a_reference, n = dft_lattice_constant(training, elastic_repeat)
     results["lattice_constant"] = {
         "model": a_model,
         "dft": a_dft,
@@ -119,7 +132,7 @@ def check_si(model, data, picoseconds):
         "fit_points": n,
         "difference": a_model - a_dft,
     }
-    failures = list(results["nvt_1000K"]["problems"])
+    failures = list(results[f"nvt_{temperature}K"]["problems"])
     if abs(a_model - a_dft) > 0.02:
         failures.append(f"lattice constant {a_model:.4f} Å vs DFT {a_dft:.4f} Å (> 0.02 Å apart)")
     return results, failures
@@ -155,9 +168,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     parser.add_argument("--ps", type=float, default=10.0, help="length of each NVT run, ps")
-    parser.add_argument("--only", choices=["si", "3bpa"])
+    parser.add_argument("--only", choices=["si", "mo", "3bpa"])
     args = parser.parse_args(argv)
-    checks = {"si": ("si-allegro", check_si), "3bpa": ("3bpa-nequip", check_3bpa)}
+    checks = {
+        "si": ("si-allegro", lambda *a: check_crystal("Si", *a)),
+        "mo": ("mo-allegro", lambda *a: check_crystal("Mo", *a)),
+        "3bpa": ("3bpa-nequip", check_3bpa),
+    }
     failed = False
     for key, (name, check) in checks.items():
         if args.only and key != args.only:
