@@ -236,14 +236,17 @@ def test_unknown_config_key_is_named(tmp_path, data_file, capsys):
     assert "valfraction" in capsys.readouterr().err
 
 
-def test_init_from_starts_at_the_source_weights(trained_run, data_file, tmp_path):
-    """Fine-tuning starts from the source's best (EMA) weights and statistics; it is not a resume."""
+@pytest.mark.parametrize("source", ["run_dir", "deployed_file"])
+def test_init_from_starts_at_the_source_weights(trained_run, deployed, data_file, tmp_path, source):
+    """Fine-tuning starts from the source's best (EMA) weights and statistics; it is not a resume.
+    A deployed model file (e.g. a shipped potential) serves as well as the run it came from."""
     config = tiny_config(data_file, tmp_path / "finetune", stop={"max_epochs": 0})
-    config.init_from = trained_run.run_dir
+    config.init_from = trained_run.run_dir if source == "run_dir" else str(deployed)
     result = train(config)
     # Same data, same split: the untrained row of the new run is the source's best epoch.
     source_best = trained_run.history[trained_run.best_epoch]
     assert result.history[0]["val_forces_mae"] == pytest.approx(source_best["val_forces_mae"], rel=1e-5)
+    assert result.history[0]["val_energy_mae"] == pytest.approx(source_best["val_energy_mae"], rel=1e-5)
     assert result.steps == 0
 
 

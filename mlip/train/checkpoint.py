@@ -51,7 +51,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         path = os.path.join(path, LAST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if _is_torchscript(path):
+    if is_model_file(path):
         raise CheckpointError(f"{path} is a deployed model file (TorchScript), not an mlip training checkpoint: "
                               "checkpoints are the last.pt/best.pt of a run directory")
     try:
@@ -67,8 +67,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     return state
 
 
-def _is_torchscript(path: str) -> bool:
-    """A TorchScript archive is a zip with a code/ folder; a torch.save checkpoint has none."""
+def is_model_file(path: str) -> bool:
+    """A deployed model (TorchScript archive) is a zip with a code/ folder; a torch.save checkpoint has none."""
     if not zipfile.is_zipfile(path):
         return False
     try:

@@ -7,8 +7,8 @@ def register(commands) -> None:
                                         "or continue the run in RUN_DIR exactly where its last.pt stopped.")
     p.add_argument("config", nargs="?", help="YAML training config")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run (its config and data are reused)")
-    p.add_argument("--init-from", metavar="CHECKPOINT", help="fine-tune: start from these weights (a checkpoint "
-                   "or run directory); overrides init_from in the config")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="fine-tune: start from these weights (a checkpoint, "
+                   "run directory or deployed model file); overrides init_from in the config")
     p.add_argument("--max-epochs", type=int, help="override stop.max_epochs")
     p.add_argument("--max-minutes", type=float, help="override stop.max_minutes (the run's total wall clock)")
     p.add_argument("--run-dir", help="override run_dir")

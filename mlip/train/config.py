@@ -78,7 +78,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: Optional[int] = 2  # torch intra-op threads; None: leave torch's setting
     seed: int = 0  # model initialisation, train/validation split and the batch order of every epoch
-    init_from: Optional[str] = None  # fine-tune: start from the weights of this checkpoint
+    init_from: Optional[str] = None  # fine-tune: start from this checkpoint, run directory or deployed model file
     checkpoint_every_steps: int = 0  # also save last.pt inside an epoch every N steps (0: epoch ends only)
     progress: bool = True  # tqdm progress bar
 

@@ -26,7 +26,8 @@ from ..allocator import reuse_freed_memory
 from ..data import BatchLoader, keys
 from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, build_model
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .data import prepare_data, training_statistics
 from .loss import loss_terms
@@ -134,7 +135,7 @@ class Trainer:
         # model starts as exactly the source model (its energy scale and reference energies included).
         source = checkpoint
         if source is None and config.init_from:
-            source = load_checkpoint(prefer_best(config.init_from))
+            source = load_finetune_source(config.init_from)
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
@@ -417,6 +418,25 @@ def _postfix(summary: Dict[str, float]) -> Dict[str, str]:
     if "forces_mae" in summary:
         out["val_F"] = f"{1000 * summary['forces_mae']:.3g}meV/Å"
     return out
+
+
+def load_finetune_source(path: str) -> Dict:
+    """Weights, architecture and statistics to fine-tune from: a run directory (its best.pt), a
+    checkpoint, or a deployed model file (e.g. a shipped potential), whose metadata carries the
+    model config and statistics and whose TorchScript module holds the (EMA) weights."""
+    path = prefer_best(path)
+    if not is_model_file(path):
+        return load_checkpoint(path)
+    from ..deploy.model_file import read_metadata
+
+    metadata = read_metadata(path)
+    if "model_config" not in metadata or "statistics" not in metadata:
+        raise CheckpointError(f"{path}: this model file predates fine-tuning support (no model config in its metadata)")
+    prefix = "potential."  # the deployed module wraps the Potential (DeployedPotential.potential)
+    scripted = torch.jit.load(path, map_location="cpu")
+    weights = {k[len(prefix):]: v for k, v in scripted.state_dict().items() if k.startswith(prefix)}
+    return {"model_config": metadata["model_config"], "statistics": metadata["statistics"],
+            "type_names": metadata["type_names"], "model": weights, "ema": None}
 
 
 def prefer_best(path: str) -> str:
