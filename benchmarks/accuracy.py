@@ -24,6 +24,20 @@ POTENTIALS = {
         "force_unit": "eV/Å",
         "published": {"GAP (Zuo 2020)": (2.91, 0.07), "MTP (Zuo 2020)": (2.21, 0.06)},
     },
+    "ge-allegro": {
+        "test": ["mlearn_zuo2020/Ge_test.extxyz.gz"],
+        "metric": "MAE",
+        "energy_unit": "meV/atom",
+        "force_unit": "eV/Å",
+        "published": {"GAP (Zuo 2020)": (2.06, 0.05), "MTP (Zuo 2020)": (1.79, 0.05)},
+    },
+    "mo-allegro": {
+        "test": ["mlearn_zuo2020/Mo_test.extxyz.gz"],
+        "metric": "MAE",
+        "energy_unit": "meV/atom",
+        "force_unit": "eV/Å",
+        "published": {"GAP (Zuo 2020)": (2.24, 0.09), "MTP (Zuo 2020)": (2.83, 0.09)},
+    },
     "3bpa-nequip": {
         "test": ["3bpa/test_300K.from_mdbenchgnn.extxyz.gz"],
         "metric": "RMSE",

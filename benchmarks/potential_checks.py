@@ -1,11 +1,13 @@
 """Physical sanity of the shipped potentials: long NVT MD stays intact, relaxed lattice = DFT's.
 
-    python benchmarks/potential_checks.py [--ps 10] [--only si|mo|3bpa] [--data ../shared/data]
+    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|3bpa] [--data ../shared/data]
 
 - Si (potentials/si-allegro): 10 ps Langevin NVT at 1000 K on a 64-atom diamond cell: no two atoms
   closer than 1.9 Å, mean coordination (< 2.9 Å) stays near 4, the temperature holds. Then a
   cell + positions relaxation (FIRE, FrechetCellFilter) compared with the DFT lattice constant
   implied by the training data (see dft_lattice_constant).
+- Ge (potentials/ge-allegro): the same as Si (64-atom diamond cell, 1000 K, below the melting point
+  of 1211 K; closest 2.0 Å, coordination within 3.1 Å between 3 and 5).
 - Mo (potentials/mo-allegro): the same on a 54-atom bcc cell at 1000 K (closest 2.2 Å, mean
   coordination within 2.95 Å between 6 and 10) and the relaxed bcc lattice constant.
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
@@ -93,6 +95,7 @@ def dft_lattice_constant(training_file, repeat):
 CRYSTALS = {
     "Si": ("diamond", 5.43, 2, 1000, 1.9, 2.9, (3.0, 5.0), 2),  # crystal or liquid-like Si: 4-5
     "Mo": ("bcc", 3.16, 3, 1000, 2.2, 2.95, (6.0, 10.0), 3),  # bcc: 8 nearest neighbours at 2.74 Å
+    "Ge": ("diamond", 5.78, 2, 1000, 2.0, 3.1, (3.0, 5.0), 2),  # below the 1211 K melting point; bonds 2.50 Å
 }
 
 
@@ -168,10 +171,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     parser.add_argument("--ps", type=float, default=10.0, help="length of each NVT run, ps")
-    parser.add_argument("--only", choices=["si", "mo", "3bpa"])
+    parser.add_argument("--only", choices=["si", "ge", "mo", "3bpa"])
     args = parser.parse_args(argv)
     checks = {
         "si": ("si-allegro", lambda *a: check_crystal("Si", *a)),
+        "ge": ("ge-allegro", lambda *a: check_crystal("Ge", *a)),
         "mo": ("mo-allegro", lambda *a: check_crystal("Mo", *a)),
         "3bpa": ("3bpa-nequip", check_3bpa),
     }
