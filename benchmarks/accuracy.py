@@ -14,30 +14,23 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+def mlearn(element: str, gap: tuple, mtp: tuple) -> dict:
+    """An mlearn (Zuo et al. 2020) test set with its published GAP and MTP (E meV/atom, F eV/Å) MAEs."""
+    return {
+        "test": [f"mlearn_zuo2020/{element}_test.extxyz.gz"],
+        "metric": "MAE",
+        "energy_unit": "meV/atom",
+        "force_unit": "eV/Å",
+        "published": {"GAP (Zuo 2020)": gap, "MTP (Zuo 2020)": mtp},
+    }
+
+
 # name -> test files (relative to the data folder), the metric convention of the literature, and
 # published rows {model: (energy, forces)} in that convention.
 POTENTIALS = {
-    "si-allegro": {
-        "test": ["mlearn_zuo2020/Si_test.extxyz.gz"],
-        "metric": "MAE",
-        "energy_unit": "meV/atom",
-        "force_unit": "eV/Å",
-        "published": {"GAP (Zuo 2020)": (2.91, 0.07), "MTP (Zuo 2020)": (2.21, 0.06)},
-    },
-    "ge-allegro": {
-        "test": ["mlearn_zuo2020/Ge_test.extxyz.gz"],
-        "metric": "MAE",
-        "energy_unit": "meV/atom",
-        "force_unit": "eV/Å",
-        "published": {"GAP (Zuo 2020)": (2.06, 0.05), "MTP (Zuo 2020)": (1.79, 0.05)},
-    },
-    "mo-allegro": {
-        "test": ["mlearn_zuo2020/Mo_test.extxyz.gz"],
-        "metric": "MAE",
-        "energy_unit": "meV/atom",
-        "force_unit": "eV/Å",
-        "published": {"GAP (Zuo 2020)": (2.24, 0.09), "MTP (Zuo 2020)": (2.83, 0.09)},
-    },
+    "si-allegro": mlearn("Si", gap=(2.91, 0.07), mtp=(2.21, 0.06)),
+    "ge-allegro": mlearn("Ge", gap=(2.06, 0.05), mtp=(1.79, 0.05)),
+    "mo-allegro": mlearn("Mo", gap=(2.24, 0.09), mtp=(2.83, 0.09)),
     "3bpa-nequip": {
         "test": ["3bpa/test_300K.from_mdbenchgnn.extxyz.gz"],
         "metric": "RMSE",

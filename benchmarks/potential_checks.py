@@ -94,8 +94,8 @@ def dft_lattice_constant(training_file, repeat):
 #           allowed mean coordination within the shell, Elastic reference repeat)
 CRYSTALS = {
     "Si": ("diamond", 5.43, 2, 1000, 1.9, 2.9, (3.0, 5.0), 2),  # crystal or liquid-like Si: 4-5
-    "Mo": ("bcc", 3.16, 3, 1000, 2.2, 2.95, (6.0, 10.0), 3),  # bcc: 8 nearest neighbours at 2.74 Å
     "Ge": ("diamond", 5.78, 2, 1000, 2.0, 3.1, (3.0, 5.0), 2),  # below the 1211 K melting point; bonds 2.50 Å
+    "Mo": ("bcc", 3.16, 3, 1000, 2.2, 2.95, (6.0, 10.0), 3),  # bcc: 8 nearest neighbours at 2.74 Å
 }
 
 

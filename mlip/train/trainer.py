@@ -432,11 +432,9 @@ def load_finetune_source(path: str) -> Dict:
     metadata = read_metadata(path)
     if "model_config" not in metadata or "statistics" not in metadata:
         raise CheckpointError(f"{path}: this model file predates fine-tuning support (no model config in its metadata)")
-    prefix = "potential."  # the deployed module wraps the Potential (DeployedPotential.potential)
-    scripted = torch.jit.load(path, map_location="cpu")
-    weights = {k[len(prefix):]: v for k, v in scripted.state_dict().items() if k.startswith(prefix)}
+    potential = torch.jit.load(path, map_location="cpu").potential  # DeployedPotential wraps the Potential
     return {"model_config": metadata["model_config"], "statistics": metadata["statistics"],
-            "type_names": metadata["type_names"], "model": weights, "ema": None}
+            "type_names": metadata["type_names"], "model": potential.state_dict(), "ema": None}
 
 
 def prefer_best(path: str) -> str:
