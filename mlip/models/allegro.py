@@ -17,7 +17,7 @@ from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
 from ..nn.harmonics import SphericalHarmonics
-from ..nn.irreps import IrrepsLinear, TensorProduct, scatter_rows, split_blocks
+from ..nn.irreps import IrrepsLinear, TensorProduct, gather_rows, scatter_rows, split_blocks
 
 
 class AllegroLayer(nn.Module):
@@ -52,7 +52,7 @@ class AllegroLayer(nn.Module):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         weighted = sh * per_component(self.env_weights(x) * cutoff, self.component_l, self.l_max)
         env = scatter_rows(weighted, edge_center, num_nodes) * self.inv_sqrt_neighbors  # (d, N, u)
-        product = self.tp(v, split_blocks(env.index_select(1, edge_center), self.l_max))  # [(2l+1, E, u * paths)]
+        product = self.tp(v, split_blocks(gather_rows(env, edge_center), self.l_max))  # [(2l+1, E, u * paths)]
         scalars = product[0].squeeze(0)
         x = x + self.latent_mlp(torch.cat([x, scalars], dim=1)) * cutoff
         tensor_linear = self.tensor_linear

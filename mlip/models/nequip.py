@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn import BesselBasis, PolynomialCutoff, mlp, scatter_sum
 from ..nn.harmonics import SphericalHarmonics
-from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, scatter_rows, split_blocks
+from ..nn.irreps import Irrep, IrrepsLinear, TensorProduct, gather_rows, scatter_rows, split_blocks
 
 
 def hidden_irreps(l_max: int, parity: bool) -> List[Irrep]:
@@ -123,7 +123,7 @@ class Interaction(nn.Module):
         center, neighbor = edge_index[0], edge_index[1]
         num_nodes = species.shape[0]
         h = self.linear_in(features)
-        h_neighbor = [block.index_select(1, neighbor) for block in h]
+        h_neighbor = [gather_rows(block, neighbor) for block in h]
         # (num_paths, E or E/2, c): one contiguous slab of radial weights per path
         weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp).transpose(0, 1).contiguous()
         messages = self.tp(h_neighbor, sh, weights)  # [(2l+1, E, c * paths)]

@@ -187,7 +187,30 @@ def split_blocks(x: torch.Tensor, l_max: int) -> List[torch.Tensor]:
     return list(torch.split(x, [2 * l + 1 for l in range(l_max + 1)], dim=0))
 
 
+# Gathers and scatters of blocks run as one index_select / index_add_ over the rows of a flat
+# (d * rows, c) view, not over dim 1 of the (d, rows, c) block: torch's CPU index_add_ over dim 0
+# of a 2-D tensor takes a much faster path (measured here, 2 threads, 171 k edges -> 4000 atoms:
+# (1, E, 32) 26 -> 6 ms, (3, E, 32) 39 -> 28 ms), and index_add_ is also the backward of index_select.
+
+
+def flat_rows(index: torch.Tensor, components: int, rows: int) -> torch.Tensor:
+    """(E,) row index -> (components * E,) index into a (components * rows, c) view of a block."""
+    if components == 1:
+        return index
+    offsets = torch.arange(components, dtype=index.dtype, device=index.device) * rows
+    return (offsets.view(-1, 1) + index.view(1, -1)).view(-1)
+
+
+def gather_rows(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(d, N, c) -> (d, E, c): out[:, e] = blocks[:, index[e]]."""
+    d, c = blocks.shape[0], blocks.shape[2]
+    flat = blocks.reshape(d * blocks.shape[1], c).index_select(0, flat_rows(index, d, blocks.shape[1]))
+    return flat.view(d, index.shape[0], c)
+
+
 def scatter_rows(blocks: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
     """(d, E, c) -> (d, num_rows, c): out[:, index[e]] += blocks[:, e]."""
-    out = torch.zeros((blocks.shape[0], num_rows, blocks.shape[2]), dtype=blocks.dtype, device=blocks.device)
-    return out.index_add_(1, index, blocks)
+    d, c = blocks.shape[0], blocks.shape[2]
+    out = torch.zeros((d * num_rows, c), dtype=blocks.dtype, device=blocks.device)
+    out.index_add_(0, flat_rows(index, d, num_rows), blocks.reshape(d * blocks.shape[1], c))
+    return out.view(d, num_rows, c)
