@@ -15,6 +15,7 @@ from mlip import MLIPCalculator
 from mlip.cli import main
 from mlip.data import collate, keys
 from mlip.deploy import ModelFileError, load_model
+from mlip.deploy.model_file import read_metadata
 from mlip.train import (
     CheckpointError, ConfigError, config_from_dict, load_checkpoint, load_config, model_from_checkpoint, resume,
     train,
@@ -194,6 +195,24 @@ def test_deploy_load_predicts_like_the_trained_model(trained_run, deployed, data
         assert result["all"][f"{quantity}_mae"] <= result["all"][f"{quantity}_rmse"]
     assert result["all"]["stress_count"] == 30 * 9
     assert os.path.exists(plots / "parity_cu_emt.png")
+
+
+def test_redeploying_a_model_file_keeps_its_predictions_and_metadata(deployed, data_file, tmp_path):
+    """`mlip deploy model.pt -o new.pt` re-compiles a model file with this mlip (e.g. to get newer
+    kernels): same weights, same metadata, same energies, forces and stress."""
+    redeployed = tmp_path / "redeployed.pt"
+    assert main(["deploy", str(deployed), "-o", str(redeployed)]) == 0
+    old_metadata, new_metadata = read_metadata(str(deployed)), read_metadata(str(redeployed))
+    for key in ("type_names", "r_max", "dtype", "hyperparameters", "statistics", "model_config", "training_data_hash"):
+        assert new_metadata[key] == old_metadata[key], key
+    for atoms in ase.io.read(data_file, ":")[:4]:
+        results = []
+        for path in (deployed, redeployed):
+            atoms.calc = MLIPCalculator(str(path))
+            results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+        np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+        np.testing.assert_allclose(results[1][1], results[0][1], atol=1e-5)
+        np.testing.assert_allclose(results[1][2], results[0][2], atol=1e-6)
 
 
 def test_corrupt_files_give_clear_errors(trained_run, deployed, tmp_path, capsys):

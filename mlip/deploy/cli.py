@@ -6,8 +6,10 @@ import json
 def register(commands) -> None:
     p = commands.add_parser("deploy", help="compile a training checkpoint into a TorchScript model file",
                             description="Compile a checkpoint (or a run directory: its best.pt) into a model file "
-                                        "for ASE and LAMMPS, with the EMA weights when the run kept them.")
-    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+                                        "for ASE and LAMMPS, with the EMA weights when the run kept them. "
+                                        "Given a model file, re-compile it with this version of mlip (same weights "
+                                        "and metadata; a model file keeps the code it was compiled with).")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt), run directory, or model file")
     p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
@@ -32,11 +34,18 @@ def register(commands) -> None:
 
 
 def run_deploy(args) -> int:
-    from ..train.checkpoint import load_checkpoint
-    from ..train.trainer import model_from_checkpoint, prefer_best
+    from ..train.checkpoint import is_model_file, load_checkpoint
+    from ..train.trainer import model_from_checkpoint, model_from_model_file, prefer_best
     from . import deploy_model
+    from .model_file import read_metadata
 
     path = prefer_best(args.checkpoint)
+    if is_model_file(path):
+        metadata = read_metadata(path)
+        model = model_from_model_file(path)
+        deploy_model(model, args.output, training_data_hash=metadata.get("training_data_hash"), check=not args.no_check)
+        print(f"wrote {args.output}: {path} (written by mlip {metadata.get('mlip_version')}) re-compiled, same weights")
+        return 0
     checkpoint = load_checkpoint(path)
     use_ema = not args.no_ema and checkpoint.get("ema") is not None
     model = model_from_checkpoint(checkpoint, use_ema=use_ema)

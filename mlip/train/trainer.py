@@ -101,12 +101,25 @@ def checkpoint_weights(checkpoint: Dict, use_ema: bool = True) -> Dict[str, torc
 
 def model_from_checkpoint(checkpoint: Dict, use_ema: bool = True, device="cpu") -> Potential:
     """The trained potential of a checkpoint (a dict from load_checkpoint), in eval mode."""
-    config = config_from_dict(checkpoint["config"])
+    dtype = config_from_dict(checkpoint["config"]).dtype
+    return _rebuild(checkpoint, checkpoint_weights(checkpoint, use_ema), dtype).to(device).eval()
+
+
+def model_from_model_file(path: str) -> Potential:
+    """The eager potential inside a deployed model file, in eval mode (to re-deploy it with this
+    version of mlip: a model file carries the TorchScript code it was compiled with)."""
+    from ..deploy.model_file import read_metadata
+
+    source = load_finetune_source(path)
+    return _rebuild(source, source["model"], read_metadata(path)["dtype"]).eval()
+
+
+def _rebuild(source: Dict, weights: Dict[str, torch.Tensor], dtype: str) -> Potential:
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the global RNG alone
-        model = build_model(ModelConfig(**checkpoint["model_config"]),
-                            DatasetStatistics.from_dict(checkpoint["statistics"]), DTYPES[config.dtype])
-    _load_weights(model, checkpoint_weights(checkpoint, use_ema))
-    return model.to(device).eval()
+        model = build_model(ModelConfig(**source["model_config"]), DatasetStatistics.from_dict(source["statistics"]),
+                            DTYPES[dtype])
+    _load_weights(model, weights)
+    return model
 
 
 def _load_weights(model: Potential, weights: Dict[str, torch.Tensor]) -> None:
