@@ -212,5 +212,8 @@ def scatter_rows(blocks: torch.Tensor, index: torch.Tensor, num_rows: int) -> to
     """(d, E, c) -> (d, num_rows, c): out[:, index[e]] += blocks[:, e]."""
     d, c = blocks.shape[0], blocks.shape[2]
     out = torch.zeros((d * num_rows, c), dtype=blocks.dtype, device=blocks.device)
-    out.index_add_(0, flat_rows(index, d, num_rows), blocks.reshape(d * blocks.shape[1], c))
+    # scatter_add_, not index_add_ (which runs the same kernel here): autograd saves only the
+    # index for its backward, while index_add_ keeps the whole (d, E, c) source alive until then.
+    rows = flat_rows(index, d, num_rows).view(-1, 1).expand(-1, c)
+    out.scatter_add_(0, rows, blocks.reshape(d * blocks.shape[1], c))
     return out.view(d, num_rows, c)
