@@ -42,6 +42,34 @@ def test_tensor_product_matches_dense_contraction(right_channels, weighted):
         torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_tensor_product_on_harmonics_may_skip_the_constant_scalar():
+    """right_scalar_is_one (NequIP: the right operand is Y(r) with Y_0 = 1) passes the left block
+    through the paths with Y_0 unmultiplied: same products, same gradients with respect to the left
+    blocks and the edge vectors as the full contraction."""
+    from mlip.nn.harmonics import SphericalHarmonics
+    from mlip.nn.irreps import split_blocks
+
+    irreps = [(l, p) for l in range(3) for p in (1, -1)]
+    irreps_sh = [(l, (-1) ** l) for l in range(3)]
+    tp = TensorProduct(irreps, irreps_sh, irreps, right_scalar_is_one=True)
+    rows, channels = 7, 4
+    generator = torch.Generator().manual_seed(1)
+    left = [torch.randn(2 * l + 1, rows, channels, dtype=torch.float64, generator=generator, requires_grad=True)
+            for l, _ in irreps]
+    vectors = torch.randn(rows, 3, dtype=torch.float64, generator=generator).requires_grad_(True)
+    sh = split_blocks(SphericalHarmonics(2)(vectors), 2)
+    weights = torch.randn(tp.num_paths, rows, channels, dtype=torch.float64, generator=generator)
+
+    ours, reference = tp(left, sh, weights), dense_reference(tp, left, sh, weights)
+    probes = [torch.randn(block.shape, dtype=torch.float64, generator=generator) for block in reference]
+    for block, expected in zip(ours, reference):
+        torch.testing.assert_close(block, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(sum((b * p).sum() for b, p in zip(ours, probes)), left + [vectors], retain_graph=True)
+    expected_grads = torch.autograd.grad(sum((b * p).sum() for b, p in zip(reference, probes)), left + [vectors])
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("l_max", [0, 1, 2, 3, 4, 6])
 def test_spherical_harmonics_match_e3nn(l_max):
     """Our recursion reproduces e3nn's SphericalHarmonics (normalize=True, component

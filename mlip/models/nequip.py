@@ -83,7 +83,7 @@ class Interaction(nn.Module):
             irreps_hidden = [ir for ir in irreps_hidden if ir in keep]
         self.num_features = num_features
         irreps_sh = [(l, (-1) ** l) for l in range(l_max + 1)]
-        self.tp = TensorProduct(irreps_in, irreps_sh, irreps_hidden + [(0, 1)])
+        self.tp = TensorProduct(irreps_in, irreps_sh, irreps_hidden + [(0, 1)], right_scalar_is_one=True)
         # Only irreps the convolution can produce (the first layer, fed scalars, makes no 0o/1e).
         reachable = [ir for ir in irreps_hidden if ir in self.tp.irreps_out]
         scalars = [ir for ir in reachable if ir[0] == 0]

@@ -62,10 +62,16 @@ class TensorProduct(nn.Module):
     (NequIP's 'uvu' with radial weights); without, it is Allegro's 'uuu' product. Weights of
     (num_paths, rows/2, u) scale rows k and k + rows/2 alike (paired edges share radial weights).
     Output: one block per irrep of ``self.irreps_out``, shape (2l+1, rows, u * paths into it).
+
+    right_scalar_is_one: the right operand's 0e block is the constant 1 (spherical harmonics,
+    Y_0 = 1), so paths through it pass the left block on as it is: no multiply, and no gradient
+    computed for a constant (that saves three edge-sized ops per such path in every backward).
     """
 
-    def __init__(self, irreps_left: List[Irrep], irreps_right: List[Irrep], irreps_allowed: List[Irrep]):
+    def __init__(self, irreps_left: List[Irrep], irreps_right: List[Irrep], irreps_allowed: List[Irrep],
+                 right_scalar_is_one: bool = False):
         super().__init__()
+        self.right_scalar_is_one = right_scalar_is_one
         paths, irreps_out = [], []
         for i1, (l1, p1) in enumerate(irreps_left):
             for i2, (l2, p2) in enumerate(irreps_right):
@@ -114,7 +120,9 @@ class TensorProduct(nn.Module):
                 a = scale_rows(a, scale)
                 scale = None
             # kinds (literals: TorchScript cannot read module globals): 0/1 scalar x block, 2 dot, 3 cross
-            if kind == 0 or kind == 1:
+            if d2 == 1 and (kind == 0 or kind == 1) and self.right_scalar_is_one:
+                c = a
+            elif kind == 0 or kind == 1:
                 c = a * b
             elif kind == 2:
                 c = (a * b).sum(dim=0, keepdim=True)
