@@ -31,6 +31,7 @@ POTENTIALS = {
     "si-allegro": mlearn("Si", gap=(2.91, 0.07), mtp=(2.21, 0.06)),
     "ge-allegro": mlearn("Ge", gap=(2.06, 0.05), mtp=(1.79, 0.05)),
     "mo-allegro": mlearn("Mo", gap=(2.24, 0.09), mtp=(2.83, 0.09)),
+    "li-allegro": mlearn("Li", gap=(0.49, 0.01), mtp=(0.49, 0.01)),
     "3bpa-nequip": {
         "test": ["3bpa/test_300K.from_mdbenchgnn.extxyz.gz"],
         "metric": "RMSE",

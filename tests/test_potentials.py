@@ -14,7 +14,7 @@ NAMES = sorted(n for n in os.listdir(POTENTIALS) if os.path.isfile(os.path.join(
 
 
 def test_potentials_are_shipped():
-    assert {"si-allegro", "ge-allegro", "mo-allegro", "3bpa-nequip"} <= set(NAMES)
+    assert {"si-allegro", "ge-allegro", "mo-allegro", "li-allegro", "3bpa-nequip"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -32,10 +32,12 @@ def test_metadata_is_complete(name):
 # - Ge 5.785 Å: the training set's lowest energy -4.4925 eV/atom; bulk modulus ~60 GPa, so 0.6 GPa
 #   is the 0.02 Å lattice-constant tolerance of the model card.
 # - Mo 3.170 Å: ground state -10.850 eV/atom; bulk modulus ~260 GPa, so 1 GPa is a 0.004 Å error.
+# - Li 3.439 Å: ground state -1.8990 eV/atom; bulk modulus ~13 GPa, so 0.25 GPa is a 0.02 Å error.
 CRYSTALS = [
     ("si-allegro", "Si", "diamond", 5.471, 1, -5.42, 0.2),
     ("ge-allegro", "Ge", "diamond", 5.785, 1, -4.4925, 0.6),
     ("mo-allegro", "Mo", "bcc", 3.170, 2, -10.850, 1.0),
+    ("li-allegro", "Li", "bcc", 3.439, 2, -1.8990, 0.25),
 ]
 
 
