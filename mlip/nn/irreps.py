@@ -195,10 +195,11 @@ def split_blocks(x: torch.Tensor, l_max: int) -> List[torch.Tensor]:
     return list(torch.split(x, [2 * l + 1 for l in range(l_max + 1)], dim=0))
 
 
-# Gathers and scatters of blocks run as one index_select / index_add_ over the rows of a flat
-# (d * rows, c) view, not over dim 1 of the (d, rows, c) block: torch's CPU index_add_ over dim 0
-# of a 2-D tensor takes a much faster path (measured here, 2 threads, 171 k edges -> 4000 atoms:
-# (1, E, 32) 26 -> 6 ms, (3, E, 32) 39 -> 28 ms), and index_add_ is also the backward of index_select.
+# Gathers and scatters of blocks run as one index_select / scatter_add_ over the rows of a flat
+# (d * rows, c) view, not over dim 1 of the (d, rows, c) block: torch's CPU kernels take a much
+# faster path on dim 0 of a 2-D tensor (measured here, 2 threads, 171 k edges -> 4000 atoms, a
+# scatter of (1, E, 32) 26 -> 6 ms, of (3, E, 32) 39 -> 28 ms; the backward of index_select is
+# such a scatter too).
 
 
 def flat_rows(index: torch.Tensor, components: int, rows: int) -> torch.Tensor:
