@@ -10,6 +10,8 @@
   of 1211 K; closest 2.0 Å, coordination within 3.1 Å between 3 and 5).
 - Mo (potentials/mo-allegro): the same on a 54-atom bcc cell at 1000 K (closest 2.2 Å, mean
   coordination within 2.95 Å between 6 and 10) and the relaxed bcc lattice constant.
+- Li (potentials/li-allegro): the same on a 54-atom bcc cell at 300 K (Li melts at 454 K; closest
+  2.2 Å, mean coordination within 3.2 Å between 6 and 10).
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
   (ASE natural cutoffs x 1.2) of every sampled frame equals the starting one: no bond breaks or forms.
 Exit status 1 if a check fails.

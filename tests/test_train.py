@@ -14,8 +14,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from mlip import MLIPCalculator
 from mlip.cli import main
 from mlip.data import collate, keys
-from mlip.deploy import ModelFileError, load_model
-from mlip.deploy.model_file import read_metadata
+from mlip.deploy import ModelFileError, load_model, read_metadata
 from mlip.train import (
     CheckpointError, ConfigError, config_from_dict, load_checkpoint, load_config, model_from_checkpoint, resume,
     train,
@@ -197,18 +196,22 @@ def test_deploy_load_predicts_like_the_trained_model(trained_run, deployed, data
     assert os.path.exists(plots / "parity_cu_emt.png")
 
 
-def test_redeploying_a_model_file_keeps_its_predictions_and_metadata(deployed, data_file, tmp_path):
+def test_redeploying_a_model_file_keeps_its_predictions_and_metadata(deployed, data_file, tmp_path, capsys):
     """`mlip deploy model.pt -o new.pt` re-compiles a model file with this mlip (e.g. to get newer
     kernels): same weights, same metadata, same energies, forces and stress."""
     redeployed = tmp_path / "redeployed.pt"
+    # A model file holds only its deployed weights: asking for the raw ones is an error, not ignored.
+    assert main(["deploy", str(deployed), "-o", str(redeployed), "--no-ema"]) == 2
+    assert "--no-ema needs a training checkpoint" in capsys.readouterr().err and not redeployed.exists()
     assert main(["deploy", str(deployed), "-o", str(redeployed)]) == 0
     old_metadata, new_metadata = read_metadata(str(deployed)), read_metadata(str(redeployed))
     for key in ("type_names", "r_max", "dtype", "hyperparameters", "statistics", "model_config", "training_data_hash"):
         assert new_metadata[key] == old_metadata[key], key
+    calculators = [MLIPCalculator(str(path)) for path in (deployed, redeployed)]
     for atoms in ase.io.read(data_file, ":")[:4]:
         results = []
-        for path in (deployed, redeployed):
-            atoms.calc = MLIPCalculator(str(path))
+        for calculator in calculators:
+            atoms.calc = calculator
             results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
         np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
         np.testing.assert_allclose(results[1][1], results[0][1], atol=1e-5)

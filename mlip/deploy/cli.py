@@ -41,6 +41,9 @@ def run_deploy(args) -> int:
 
     path = prefer_best(args.checkpoint)
     if is_model_file(path):
+        if args.no_ema:
+            raise ValueError(f"--no-ema needs a training checkpoint: {path} is a model file, which holds only "
+                             "the weights it was deployed with")
         metadata = read_metadata(path)
         model = model_from_model_file(path)
         deploy_model(model, args.output, training_data_hash=metadata.get("training_data_hash"), check=not args.no_check)

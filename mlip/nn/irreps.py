@@ -120,7 +120,7 @@ class TensorProduct(nn.Module):
                 a = scale_rows(a, scale)
                 scale = None
             # kinds (literals: TorchScript cannot read module globals): 0/1 scalar x block, 2 dot, 3 cross
-            if d2 == 1 and (kind == 0 or kind == 1) and self.right_scalar_is_one:
+            if d2 == 1 and self.right_scalar_is_one:  # a path through the right scalar: kind 0 or 1
                 c = a
             elif kind == 0 or kind == 1:
                 c = a * b

@@ -444,7 +444,8 @@ def load_finetune_source(path: str) -> Dict:
 
     metadata = read_metadata(path)
     if "model_config" not in metadata or "statistics" not in metadata:
-        raise CheckpointError(f"{path}: this model file predates fine-tuning support (no model config in its metadata)")
+        raise CheckpointError(f"{path}: this model file has no model config in its metadata (written by an older "
+                              "mlip), so the model cannot be rebuilt from it to fine-tune or re-deploy")
     potential = torch.jit.load(path, map_location="cpu").potential  # DeployedPotential wraps the Potential
     return {"model_config": metadata["model_config"], "statistics": metadata["statistics"],
             "type_names": metadata["type_names"], "model": potential.state_dict(), "ema": None}
