@@ -68,6 +68,7 @@ def plot_parity(pairs: Dict[str, Sequence[np.ndarray]], path: str, title: str = 
         ax.set_xlabel("reference")
         ax.set_ylabel("predicted")
         ax.set_aspect("equal", adjustable="datalim")
+        ax.locator_params(nbins=4)  # long tick labels (e.g. -838.975 eV/atom) overlap otherwise
     if title:
         fig.suptitle(title)
     fig.tight_layout()
