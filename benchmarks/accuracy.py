@@ -43,6 +43,13 @@ POTENTIALS = {
             "MACE (L=2)": (3.0, 8.8),
         },
     },
+    "rmd17-aspirin-nequip": {
+        "test": ["rmd17/rmd17_aspirin_test_01.extxyz.gz"],
+        "metric": "MAE",
+        "energy_unit": "meV",
+        "force_unit": "meV/Å",
+        "published": {"Allegro": (2.3, 7.3), "NequIP (L=3)": (2.3, 8.2), "MACE": (2.2, 6.6)},
+    },
 }
 
 

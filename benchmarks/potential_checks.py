@@ -1,6 +1,6 @@
 """Physical sanity of the shipped potentials: long NVT MD stays intact, relaxed lattice = DFT's.
 
-    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|li|3bpa] [--data ../shared/data]
+    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|li|3bpa|aspirin] [--data ../shared/data]
 
 - Si (potentials/si-allegro): 10 ps Langevin NVT at 1000 K on a 64-atom diamond cell: no two atoms
   closer than 1.9 Å, mean coordination (< 2.9 Å) stays near 4, the temperature holds. Then a
@@ -14,6 +14,7 @@
   2.2 Å, mean coordination within 3.2 Å between 6 and 10).
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
   (ASE natural cutoffs x 1.2) of every sampled frame equals the starting one: no bond breaks or forms.
+- rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
 Exit status 1 if a check fails.
 """
 
@@ -144,12 +145,14 @@ def check_crystal(element, model, data, picoseconds):
     return results, failures
 
 
-def check_3bpa(model, data, picoseconds):
+def check_molecule(first_frame_file, temperature, model, data, picoseconds):
+    """Langevin NVT (0.5 fs) from the first frame of a training file: the covalent bond graph
+    (pairs closer than 1.2 x the sum of ASE's natural radii) must stay the starting one."""
     import ase.io
 
     from mlip import MLIPCalculator
 
-    atoms = ase.io.read(os.path.join(data, "3bpa", "train_300K.xyz"), 0)
+    atoms = ase.io.read(os.path.join(data, first_frame_file), 0)
     atoms.calc = MLIPCalculator(model)
     cutoffs = [1.2 * c for c in natural_cutoffs(atoms)]
 
@@ -166,22 +169,26 @@ def check_3bpa(model, data, picoseconds):
             return f"bonds broken {broken[:5]}, formed {formed[:5]}"
         return None
 
-    results = {"nvt_600K": run_nvt(atoms, 600, 0.5, picoseconds, intact), "bonds": len(reference)}
-    return results, list(results["nvt_600K"]["problems"])
+    key = f"nvt_{temperature}K"
+    results = {key: run_nvt(atoms, temperature, 0.5, picoseconds, intact), "bonds": len(reference)}
+    return results, list(results[key]["problems"])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     parser.add_argument("--ps", type=float, default=10.0, help="length of each NVT run, ps")
-    parser.add_argument("--only", choices=["si", "ge", "mo", "li", "3bpa"])
+    parser.add_argument("--only", choices=["si", "ge", "mo", "li", "3bpa", "aspirin"])
     args = parser.parse_args(argv)
     checks = {
         "si": ("si-allegro", lambda *a: check_crystal("Si", *a)),
         "ge": ("ge-allegro", lambda *a: check_crystal("Ge", *a)),
         "mo": ("mo-allegro", lambda *a: check_crystal("Mo", *a)),
         "li": ("li-allegro", lambda *a: check_crystal("Li", *a)),
-        "3bpa": ("3bpa-nequip", check_3bpa),
+        "3bpa": ("3bpa-nequip", lambda *a: check_molecule("3bpa/train_300K.xyz", 600, *a)),
+        # rMD17 was sampled at 500 K (MD17's ab-initio MD)
+        "aspirin": ("rmd17-aspirin-nequip",
+                    lambda *a: check_molecule("rmd17/rmd17_aspirin_train_01.extxyz.gz", 500, *a)),
     }
     failed = False
     for key, (name, check) in checks.items():
