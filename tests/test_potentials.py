@@ -78,4 +78,5 @@ def test_molecule_reproduces_held_out_dft_forces_and_energies(name, frames_file,
         force_errors.append(atoms.get_forces() - reference_forces)
     force_rmse = float(np.sqrt(np.mean(np.square(force_errors))))
     assert force_rmse < force_rmse_bound, f"force RMSE {force_rmse * 1000:.1f} meV/Å"
-    assert np.abs(energy_errors).max() < energy_bound, f"energy errors {np.round(np.array(energy_errors) * 1000, 1)} meV"
+    energy_errors_mev = np.round(np.array(energy_errors) * 1000, 1)
+    assert np.abs(energy_errors).max() < energy_bound, f"energy errors {energy_errors_mev} meV"
