@@ -136,7 +136,8 @@ def read_curves(out: str):
 
         state = load_checkpoint(checkpoint)
         parameters["mlip"] = sum(t.numel() for t in state["ema"]["shadow"].values())
-        # Both sides must have trained with the same statistics, or the comparison is void.
+        # Both sides must have trained with the same statistics, or the comparison is void (they are
+        # computed on the training indices only, so this also catches a different split).
         with open(os.path.join(out, "split.json")) as f:
             split = json.load(f)
         ours = state["statistics"]
