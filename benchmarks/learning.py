@@ -26,12 +26,19 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT_EPOCHS = (1, 2, 5, 10, 20, 30, 50, 100, 200)
+# The protocol both sides train with (see the docstring).
+R_MAX = 5.0
+VAL_FRACTION = 0.1
+BATCH_SIZE = 5
+ENERGY_WEIGHT = 20.0
+CLIP = 10.0
+EMA = 0.99
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="/work/shared/data/3bpa/train_300K.xyz",
-                   help="labelled extxyz; 10 %% of it is held out for validation")
+                   help=f"labelled extxyz; {100 * VAL_FRACTION:g} %% of it is held out for validation")
     p.add_argument("--type-names", nargs="+", default=["H", "C", "N", "O"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -45,11 +52,9 @@ def parse_args():
     return p.parse_args()
 
 
-R_MAX = 5.0
-BATCH_SIZE = 5
-ENERGY_WEIGHT = 20.0
-CLIP = 10.0
-EMA = 0.99
+def data_section(args) -> dict:
+    """The `data:` of the mlip run; the split written for the peer comes from the same settings."""
+    return {"train": [os.path.abspath(args.data)], "val_fraction": VAL_FRACTION, "type_names": args.type_names}
 
 
 def write_split(args) -> str:
@@ -57,8 +62,7 @@ def write_split(args) -> str:
     from mlip.train.config import DataConfig
     from mlip.train.data import prepare_data, training_statistics
 
-    config = DataConfig(train=[os.path.abspath(args.data)], val_fraction=0.1, type_names=args.type_names)
-    data = prepare_data(config, R_MAX, os.path.join(args.out, "split_data"), args.seed, None, progress=False)
+    data = prepare_data(DataConfig(**data_section(args)), R_MAX, os.path.join(args.out, "split_data"), args.seed, None, progress=False)
     stats = training_statistics(data)
     path = os.path.join(args.out, "split.json")
     with open(path, "w") as f:
@@ -72,7 +76,7 @@ def mlip_config(args) -> str:
     """The same protocol as a ``mlip train`` config (a JSON file is valid YAML)."""
     config = {
         "run_dir": os.path.abspath(os.path.join(args.out, "mlip")),
-        "data": {"train": [os.path.abspath(args.data)], "val_fraction": 0.1, "type_names": args.type_names},
+        "data": data_section(args),
         "model": {"family": "nequip", "preset": "small", "head": "gradient", "r_max": R_MAX,
                   "overrides": {"l_max": args.l_max, "num_features": args.features, "num_layers": args.layers}},
         "loss": {"energy_per_atom": ENERGY_WEIGHT, "forces": 1.0},
@@ -117,6 +121,8 @@ def run_both(args) -> None:
 def read_curves(out: str):
     """{package: [{epoch, minutes, forces_rmse (meV/Å), energy_rmse (meV)}]} from both logs."""
     def rows(path):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing: {out} is not the output of a finished learning.py run")
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
