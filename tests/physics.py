@@ -71,6 +71,24 @@ def random_orthogonal(rng, reflect: bool) -> np.ndarray:
     return -q if reflect else q  # -q has det -1: a rotation composed with inversion
 
 
+def assert_symmetric(model, atoms, rng, reflect: bool = True, tolerance: float = 1e-9, translate: float = 0.0):
+    """Rotate (and reflect) ``atoms`` by a random orthogonal q, permute and optionally translate them:
+    energies must not change; forces and stress must rotate with q. Returns the prediction for ``atoms``."""
+    q = random_orthogonal(rng, reflect)
+    permutation = rng.permutation(len(atoms))
+    moved = atoms[permutation]
+    moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
+    moved.positions = atoms.positions[permutation] @ q.T + rng.normal(size=3) * translate
+    before, after = predict(model, [atoms]), predict(model, [moved])
+    assert_close(after["energy"], before["energy"], tolerance, "energy")
+    assert_close(after["atomic_energies"], before["atomic_energies"][permutation], tolerance, "atomic energies")
+    assert np.abs(before["forces"]).max() > 1e-3, "forces vanish: the test would prove nothing"
+    assert_close(after["forces"], before["forces"][permutation] @ q.T, 10 * tolerance, "forces")
+    if "stress" in before:
+        assert_close(after["stress"][0], q @ before["stress"][0] @ q.T, 10 * tolerance, "stress")
+    return before
+
+
 def assert_close(actual, expected, tolerance, what=""):
     actual, expected = np.asarray(actual), np.asarray(expected)
     scale = max(np.abs(expected).max(), 1.0)

@@ -33,7 +33,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(family, head="gradient", r_max=4.0, seed=0, dtype=torch.float64):
+def tiny_model(family, head="gradient", r_max=4.0, seed=0, dtype=torch.float64, **overrides):
     """Random weights, rescaled so that forces are O(0.5 eV/Å) on the test crystal whatever the
     initialization of the architecture: every check below must see non-trivial forces and stress."""
 
@@ -41,7 +41,7 @@ def tiny_model(family, head="gradient", r_max=4.0, seed=0, dtype=torch.float64):
         torch.manual_seed(seed)
         statistics = DatasetStatistics(TYPE_NAMES, reference_energies=[-3.5, -4.5], force_rms=force_rms,
                                        avg_num_neighbors=20.0)
-        config = ModelConfig(family, "small", head, r_max=r_max, overrides=TINY[family])
+        config = ModelConfig(family, "small", head, r_max=r_max, overrides=dict(TINY[family], **overrides))
         return build_model(config, statistics, dtype).eval()
 
     probe = strained_triclinic()
@@ -143,12 +143,16 @@ def test_domains_partition_the_atoms():
 
 @pytest.mark.parametrize("structure", ["triclinic", "cluster"])
 @pytest.mark.parametrize("head", ["gradient", "direct"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["nequip-correlation-3"])
 def test_domains_equal_whole_system(family, head, structure, monkeypatch):
     """Energies, per-atom energies, forces and stress by domains == one whole-system call (1e-8)."""
     atoms = strained_triclinic(repeat=(2, 2, 1)) if structure == "triclinic" else cluster(n=20)
     # r_max 3 Å: small halos (NequIP's is 2 x 3 Å) keep the test quick; still many periodic images.
-    model = tiny_model(family, head, r_max=3.0)
+    # Density products are per atom: ghost atoms need no more halo than plain NequIP.
+    if family == "nequip-correlation-3":
+        model = tiny_model("nequip", head, r_max=3.0, correlation=3)
+    else:
+        model = tiny_model(family, head, r_max=3.0)
     whole = atoms.copy()
     whole.calc = MLIPCalculator(model, domain_threshold=None)
 

@@ -546,14 +546,14 @@ TINY = {
 }
 
 
-def deploy_tiny(path, family: str, head: str = "gradient", dtype=torch.float64) -> str:
+def deploy_tiny(path, family: str, head: str = "gradient", dtype=torch.float64, **overrides) -> str:
     from mlip.data.stats import DatasetStatistics
     from mlip.deploy import deploy_model
     from mlip.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     stats = DatasetStatistics(type_names=SPECIES, reference_energies=[-1.0, -2.0], force_rms=1.0, avg_num_neighbors=20.0)
-    config = ModelConfig(family=family, preset="small", r_max=4.0, head=head, overrides=TINY[family])
+    config = ModelConfig(family=family, preset="small", r_max=4.0, head=head, overrides=dict(TINY[family], **overrides))
     deploy_model(build_model(config, stats, dtype=dtype), path)
     return str(path)
 
@@ -596,9 +596,10 @@ def test_real_model_matches_calculator(plugin, tmp_path, family, head, dtype):
         assert_close(got["pressure_bar"][:3], -np.diag(stress) * got["nktv2p"], rtol, "pressure (bar)")
 
 
-@pytest.mark.parametrize("family", ["allegro", "nequip"])
-def test_real_model_two_ranks(plugin, tmp_path, family):
-    model = deploy_tiny(tmp_path / "model.pt", family)
+@pytest.mark.parametrize("family, overrides", [("allegro", {}), ("nequip", {}), ("nequip", {"correlation": 3})],
+                         ids=["allegro", "nequip", "nequip-correlation-3"])
+def test_real_model_two_ranks(plugin, tmp_path, family, overrides):
+    model = deploy_tiny(tmp_path / "model.pt", family, **overrides)
     data = write_data(rattled_crystal(seed=10), tmp_path / "structure.data")
     results = []
     for ranks in (1, 2):

@@ -5,7 +5,14 @@ m_ij = TP(h_j, Y(r_ij); w(|r_ij|)) from neighbor j to center i, sums them, mixes
 species-dependent self-connection, applies a gated nonlinearity and adds a residual. After L
 layers an atom's energy depends on atoms up to L * r_max away (``message_passing_layers``).
 
-Equivariant features are lists of blocks (2l+1, N, channels) (see mlip.nn.irreps).
+With ``correlation`` nu > 1 each layer also feeds the gate with channel-wise products of an atom's
+summed messages (its neighbor density A) with itself, A x A, ..., up to nu factors: MACE's
+higher-body-order node update (Batatia et al., NeurIPS 2022; there with species-dependent weights,
+a symmetric contraction and no gate). The products are per atom, not per edge (their cost grows
+with the number of irreps, not of neighbors: keep l_max small, or parity off), and they leave the
+receptive field unchanged. Why: body order per layer buys data
+efficiency (MACE with invariant messages, L=0, reaches 14.6 meV/Å on 3BPA; NequIP needs l_max 3 and
+5 layers for 10.8).
 """
 
 import math
@@ -58,8 +65,21 @@ class SpeciesLinear(nn.Module):
         return out
 
 
+class DensityProduct(nn.Module):
+    """One more factor of an atom's neighbor density A: mix(B) x A, channel by channel ('uuu')."""
+
+    def __init__(self, irreps_left: List[Irrep], channels_left: List[int], irreps_density: List[Irrep],
+                 irreps_allowed: List[Irrep], channels: int):
+        super().__init__()
+        self.mix = IrrepsLinear(irreps_left, channels_left, irreps_left, [channels] * len(irreps_left))
+        self.tp = TensorProduct(irreps_left, irreps_density, irreps_allowed)
+
+    def forward(self, left: List[torch.Tensor], density: List[torch.Tensor]) -> List[torch.Tensor]:
+        return self.tp(self.mix(left), density)  # [(2l+1, N, c * paths)]
+
+
 class Interaction(nn.Module):
-    """One NequIP layer: convolution, self-connection, gate, residual."""
+    """One NequIP layer: convolution, (optional) density products, self-connection, gate, residual."""
 
     def __init__(
         self,
@@ -73,19 +93,50 @@ class Interaction(nn.Module):
         radial_hidden: int,
         radial_layers: int,
         avg_num_neighbors: float,
+        correlation: int = 1,
         keep: Optional[List[Irrep]] = None,
     ):
-        """keep: irreps of the output that are used afterwards (None: all). The last layer keeps only
+        """correlation: number of density factors in the node update (1: plain NequIP).
+        keep: irreps of the output that are used afterwards (None: all). The last layer keeps only
         what the readouts read, so no work is spent on blocks that cannot reach the energy."""
         super().__init__()
         self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
+        irreps_all = irreps_hidden
         if keep is not None:
             irreps_hidden = [ir for ir in irreps_hidden if ir in keep]
         self.num_features = num_features
         irreps_sh = [(l, (-1) ** l) for l in range(l_max + 1)]
-        self.tp = TensorProduct(irreps_in, irreps_sh, irreps_hidden + [(0, 1)], right_scalar_is_one=True)
-        # Only irreps the convolution can produce (the first layer, fed scalars, makes no 0o/1e).
-        reachable = [ir for ir in irreps_hidden if ir in self.tp.irreps_out]
+        # With density products, a last layer's messages keep every irrep: A x A couples them to scalars.
+        irreps_messages = (irreps_hidden if correlation == 1 else irreps_all) + [(0, 1)]
+        self.tp = TensorProduct(irreps_in, irreps_sh, irreps_messages, right_scalar_is_one=True)
+        if correlation < 1:
+            raise ValueError(f"correlation must be >= 1, got {correlation}")
+        if len(set(channels_in)) != 1:
+            raise ValueError("all input blocks must have the same number of channels")
+        self.channels_tp = channels_in[0]
+        channels_mid = [self.channels_tp * n for n in self.tp.paths_per_out]
+        # Products of the density A (the summed messages mixed to num_features channels per irrep):
+        # A x A, (A x A) x A, ...; the gate's input mixes the messages and every product. Products
+        # pass through every hidden irrep; only the last one is restricted to the kept irreps.
+        irreps_density = self.tp.irreps_out
+        irreps_mix, channels_mix = list(irreps_density), list(channels_mid)
+        to_density: List[IrrepsLinear] = []  # one module, or none for correlation 1
+        products: List[DensityProduct] = []
+        if correlation > 1:
+            to_density.append(IrrepsLinear(irreps_density, channels_mid, irreps_density,
+                                           [num_features] * len(irreps_density)))
+            irreps_left, channels_left = irreps_density, [num_features] * len(irreps_density)
+            for k in range(correlation - 1):
+                irreps_product = (irreps_all if k < correlation - 2 else irreps_hidden) + [(0, 1)]
+                product = DensityProduct(irreps_left, channels_left, irreps_density, irreps_product, num_features)
+                products.append(product)
+                irreps_left = product.tp.irreps_out
+                channels_left = [num_features * n for n in product.tp.paths_per_out]
+                irreps_mix, channels_mix = irreps_mix + irreps_left, channels_mix + channels_left
+        self.to_density = nn.ModuleList(to_density)
+        self.products = nn.ModuleList(products)
+        # Only irreps the convolution (or a product) can produce (the first layer, fed scalars, makes no 0o/1e).
+        reachable = [ir for ir in irreps_hidden if ir in irreps_mix]
         scalars = [ir for ir in reachable if ir[0] == 0]
         self.gated: List[Irrep] = [ir for ir in reachable if ir[0] > 0]
         self.num_scalars = len(scalars)
@@ -100,15 +151,11 @@ class Interaction(nn.Module):
 
         self.linear_in = IrrepsLinear(irreps_in, channels_in, irreps_in, channels_in)
         # Only 'uvu' paths from blocks with num_features channels; weights per path and channel.
-        if len(set(channels_in)) != 1:
-            raise ValueError("all input blocks must have the same number of channels")
-        self.channels_tp = channels_in[0]
-        channels_mid = [self.channels_tp * n for n in self.tp.paths_per_out]
         # No biases: a zero radial input (an edge at or beyond r_max) must give a zero message, so
         # edges past the cutoff (e.g. kept in a neighbor list with a skin) contribute nothing.
         self.radial = mlp([num_basis] + [radial_hidden] * radial_layers + [self.tp.num_paths * self.channels_tp],
                           bias=False)
-        self.linear_out = IrrepsLinear(self.tp.irreps_out, channels_mid, irreps_gate_in, channels_gate_in)
+        self.linear_out = IrrepsLinear(irreps_mix, channels_mix, irreps_gate_in, channels_gate_in)
         self.self_connection = SpeciesLinear(irreps_in, channels_in, irreps_gate_in, channels_gate_in, num_types)
         self.residual = irreps_in == self.irreps_out and channels_in == self.channels_out
 
@@ -128,7 +175,14 @@ class Interaction(nn.Module):
         weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp).transpose(0, 1).contiguous()
         messages = self.tp(h_neighbor, sh, weights)  # [(2l+1, E, c * paths)]
         aggregated = [scatter_rows(m, center, num_nodes) * self.inv_sqrt_neighbors for m in messages]
-        gate_in = self.linear_out(aggregated)
+        mix_in = aggregated
+        for to_density in self.to_density:  # correlation > 1 only
+            density = to_density(aggregated)  # [(2l+1, N, c)]
+            product = density
+            for step in self.products:
+                product = step(product, density)
+                mix_in = mix_in + product
+        gate_in = self.linear_out(mix_in)
         self_connection = self.self_connection(features, species)
         for k, target in enumerate(self.self_connection.targets):
             gate_in[target] = gate_in[target] + self_connection[k]
@@ -162,6 +216,7 @@ class NequIP(nn.Module):
         parity: bool = True,
         num_features: int = 32,
         num_layers: int = 2,
+        correlation: int = 1,
         num_basis: int = 8,
         cutoff_p: int = 6,
         radial_hidden: int = 64,
@@ -182,7 +237,7 @@ class NequIP(nn.Module):
         for k in range(num_layers):
             keep = None if k < num_layers - 1 else [(0, 1)] + ([(1, -1)] if vector_output else [])
             layer = Interaction(irreps, channels, hidden_irreps(l_max, parity), num_features, l_max, num_types,
-                                num_basis, radial_hidden, radial_layers, avg_num_neighbors, keep)
+                                num_basis, radial_hidden, radial_layers, avg_num_neighbors, correlation, keep)
             layers.append(layer)
             irreps, channels = layer.irreps_out, layer.channels_out
         self.layers = nn.ModuleList(layers)

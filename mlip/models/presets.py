@@ -1,7 +1,8 @@
 """Named model sizes. A preset is a handful of hyperparameters; overrides change single ones.
 
 ``small`` matches the peers' small models measured in benchmarks (r_max 5, l_max 1, 32 channels,
-2 layers, radial MLP 64, 8 Bessel functions, p = 6).
+2 layers, radial MLP 64, 8 Bessel functions, p = 6). NequIP's ``correlation`` > 1 adds MACE-style
+density products to each layer (see mlip.models.nequip); every preset is plain NequIP (1).
 """
 
 PRESETS = {
@@ -14,12 +15,12 @@ PRESETS = {
                       readout_hidden=128, num_basis=8, cutoff_p=6),
     },
     "nequip": {
-        "small": dict(r_max=5.0, l_max=1, parity=True, num_features=32, num_layers=2, num_basis=8, cutoff_p=6,
-                      radial_hidden=64, radial_layers=2),
-        "medium": dict(r_max=5.0, l_max=2, parity=True, num_features=32, num_layers=4, num_basis=8, cutoff_p=6,
-                       radial_hidden=64, radial_layers=2),
-        "large": dict(r_max=5.0, l_max=3, parity=True, num_features=64, num_layers=5, num_basis=8, cutoff_p=6,
-                      radial_hidden=64, radial_layers=3),
+        "small": dict(r_max=5.0, l_max=1, parity=True, num_features=32, num_layers=2, correlation=1,
+                      num_basis=8, cutoff_p=6, radial_hidden=64, radial_layers=2),
+        "medium": dict(r_max=5.0, l_max=2, parity=True, num_features=32, num_layers=4, correlation=1,
+                       num_basis=8, cutoff_p=6, radial_hidden=64, radial_layers=2),
+        "large": dict(r_max=5.0, l_max=3, parity=True, num_features=64, num_layers=5, correlation=1,
+                      num_basis=8, cutoff_p=6, radial_hidden=64, radial_layers=3),
     },
 }
 
