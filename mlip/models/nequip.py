@@ -10,9 +10,12 @@ summed messages (its neighbor density A) with itself, A x A, ..., up to nu facto
 higher-body-order node update (Batatia et al., NeurIPS 2022; there with species-dependent weights,
 a symmetric contraction and no gate). The products are per atom, not per edge (their cost grows
 with the number of irreps, not of neighbors: keep l_max small, or parity off), and they leave the
-receptive field unchanged. Why: body order per layer buys data
-efficiency (MACE with invariant messages, L=0, reaches 14.6 meV/Å on 3BPA; NequIP needs l_max 3 and
-5 layers for 10.8).
+receptive field unchanged. Why: body order per layer buys data efficiency (MACE with invariant
+messages, L=0, reaches 14.6 meV/Å on 3BPA; NequIP needs l_max 3 and 5 layers for 10.8). Measured
+here on 3BPA with equal settings and cost per epoch: validation force RMSE 42 meV/Å after 30 epochs
+with correlation 3 (2 layers) against 68 without (3 layers); see potentials/3bpa-nequip/README.md.
+
+Equivariant features are lists of blocks (2l+1, N, channels) (see mlip.nn.irreps).
 """
 
 import math
