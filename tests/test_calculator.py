@@ -143,16 +143,14 @@ def test_domains_partition_the_atoms():
 
 @pytest.mark.parametrize("structure", ["triclinic", "cluster"])
 @pytest.mark.parametrize("head", ["gradient", "direct"])
-@pytest.mark.parametrize("family", FAMILIES + ["nequip-correlation-3"])
-def test_domains_equal_whole_system(family, head, structure, monkeypatch):
+@pytest.mark.parametrize("family, overrides", [(family, {}) for family in FAMILIES] + [("nequip", {"correlation": 3})],
+                         ids=FAMILIES + ["nequip-correlation-3"])
+def test_domains_equal_whole_system(family, overrides, head, structure, monkeypatch):
     """Energies, per-atom energies, forces and stress by domains == one whole-system call (1e-8)."""
     atoms = strained_triclinic(repeat=(2, 2, 1)) if structure == "triclinic" else cluster(n=20)
     # r_max 3 Å: small halos (NequIP's is 2 x 3 Å) keep the test quick; still many periodic images.
     # Density products are per atom: ghost atoms need no more halo than plain NequIP.
-    if family == "nequip-correlation-3":
-        model = tiny_model("nequip", head, r_max=3.0, correlation=3)
-    else:
-        model = tiny_model(family, head, r_max=3.0)
+    model = tiny_model(family, head, r_max=3.0, **overrides)
     whole = atoms.copy()
     whole.calc = MLIPCalculator(model, domain_threshold=None)
 

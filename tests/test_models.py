@@ -201,6 +201,9 @@ def test_nequip_density_products(overrides, head, tmp_path):
                     weight.zero_()
     assert np.abs(predict(model, [atoms])["energy"] - before["energy"]).max() > 1e-7  # float64 noise: ~1e-13
 
+    with pytest.raises(ValueError, match="correlation"):
+        tiny_model("nequip", head, correlation=0)
+
 
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("family", FAMILIES)

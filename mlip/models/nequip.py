@@ -103,6 +103,8 @@ class Interaction(nn.Module):
         keep: irreps of the output that are used afterwards (None: all). The last layer keeps only
         what the readouts read, so no work is spent on blocks that cannot reach the energy."""
         super().__init__()
+        if correlation < 1:
+            raise ValueError(f"correlation (number of density factors) must be >= 1, got {correlation}")
         self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
         irreps_all = irreps_hidden
         if keep is not None:
@@ -112,8 +114,6 @@ class Interaction(nn.Module):
         # With density products, a last layer's messages keep every irrep: A x A couples them to scalars.
         irreps_messages = (irreps_hidden if correlation == 1 else irreps_all) + [(0, 1)]
         self.tp = TensorProduct(irreps_in, irreps_sh, irreps_messages, right_scalar_is_one=True)
-        if correlation < 1:
-            raise ValueError(f"correlation must be >= 1, got {correlation}")
         if len(set(channels_in)) != 1:
             raise ValueError("all input blocks must have the same number of channels")
         self.channels_tp = channels_in[0]
@@ -123,11 +123,11 @@ class Interaction(nn.Module):
         # pass through every hidden irrep; only the last one is restricted to the kept irreps.
         irreps_density = self.tp.irreps_out
         irreps_mix, channels_mix = list(irreps_density), list(channels_mid)
-        to_density: List[IrrepsLinear] = []  # one module, or none for correlation 1
+        self.to_density: Optional[IrrepsLinear] = None
         products: List[DensityProduct] = []
         if correlation > 1:
-            to_density.append(IrrepsLinear(irreps_density, channels_mid, irreps_density,
-                                           [num_features] * len(irreps_density)))
+            self.to_density = IrrepsLinear(irreps_density, channels_mid, irreps_density,
+                                           [num_features] * len(irreps_density))
             irreps_left, channels_left = irreps_density, [num_features] * len(irreps_density)
             for k in range(correlation - 1):
                 irreps_product = (irreps_all if k < correlation - 2 else irreps_hidden) + [(0, 1)]
@@ -136,7 +136,6 @@ class Interaction(nn.Module):
                 irreps_left = product.tp.irreps_out
                 channels_left = [num_features * n for n in product.tp.paths_per_out]
                 irreps_mix, channels_mix = irreps_mix + irreps_left, channels_mix + channels_left
-        self.to_density = nn.ModuleList(to_density)
         self.products = nn.ModuleList(products)
         # Only irreps the convolution (or a product) can produce (the first layer, fed scalars, makes no 0o/1e).
         reachable = [ir for ir in irreps_hidden if ir in irreps_mix]
@@ -179,7 +178,8 @@ class Interaction(nn.Module):
         messages = self.tp(h_neighbor, sh, weights)  # [(2l+1, E, c * paths)]
         aggregated = [scatter_rows(m, center, num_nodes) * self.inv_sqrt_neighbors for m in messages]
         mix_in = aggregated
-        for to_density in self.to_density:  # correlation > 1 only
+        to_density = self.to_density
+        if to_density is not None:  # correlation > 1
             density = to_density(aggregated)  # [(2l+1, N, c)]
             product = density
             for step in self.products:
