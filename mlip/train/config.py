@@ -21,6 +21,9 @@ class DataConfig:
     train: List[str] = field(default_factory=list)  # extxyz (anything ase.io reads) or .h5 graph files
     validation: List[str] = field(default_factory=list)  # separate validation files; empty: split train
     val_fraction: float = 0.1  # share of `train` held out when no validation file is given
+    # Seed of that split; None: the run's seed. Runs that differ only in their seed (committee members)
+    # set it so they hold out the same structures and their validation errors stay comparable.
+    split_seed: Optional[int] = None
     keys: Dict[str, str] = field(default_factory=dict)  # label names: {energy: REF_energy, forces: ..., stress: ...}
     type_names: Optional[List[str]] = None  # chemical symbols in model order; None: the elements found
     isolated_atom_energies: Optional[Dict[str, float]] = None  # eV; None: least-squares reference energies
@@ -77,7 +80,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | float64 (energies are always summed in float64)
     device: str = "cpu"
     threads: Optional[int] = 2  # torch intra-op threads; None: leave torch's setting
-    seed: int = 0  # model initialisation, train/validation split and the batch order of every epoch
+    seed: int = 0  # model initialisation, batch order of every epoch, train/validation split (data.split_seed)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint, run directory or deployed model file
     checkpoint_every_steps: int = 0  # also save last.pt inside an epoch every N steps (0: epoch ends only)
     progress: bool = True  # tqdm progress bar

@@ -62,7 +62,8 @@ def prepare_data(
         train_indices, val_indices = np.arange(len(train)), np.arange(len(validation))
     else:
         validation = train
-        train_indices, val_indices = split_indices(len(train), config.val_fraction, seed)
+        split_seed = seed if config.split_seed is None else config.split_seed
+        train_indices, val_indices = split_indices(len(train), config.val_fraction, split_seed)
     if len(train_indices) == 0:
         raise ValueError("no training structures left after the validation split")
     return TrainingData(train, train_indices, validation, val_indices, type_names, train.content_hash)
