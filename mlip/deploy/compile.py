@@ -66,7 +66,9 @@ def check_scripted(model: Potential, scripted: torch.jit.ScriptModule) -> None:
     inputs = _probe_inputs(model)
     eager = DeployedPotential(copy.deepcopy(model).eval())(*inputs)
     compiled = scripted(*inputs)
-    tolerance = 1e-5 if inputs[0].dtype == torch.float32 else 1e-10
+    # float32: eager and TorchScript may sum in different orders; 1e-5 refused a valid 3-epoch model
+    # (1.2e-5). A wrong compilation differs at O(1).
+    tolerance = 1e-4 if inputs[0].dtype == torch.float32 else 1e-10
     for key in eager:
         scale = max(float(eager[key].abs().max()), 1.0)
         difference = float((eager[key] - compiled[key]).abs().max()) / scale
