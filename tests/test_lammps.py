@@ -546,15 +546,20 @@ TINY = {
 }
 
 
-def deploy_tiny(path, family: str, head: str = "gradient", dtype=torch.float64, **overrides) -> str:
+def tiny_potential(family: str, head: str = "gradient", dtype=torch.float64, seed: int = 0, **overrides):
     from mlip.data.stats import DatasetStatistics
-    from mlip.deploy import deploy_model
     from mlip.models import ModelConfig, build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     stats = DatasetStatistics(type_names=SPECIES, reference_energies=[-1.0, -2.0], force_rms=1.0, avg_num_neighbors=20.0)
     config = ModelConfig(family=family, preset="small", r_max=4.0, head=head, overrides=dict(TINY[family], **overrides))
-    deploy_model(build_model(config, stats, dtype=dtype), path)
+    return build_model(config, stats, dtype=dtype)
+
+
+def deploy_tiny(path, family: str, head: str = "gradient", dtype=torch.float64, **overrides) -> str:
+    from mlip.deploy import deploy_model
+
+    deploy_model(tiny_potential(family, head, dtype, **overrides), path)
     return str(path)
 
 
@@ -596,11 +601,22 @@ def test_real_model_matches_calculator(plugin, tmp_path, family, head, dtype):
         assert_close(got["pressure_bar"][:3], -np.diag(stress) * got["nktv2p"], rtol, "pressure (bar)")
 
 
-@pytest.mark.parametrize("family, overrides", [("allegro", {}), ("nequip", {}), ("nequip", {"correlation": 3})],
-                         ids=["allegro", "nequip", "nequip-correlation-3"])
-def test_real_model_two_ranks(plugin, tmp_path, family, overrides):
-    model = deploy_tiny(tmp_path / "model.pt", family, **overrides)
+@pytest.mark.parametrize("members", [[("allegro", {})], [("nequip", {})], [("nequip", {"correlation": 3})],
+                                     [("allegro", {}), ("nequip", {})]],
+                         ids=["allegro", "nequip", "nequip-correlation-3", "committee"])
+def test_real_model_two_ranks(plugin, tmp_path, members):
+    """Several members: one committee file, whose ghost depth is its deeper member's (there also
+    1 rank == ASE)."""
+    from mlip.deploy import deploy_model
+    from mlip.models import build_committee
+
+    potentials = [tiny_potential(family, seed=k, **overrides) for k, (family, overrides) in enumerate(members)]
+    model = str(tmp_path / "model.pt")
+    deploy_model(potentials[0] if len(potentials) == 1 else build_committee(potentials), model)
     data = write_data(rattled_crystal(seed=10), tmp_path / "structure.data")
+    if len(potentials) > 1:
+        atoms = rattled_crystal(seed=10)
+        assert_matches(run_zero(atoms, model, tmp_path), calculator_results(atoms, model, stress=True), 1e-8)
     results = []
     for ranks in (1, 2):
         output = run_lmp(md_script(data, model), tmp_path, ranks)

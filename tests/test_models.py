@@ -269,3 +269,67 @@ def test_calculator_gives_old_model_files_plain_edges():
         results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
     for got, want in zip(results[1], results[0]):
         assert_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_committee_is_the_mean_of_its_members(head, tmp_path):
+    """A committee file (NequIP with 3 layers + Allegro + NequIP with density products) gives the
+    mean of its members' energies, per-atom energies, forces and stress; it is O(3)-symmetric; its
+    receptive field is the deepest member's, so domains still equal the whole system; and the file
+    re-deploys to the same numbers."""
+    from mlip.calculators import domains
+    from mlip.models import build_committee
+
+    members = [tiny_model("nequip", head, seed=0, num_layers=3), tiny_model("allegro", head, seed=1),
+               tiny_model("nequip", head, seed=2, l_max=2, correlation=3)]
+    committee = build_committee(members)
+    atoms = triclinic_alloy()
+    got = assert_symmetric(committee, atoms, np.random.default_rng(4))
+    each = [predict(member, [atoms]) for member in members]
+    for key in got:
+        assert_close(got[key], np.mean([e[key] for e in each], axis=0), 1e-12, key)
+    spread = np.abs(each[0]["forces"] - each[1]["forces"]).max()
+    assert spread > 1e-2, "members agree: the mean would prove nothing"
+
+    path = tmp_path / "committee.pt"
+    deploy_model(committee, path)
+    _, metadata = load_model(path)
+    assert metadata["message_passing_layers"] == 3 and metadata["model_family"] == "nequip"
+    assert [m["num_layers"] for m in metadata["hyperparameters"]["members"]] == [3, 2, 2]
+    redeployed = tmp_path / "again.pt"
+    from mlip.cli import main
+
+    assert main(["deploy", str(path), "-o", str(redeployed)]) == 0
+    whole = MLIPCalculator(str(redeployed), domain_threshold=None)
+    by_domains = MLIPCalculator(str(path), domain_threshold=4, domain_atoms=5)
+    assert len(domains.split_into_domains(atoms.positions, atoms.cell.array, atoms.pbc, 5)) >= 4
+    results = []
+    for calc in (whole, by_domains):
+        atoms.calc = calc
+        results.append([atoms.get_potential_energy(), atoms.get_potential_energies(), atoms.get_forces()]
+                       + ([atoms.get_stress(voigt=False)] if head == "gradient" else []))
+    expected = [got["energy"][0], got["atomic_energies"], got["forces"]]
+    expected += [got["stress"][0]] if head == "gradient" else []
+    for values in results:
+        for value, want, what in zip(values, expected, ["energy", "atomic energies", "forces", "stress"]):
+            assert_close(value, want, 1e-9, what)
+
+
+def test_committee_refuses_mismatched_members():
+    from mlip.models import build_committee
+
+    nequip = tiny_model("nequip")
+    with pytest.raises(ValueError, match="at least 2"):
+        build_committee([nequip])
+    with pytest.raises(ValueError, match="force head"):
+        build_committee([nequip, tiny_model("allegro", "direct")])
+    with pytest.raises(ValueError, match="r_max"):
+        build_committee([nequip, tiny_model("allegro", r_max=3.0)])
+    with pytest.raises(ValueError, match="dtype"):
+        build_committee([nequip, tiny_model("allegro", dtype=torch.float32)])
+    other_data = tiny_model("allegro")
+    other_data.statistics.force_rms = 2.0
+    with pytest.raises(ValueError, match="training statistics"):
+        build_committee([nequip, other_data])
+    with pytest.raises(ValueError, match="itself a committee"):
+        build_committee([build_committee([nequip, tiny_model("allegro")]), nequip])

@@ -272,6 +272,37 @@ def test_init_from_starts_at_the_source_weights(trained_run, deployed, data_file
     assert result.steps == 0
 
 
+def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
+    """A run with another seed but the same split (data.split_seed) joins the first in one committee
+    file that predicts their mean. With another split the training statistics differ and deploy
+    refuses; a committee file cannot be fine-tuned."""
+    second = train(tiny_config(data_file, tmp_path / "seed1", seed=1, data={"split_seed": 0}, stop={"max_epochs": 3}))
+    other_split = train(tiny_config(data_file, tmp_path / "split1", seed=1, stop={"max_epochs": 1}))
+    statistics = [load_checkpoint(run.run_dir)["statistics"]
+                  for run in (trained_run, second, other_split)]
+    assert statistics[1] == statistics[0] and statistics[2] != statistics[0]
+
+    paths = [str(tmp_path / name) for name in ("first.pt", "second.pt", "committee.pt")]
+    for run_dirs, path in (([trained_run.run_dir], paths[0]), ([second.run_dir], paths[1]),
+                           ([trained_run.run_dir, second.run_dir], paths[2])):
+        assert main(["deploy", *run_dirs, "-o", path]) == 0
+    atoms = emt_copper(n=2, seed=5)[1]
+    results = []
+    for path in paths:
+        atoms.calc = MLIPCalculator(path)
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    assert np.abs(results[0][1] - results[1][1]).max() > 1e-3, "members agree: the mean would prove nothing"
+    for k, what in enumerate(("energy", "forces", "stress")):
+        mean = (results[0][k] + results[1][k]) / 2
+        assert np.allclose(results[2][k], mean, rtol=1e-5, atol=1e-6), what
+
+    capsys.readouterr()
+    assert main(["deploy", trained_run.run_dir, other_split.run_dir, "-o", str(tmp_path / "bad.pt")]) == 2
+    assert "training statistics" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="committee of 2 models"):
+        train(tiny_config(data_file, tmp_path / "finetune", init_from=paths[2], stop={"max_epochs": 0}))
+
+
 def test_direct_head_fits_about_as_well_as_the_gradient_head(trained_run, data_file, tmp_path):
     direct = train(tiny_config(data_file, tmp_path / "direct", head="direct"))
     gradient_mae = min(r["val_forces_mae"] for r in trained_run.history[1:])

@@ -8,8 +8,12 @@ def register(commands) -> None:
                             description="Compile a checkpoint (or a run directory: its best.pt) into a model file "
                                         "for ASE and LAMMPS, with the EMA weights when the run kept them. "
                                         "Given a model file, re-compile it with this version of mlip (same weights "
-                                        "and metadata; a model file keeps the code it was compiled with).")
-    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt), run directory, or model file")
+                                        "and metadata; a model file keeps the code it was compiled with). "
+                                        "Given several, write one committee file: the mean of their energies, "
+                                        "forces and stress.")
+    p.add_argument("checkpoint", nargs="+",
+                   help="checkpoint file (best.pt, last.pt), run directory, or model file; several: one committee "
+                        "file whose energy is their mean (models trained on the same structures and split)")
     p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
@@ -34,29 +38,45 @@ def register(commands) -> None:
 
 
 def run_deploy(args) -> int:
+    from . import deploy_model
+
+    sources = [_eager_model(path, args.no_ema) for path in args.checkpoint]
+    hashes = {data_hash for _, data_hash, _ in sources}
+    if len(sources) == 1:
+        model, data_hash, description = sources[0]
+    else:
+        from ..models import build_committee
+
+        if len(hashes) > 1:
+            raise ValueError("committee members were trained on different data (training data hashes differ): "
+                             "a committee averages models of one training set")
+        model, data_hash = build_committee([model for model, _, _ in sources]), hashes.pop()
+        description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
+    deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check)
+    print(f"wrote {args.output}: {description}")
+    return 0
+
+
+def _eager_model(path: str, no_ema: bool):
+    """(potential, training data hash, description) of a checkpoint, run directory or model file."""
     from ..train.checkpoint import is_model_file, load_checkpoint
     from ..train.trainer import model_from_checkpoint, model_from_model_file, prefer_best
-    from . import deploy_model
     from .model_file import read_metadata
 
-    path = prefer_best(args.checkpoint)
+    path = prefer_best(path)
     if is_model_file(path):
-        if args.no_ema:
+        if no_ema:
             raise ValueError(f"--no-ema needs a training checkpoint: {path} is a model file, which holds only "
                              "the weights it was deployed with")
         metadata = read_metadata(path)
-        model = model_from_model_file(path)
-        deploy_model(model, args.output, training_data_hash=metadata.get("training_data_hash"), check=not args.no_check)
-        print(f"wrote {args.output}: {path} (written by mlip {metadata.get('mlip_version')}) re-compiled, same weights")
-        return 0
+        return (model_from_model_file(path), metadata.get("training_data_hash"),
+                f"{path} (written by mlip {metadata.get('mlip_version')}) re-compiled, same weights")
     checkpoint = load_checkpoint(path)
-    use_ema = not args.no_ema and checkpoint.get("ema") is not None
+    use_ema = not no_ema and checkpoint.get("ema") is not None
     model = model_from_checkpoint(checkpoint, use_ema=use_ema)
-    deploy_model(model, args.output, training_data_hash=checkpoint["training_data_hash"], check=not args.no_check)
-    epoch = checkpoint["position"]["epoch"]
-    print(f"wrote {args.output} from {path} (epoch {epoch}, {'EMA' if use_ema else 'raw'} weights, "
-          f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
-    return 0
+    return (model, checkpoint["training_data_hash"],
+            f"{path} (epoch {checkpoint['position']['epoch']}, {'EMA' if use_ema else 'raw'} weights, "
+            f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
 
 
 def run_info(args) -> int:
@@ -70,8 +90,11 @@ def run_info(args) -> int:
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
                 "mlip_version", "format_version", "training_data_hash"):
         print(f"  {key:<24} {metadata.get(key)}")
-    hyper = metadata.get("hyperparameters", {})
+    hyper = dict(metadata.get("hyperparameters", {}))
+    members = hyper.pop("members", [])  # a committee: one line per member
     print(f"  {'hyperparameters':<24} " + ", ".join(f"{k}={v}" for k, v in hyper.items()))
+    for k, member in enumerate(members, start=1):
+        print(f"  {f'committee member {k}':<24} " + ", ".join(f"{name}={v}" for name, v in member.items()))
     statistics = metadata.get("statistics")
     if statistics:
         references = dict(zip(statistics["type_names"], statistics["reference_energies"]))

@@ -7,6 +7,7 @@ import torch
 
 from ..data.stats import DatasetStatistics
 from .allegro import Allegro
+from .committee import CommitteeConfig, build_committee
 from .nequip import NequIP
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
@@ -31,6 +32,9 @@ class ModelConfig:
     def message_passing_layers(self) -> int:
         """Receptive field in units of r_max: ghost depth for domains and LAMMPS."""
         return self.hyperparameters()["num_layers"] if self.family == "nequip" else 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 def build_model(
@@ -61,9 +65,18 @@ def build_model(
     return model
 
 
+def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, dtype: torch.dtype) -> Potential:
+    """The architecture a checkpoint or model file describes (``model_metadata``'s "model_config"),
+    with freshly initialised weights: one model, or a committee of them."""
+    if "members" in model_config:
+        return build_committee([build_model(ModelConfig(**m), statistics, dtype) for m in model_config["members"]])
+    return build_model(ModelConfig(**model_config), statistics, dtype)
+
+
 def model_metadata(model: Potential) -> Dict[str, Any]:
-    config: ModelConfig = model.config
+    config = model.config  # ModelConfig or CommitteeConfig
     params = config.hyperparameters()
+    committee = isinstance(config, CommitteeConfig)
     return {
         "model_family": config.family,
         "type_names": list(model.statistics.type_names),
@@ -71,9 +84,9 @@ def model_metadata(model: Potential) -> Dict[str, Any]:
         "message_passing_layers": config.message_passing_layers(),
         "force_head": config.head,
         "dtype": str(next(model.energy_model.parameters()).dtype).replace("torch.", ""),
-        "hyperparameters": {"preset": config.preset, **params},
+        "hyperparameters": params if committee else {"preset": config.preset, **params},
         "statistics": model.statistics.to_dict(),
-        "model_config": asdict(config),
+        "model_config": config.to_dict(),
     }
 
 
@@ -85,5 +98,8 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "build_model",
+    "build_committee",
+    "CommitteeConfig",
+    "rebuild_model",
     "model_metadata",
 ]

@@ -25,7 +25,7 @@ import yaml
 from ..allocator import reuse_freed_memory
 from ..data import BatchLoader, keys
 from ..data.stats import DatasetStatistics
-from ..models import ModelConfig, Potential, build_model
+from ..models import ModelConfig, Potential, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig, config_from_dict, config_to_dict
@@ -116,8 +116,7 @@ def model_from_model_file(path: str) -> Potential:
 
 def _rebuild(source: Dict, weights: Dict[str, torch.Tensor], dtype: str) -> Potential:
     with torch.random.fork_rng(devices=[]):  # initial weights are overwritten: leave the global RNG alone
-        model = build_model(ModelConfig(**source["model_config"]), DatasetStatistics.from_dict(source["statistics"]),
-                            DTYPES[dtype])
+        model = rebuild_model(source["model_config"], DatasetStatistics.from_dict(source["statistics"]), DTYPES[dtype])
     _load_weights(model, weights)
     return model
 
@@ -149,6 +148,9 @@ class Trainer:
         source = checkpoint
         if source is None and config.init_from:
             source = load_finetune_source(config.init_from)
+        if source and "members" in source["model_config"]:
+            raise ValueError(f"{config.init_from} is a committee of {len(source['model_config']['members'])} models: "
+                             "fine-tune each member from its own run directory, then build a new committee")
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
