@@ -41,16 +41,17 @@ def run_deploy(args) -> int:
     from . import deploy_model
 
     sources = [_eager_model(path, args.no_ema) for path in args.checkpoint]
-    hashes = {data_hash for _, data_hash, _ in sources}
     if len(sources) == 1:
         model, data_hash, description = sources[0]
     else:
         from ..models import build_committee
 
-        if len(hashes) > 1:
-            raise ValueError("committee members were trained on different data (training data hashes differ): "
-                             "a committee averages models of one training set")
-        model, data_hash = build_committee([model for model, _, _ in sources]), hashes.pop()
+        hashes = [data_hash for _, data_hash, _ in sources]
+        if len(set(hashes)) > 1:  # a model file may carry no hash (null): then the data cannot be confirmed
+            listing = ", ".join(f"{path}: {(h or 'unknown')[:12]}" for path, h in zip(args.checkpoint, hashes))
+            raise ValueError(f"committee members must share one training set, but their training data hashes "
+                             f"differ ({listing})")
+        model, data_hash = build_committee([model for model, _, _ in sources]), hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
     deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check)
     print(f"wrote {args.output}: {description}")
