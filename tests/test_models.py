@@ -304,10 +304,19 @@ def test_committee_is_the_mean_of_its_members(head, tmp_path):
     by_domains = MLIPCalculator(str(path), domain_threshold=4, domain_atoms=5)
     assert len(domains.split_into_domains(atoms.positions, atoms.cell.array, atoms.pbc, 5)) >= 4
     results = []
+    member_energies = [e["energy"][0] for e in each]
     for calc in (whole, by_domains):
         atoms.calc = calc
         results.append([atoms.get_potential_energy(), atoms.get_potential_energies(), atoms.get_forces()]
                        + ([atoms.get_stress(voigt=False)] if head == "gradient" else []))
+        # Each model's own energy comes out too, and their spread is the uncertainty.
+        assert_close(calc.get_property("committee_energies", atoms), member_energies, 1e-9, "member energies")
+        assert_close(calc.get_property("energy_uncertainty", atoms), np.std(member_energies), 1e-9, "spread")
+    assert np.std(member_energies) > 1e-3
+    single = MLIPCalculator(members[0])
+    atoms.calc = single
+    atoms.get_potential_energy()
+    assert "energy_uncertainty" not in single.results and "energy_uncertainty" not in single.implemented_properties
     expected = [got["energy"][0], got["atomic_energies"], got["forces"]]
     expected += [got["stress"][0]] if head == "gradient" else []
     for values in results:

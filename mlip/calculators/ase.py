@@ -4,7 +4,10 @@
     atoms.calc = MLIPCalculator("model.pt")            # or device="cuda", dtype from the file
 
 Results in ASE units: energy / free_energy (eV), energies (eV per atom, reference energies
-included), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, ASE sign; periodic cells only).
+included), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, ASE sign; periodic cells only). A committee file
+(`mlip deploy A B ...`) also gives committee_energies (eV, one per model; "energy" is their mean)
+and energy_uncertainty (eV, their standard deviation): large where the models disagree, i.e.
+where the structure is unlike the training data.
 
 Speed in MD: the neighbor list is built with a skin and reused until an atom has moved more than
 half the skin or the cell changed; each step only filters the candidate edges to r_max on the
@@ -79,6 +82,8 @@ class MLIPCalculator(Calculator):
         self.gradient_head = self.metadata["force_head"] == "gradient"
         if not self.gradient_head:
             self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
+        if "members" in self.metadata.get("hyperparameters", {}):
+            self.implemented_properties = self.implemented_properties + ["committee_energies", "energy_uncertainty"]
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.domain_threshold = domain_threshold
@@ -166,6 +171,10 @@ class MLIPCalculator(Calculator):
             forces = forces - forces.mean(axis=0)  # direct forces: no net force, no drift
         energy = float(out["energy"])
         self.results = {"energy": energy, "free_energy": energy, "energies": energies, "forces": forces}
+        if "member_atomic_energies" in out:
+            committee_energies = out["member_atomic_energies"].detach().cpu().numpy().sum(axis=0)  # (M,) eV
+            self.results["committee_energies"] = committee_energies
+            self.results["energy_uncertainty"] = float(committee_energies.std())
         if self.gradient_head and atoms.pbc.all():
             virial = out["virial"].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = matrix_to_voigt(-virial.T / atoms.get_volume())

@@ -42,7 +42,8 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     """Model outputs of the whole system, computed domain by domain.
 
     Returns the keys of the model output: "atomic_energies" (N,) float64, "energy" () float64,
-    "forces" (N, 3) in the model dtype and, for a gradient head, "virial" (3, 3).
+    "forces" (N, 3) in the model dtype, for a gradient head "virial" (3, 3) and, for a committee,
+    "member_atomic_energies" (N, M) float64.
     """
     positions = np.asarray(atoms.positions, dtype=np.float64)  # (N, 3) Å
     cell = atoms.cell.array.astype(np.float64)  # (3, 3) rows are lattice vectors
@@ -59,6 +60,7 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     atomic_energies = torch.zeros(num_atoms, dtype=torch.float64, device=device)
     forces = torch.zeros(num_atoms, 3, dtype=torch.float64, device=device)  # summed in float64
     virial = torch.zeros(3, 3, dtype=torch.float64, device=device)
+    member_energies = None  # (N, M) float64, committees only
 
     for owned in split_into_domains(positions, cell, pbc, calc.domain_atoms):
         node_atoms, node_shifts, edge_index = _domain_graph(owned, graph, layers, num_atoms)
@@ -73,6 +75,10 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
         )
         owned_t = torch.as_tensor(owned, device=device)
         atomic_energies[owned_t] = out["atomic_energies"].to(torch.float64)
+        if "member_atomic_energies" in out:
+            if member_energies is None:
+                member_energies = atomic_energies.new_zeros(num_atoms, out["member_atomic_energies"].shape[1])
+            member_energies[owned_t] = out["member_atomic_energies"]
         # A ghost is an image of an atom: its force acts on that atom.
         forces.index_add_(0, torch.as_tensor(node_atoms, device=device), out["forces"].to(torch.float64))
         if calc.gradient_head:
@@ -86,6 +92,8 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     }
     if calc.gradient_head:
         result["virial"] = virial.to(dtype)
+    if member_energies is not None:
+        result["member_atomic_energies"] = member_energies
     return result
 
 

@@ -4,7 +4,8 @@ Models trained on the same structures from different initialisations make partly
 errors on structures they have not seen; their mean cancels part of that generalization error
 (3BPA test_300K here: two models at 20.4 meV/Å force RMSE each average to 17.0). The mean energy is
 one energy, so forces, virial and stress come from the same single autograd path as for one model
-and stay conservative. Cost: the sum of the members' costs.
+and stay conservative. Cost: the sum of the members' costs. The members' own energies come out
+too (their spread is an uncertainty estimate), at no extra cost: no derivative is taken of them.
 
 Members must share the training statistics (same structures, same train/validation split: the
 reference energies and the energy scale are then one set for all), the cutoff, the force head and
@@ -46,7 +47,8 @@ class CommitteeConfig:
 
 
 class CommitteeEnergy(nn.Module):
-    """Edge vectors -> the members' mean raw per-atom energies (N,) and mean vectors (N, 3) or None."""
+    """Edge vectors -> each member's raw per-atom energies (N, M) (the Potential takes their mean)
+    and the mean vectors (N, 3) or None."""
 
     def __init__(self, energy_models: List[nn.Module]):
         super().__init__()
@@ -65,7 +67,7 @@ class CommitteeEnergy(nn.Module):
         mean_vectors: Optional[torch.Tensor] = None
         if len(vectors) == len(energies):
             mean_vectors = torch.stack(vectors).mean(dim=0)
-        return torch.stack(energies).mean(dim=0), mean_vectors
+        return torch.stack(energies, dim=1), mean_vectors
 
 
 def build_committee(members: List[Potential]) -> Potential:

@@ -16,7 +16,10 @@ from ..nn import scatter_sum
 
 class Potential(nn.Module):
     """Reads positions, atom_types, edge_index, edge_shifts, batch, cell, pbc, num_atoms;
-    writes energy, atomic_energies, forces (+ virial, stress for the gradient head)."""
+    writes energy, atomic_energies, forces (+ virial, stress for the gradient head).
+
+    The energy model maps edge vectors to raw per-atom energies (N,), or (N, M) for a committee of
+    M models (mlip.models.committee), whose mean is the energy."""
 
     def __init__(
         self,
@@ -40,9 +43,10 @@ class Potential(nn.Module):
         num_local: int,
         create_graph: bool,
         paired: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Per-atom energies of the first ``num_local`` nodes, forces on all nodes,
-        edge vectors and (gradient head) dE/dr_ij.
+        edge vectors, (gradient head) dE/dr_ij and (committee) each member's per-atom energies
+        (num_local, M), detached: forces come from the mean energy only.
 
         paired: edge k + E/2 is the reverse of edge k (mlip.data.pair_edges); the model may then
         compute what depends on the pair distance alone once per pair. Forces and virial stay
@@ -56,6 +60,11 @@ class Potential(nn.Module):
         raw_energies, raw_vectors = self.energy_model(edge_vectors, atom_types, edge_index, paired)
         # Reference energies are ~1e3 eV per atom: add them in float64 so float32 models keep meV.
         reference = self.reference_energies.to(torch.float64)[atom_types]
+        member_energies: Optional[torch.Tensor] = None
+        if raw_energies.dim() == 2:  # a committee: (N, M)
+            member_raw = raw_energies.detach()[:num_local]
+            member_energies = (self.energy_scale * member_raw).to(torch.float64) + reference[:num_local].unsqueeze(1)
+            raw_energies = raw_energies.mean(dim=1)
         atomic_energies = ((self.energy_scale * raw_energies).to(torch.float64) + reference)[:num_local]
 
         if self.gradient_head:
@@ -68,20 +77,20 @@ class Potential(nn.Module):
                 edge_grad = torch.zeros_like(edge_vectors)
             forces = torch.zeros_like(positions)
             forces = forces.index_add(0, center, edge_grad).index_add(0, neighbor, -edge_grad)
-            return atomic_energies, forces, edge_vectors, edge_grad
+            return atomic_energies, forces, edge_vectors, edge_grad, member_energies
 
         if raw_vectors is None:
             raise RuntimeError("direct-force head needs an energy model built with vector_output=True")
         forces = self.energy_scale * raw_vectors
         # Ghost nodes see an incomplete environment: their direct forces are not predictions.
         local = (torch.arange(forces.shape[0], device=forces.device) < num_local).unsqueeze(-1)
-        return atomic_energies, forces * local.to(forces.dtype), edge_vectors, None
+        return atomic_energies, forces * local.to(forces.dtype), edge_vectors, None, member_energies
 
     def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = data[keys.POSITIONS]
         batch = data[keys.BATCH]
         num_graphs = data[keys.NUM_ATOMS].shape[0]
-        atomic_energies, forces, edge_vectors, edge_grad = self.energies_and_forces(
+        atomic_energies, forces, edge_vectors, edge_grad, _ = self.energies_and_forces(
             positions, data[keys.ATOM_TYPES], data[keys.EDGE_INDEX], data[keys.EDGE_SHIFTS],
             positions.shape[0], self.training, keys.EDGES_PAIRED in data and bool(data[keys.EDGES_PAIRED]),
         )
@@ -127,7 +136,7 @@ class DeployedPotential(nn.Module):
         num_local: int,
         paired: bool = False,
     ) -> Dict[str, torch.Tensor]:
-        atomic_energies, forces, edge_vectors, edge_grad = self.potential.energies_and_forces(
+        atomic_energies, forces, edge_vectors, edge_grad, member_energies = self.potential.energies_and_forces(
             positions, atom_types, edge_index, edge_shifts, num_local, False, paired
         )
         out = {
@@ -137,4 +146,6 @@ class DeployedPotential(nn.Module):
         }
         if edge_grad is not None:
             out[keys.VIRIAL] = -(edge_vectors.detach().t() @ edge_grad)  # (3, 3)
+        if member_energies is not None:
+            out[keys.MEMBER_ATOMIC_ENERGIES] = member_energies
         return out
