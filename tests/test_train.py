@@ -296,6 +296,20 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
         mean = (results[0][k] + results[1][k]) / 2
         assert np.allclose(results[2][k], mean, rtol=1e-5, atol=1e-6), what
 
+    # mlip evaluate on the committee: the members' mean spread and how it ranks the energy errors,
+    # checked against each member file's own energies.
+    structures = ase.io.read(data_file, ":")
+    member_energies = np.array([[MLIPCalculator(p).get_potential_energy(a) for p in paths[:2]] for a in structures])
+    spread = member_energies.std(axis=1)
+    abs_error = np.abs(member_energies.mean(axis=1) - [a.get_potential_energy() for a in structures])
+    from scipy.stats import spearmanr
+
+    report = evaluate(paths[2], [data_file])["files"][data_file]["committee"]
+    assert spread.min() > 0
+    assert np.isclose(report["energy_uncertainty_mean"], spread.mean(), rtol=1e-6)
+    assert np.isclose(report["uncertainty_error_spearman"], spearmanr(spread, abs_error)[0], atol=1e-6)
+    assert "committee" not in evaluate(paths[0], [data_file])["files"][data_file]
+
     capsys.readouterr()
     assert main(["deploy", trained_run.run_dir, other_split.run_dir, "-o", str(tmp_path / "bad.pt")]) == 2
     assert "training statistics" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from ..allocator import reuse_freed_memory
+from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import neighbor_list, pair_edges
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
@@ -83,7 +84,7 @@ class MLIPCalculator(Calculator):
         if not self.gradient_head:
             self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
         if "members" in self.metadata.get("hyperparameters", {}):
-            self.implemented_properties = self.implemented_properties + ["committee_energies", "energy_uncertainty"]
+            self.implemented_properties = self.implemented_properties + ["committee_energies", keys.ENERGY_UNCERTAINTY]
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.domain_threshold = domain_threshold
@@ -171,10 +172,10 @@ class MLIPCalculator(Calculator):
             forces = forces - forces.mean(axis=0)  # direct forces: no net force, no drift
         energy = float(out["energy"])
         self.results = {"energy": energy, "free_energy": energy, "energies": energies, "forces": forces}
-        if "member_atomic_energies" in out:
-            committee_energies = out["member_atomic_energies"].detach().cpu().numpy().sum(axis=0)  # (M,) eV
+        if keys.MEMBER_ATOMIC_ENERGIES in out:
+            committee_energies = out[keys.MEMBER_ATOMIC_ENERGIES].detach().cpu().numpy().sum(axis=0)  # (M,) eV
             self.results["committee_energies"] = committee_energies
-            self.results["energy_uncertainty"] = float(committee_energies.std())
+            self.results[keys.ENERGY_UNCERTAINTY] = float(committee_energies.std())
         if self.gradient_head and atoms.pbc.all():
             virial = out["virial"].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = matrix_to_voigt(-virial.T / atoms.get_volume())

@@ -3,7 +3,8 @@
 The model file is evaluated through its contract (see mlip.deploy.model_file), several structures
 per call: a batch is one disconnected graph, so per-atom energies and forces come out per
 structure. The virial of a call is one total, so structures whose stress is compared are
-evaluated one at a time.
+evaluated one at a time. For a committee file, the report also says how well the members' energy
+spread (the uncertainty the ASE calculator gives) ranks the structures by their energy error.
 """
 
 import os
@@ -33,7 +34,9 @@ def evaluate(
     """MAE/RMSE of energy, energy per atom, forces and stress for each file (and its config types).
 
     Returns {"model", "files": {path: {"all": metrics, "config_types": {name: metrics},
-    "num_structures", "num_atoms", "seconds"}}, "all": metrics over every file}.
+    "num_structures", "num_atoms", "seconds"[, "committee"]}}, "all": metrics over every file}.
+    "committee" (committee files): mean energy uncertainty (eV) and the rank correlation
+    (Spearman) between each structure's uncertainty and its absolute energy error.
     Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
     """
     import ase.io
@@ -53,6 +56,7 @@ def evaluate(
         metrics = ErrorMetrics()
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
                                                      "stress (eV/Å³)": [[], []]}
+        uncertainties, energy_errors = [], []  # (B,) eV per batch, committees only
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
             batch = collate(graphs, dtype=dtype, device=device, paired=paired)
@@ -61,6 +65,9 @@ def evaluate(
             metrics.update(prediction, batch, groups)
             overall.update(prediction, batch)
             _collect(parity, prediction, batch)
+            if keys.ENERGY_UNCERTAINTY in prediction:
+                uncertainties.append(prediction[keys.ENERGY_UNCERTAINTY].cpu().numpy())
+                energy_errors.append((prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)).cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -70,6 +77,9 @@ def evaluate(
             # Files without config types would get one "(none)" group: a copy of "all".
             "config_types": {g: metrics.summary(g) for g in metrics.groups()} if metrics.groups() != ["(none)"] else {},
         }
+        if uncertainties:
+            report["files"][os.fspath(path)]["committee"] = _uncertainty_report(
+                np.concatenate(uncertainties), np.abs(np.concatenate(energy_errors)))
         if plots_dir:
             name = os.path.splitext(os.path.basename(os.fspath(path)))[0].replace(".extxyz", "").replace(".xyz", "")
             from .plots import plot_parity
@@ -96,10 +106,25 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
         net = torch.zeros(num_graphs, 3, dtype=forces.dtype, device=forces.device).index_add(0, structure, forces)
         forces = forces - (net / batch[keys.NUM_ATOMS].unsqueeze(-1).to(forces.dtype))[structure]
     prediction = {keys.ENERGY: energy, keys.FORCES: forces}
+    if keys.MEMBER_ATOMIC_ENERGIES in out:  # a committee: each member's energy per structure (B, M)
+        members = out[keys.MEMBER_ATOMIC_ENERGIES]
+        member_energies = torch.zeros(num_graphs, members.shape[1], dtype=torch.float64, device=positions.device)
+        member_energies = member_energies.index_add(0, structure, members)
+        prediction[keys.ENERGY_UNCERTAINTY] = member_energies.std(dim=1, unbiased=False)
     if keys.VIRIAL in out and num_graphs == 1 and bool(batch[keys.PBC].all()):
         volume = torch.linalg.det(batch[keys.CELL][0]).abs()
         prediction[keys.STRESS] = (-out[keys.VIRIAL].transpose(0, 1) / volume).unsqueeze(0)
     return prediction
+
+
+def _uncertainty_report(uncertainty: np.ndarray, abs_error: np.ndarray) -> Dict[str, float]:
+    """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,)."""
+
+    def ranks(values):
+        return np.argsort(np.argsort(values)).astype(np.float64)
+
+    correlation = float(np.corrcoef(ranks(uncertainty), ranks(abs_error))[0, 1]) if len(abs_error) > 2 else float("nan")
+    return {"energy_uncertainty_mean": float(uncertainty.mean()), "uncertainty_error_spearman": correlation}
 
 
 def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
@@ -156,6 +181,10 @@ def format_table(report: Dict) -> str:
         lines.append(row(os.path.basename(path), result[ALL], result["num_structures"]))
         for group, summary in result["config_types"].items():
             lines.append(row(f"  {group}", summary, summary.get("energy_count", 0)))
+        if "committee" in result:
+            c = result["committee"]
+            lines.append(f"  committee: mean energy uncertainty {1000 * c['energy_uncertainty_mean']:.4g} meV; rank "
+                         f"correlation of uncertainty with |energy error| {c['uncertainty_error_spearman']:.2f}")
     if len(report["files"]) > 1:
         total = sum(r["num_structures"] for r in report["files"].values())
         lines.append(row("all files", report[ALL], total))
