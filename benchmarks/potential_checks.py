@@ -1,6 +1,7 @@
 """Physical sanity of the shipped potentials: long NVT MD stays intact, relaxed lattice = DFT's.
 
-    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|li|3bpa|aspirin] [--data ../shared/data]
+    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|li|3bpa|aspirin [--model FILE]]
+                                          [--data ../shared/data]
 
 - Si (potentials/si-allegro): 10 ps Langevin NVT at 1000 K on a 64-atom diamond cell: no two atoms
   closer than 1.9 Å, mean coordination (< 2.9 Å) stays near 4, the temperature holds. Then a
@@ -14,8 +15,9 @@
   2.2 Å, mean coordination within 3.2 Å between 6 and 10).
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
   (ASE natural cutoffs x 1.2) of every sampled frame equals the starting one: no bond breaks or forms.
+  A committee file also reports its energy uncertainty (member spread) over the sampled frames.
 - rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
-Exit status 1 if a check fails.
+--model checks another file (a candidate) in place of the shipped one. Exit status 1 if a check fails.
 """
 
 import argparse
@@ -161,8 +163,11 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
         return {(int(x), int(y)) for x, y in zip(i, j) if x < y}
 
     reference = bonds(atoms)
+    uncertainties = []  # eV, committee files only
 
     def intact(a):
+        if "energy_uncertainty" in a.calc.results:
+            uncertainties.append(a.calc.results["energy_uncertainty"])
         now = bonds(a)
         if now != reference:
             broken, formed = sorted(reference - now), sorted(now - reference)
@@ -171,6 +176,9 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
 
     key = f"nvt_{temperature}K"
     results = {key: run_nvt(atoms, temperature, 0.5, picoseconds, intact), "bonds": len(reference)}
+    if uncertainties:
+        results["energy_uncertainty_meV"] = {"mean": 1000 * float(np.mean(uncertainties)),
+                                             "max": 1000 * float(np.max(uncertainties))}
     return results, list(results[key]["problems"])
 
 
@@ -179,7 +187,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
     parser.add_argument("--ps", type=float, default=10.0, help="length of each NVT run, ps")
     parser.add_argument("--only", choices=["si", "ge", "mo", "li", "3bpa", "aspirin"])
+    parser.add_argument("--model", help="model file to check instead of the shipped one (needs --only)")
     args = parser.parse_args(argv)
+    if args.model and not args.only:
+        parser.error("--model needs --only (which potential's checks to run on it)")
     checks = {
         "si": ("si-allegro", lambda *a: check_crystal("Si", *a)),
         "ge": ("ge-allegro", lambda *a: check_crystal("Ge", *a)),
@@ -194,7 +205,7 @@ def main(argv=None) -> int:
     for key, (name, check) in checks.items():
         if args.only and key != args.only:
             continue
-        model = os.path.join(ROOT, "potentials", name, "model.pt")
+        model = args.model or os.path.join(ROOT, "potentials", name, "model.pt")
         results, failures = check(model, args.data, args.ps)
         print(f"{name}: {results}")
         print(f"{name}: {'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}")
