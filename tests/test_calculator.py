@@ -374,3 +374,35 @@ def test_cli_relax_and_md(tmp_path, capsys):
         assert len(ase.io.read(trajectory, ":")) == 3  # steps 0, 2, 4
     assert main(["md", str(model), "bulk:Au:fcc:4.0", "--temperature", "300", "--steps", "1"]) == 2  # clear error
     assert "['Au'] not known" in capsys.readouterr().err
+
+
+def test_cli_files_keep_a_committees_uncertainty(tmp_path):
+    """Frames written by `mlip relax -o` and `mlip md --traj` (.traj and extxyz) from a committee
+    carry its energy and member energies; the uncertainty is the spread of the members' own energies."""
+    import ase.io
+
+    from mlip.cli import main
+    from mlip.deploy import deploy_model
+    from mlip.models import build_committee
+    from physics import tiny_model as same_statistics_model  # committee members share their statistics
+
+    members = [same_statistics_model("allegro", seed=0), same_statistics_model("allegro", seed=1)]
+    model = tmp_path / "committee.pt"
+    deploy_model(build_committee(members), model)
+    relaxed = tmp_path / "relaxed.extxyz"
+    assert main(["relax", str(model), "bulk:Cu:fcc:3.6:1x1x1", "--steps", "2", "-o", str(relaxed)]) in (0, 1)
+    frames = [ase.io.read(relaxed)]
+    for name in ("md.traj", "md.extxyz"):
+        assert main(["md", str(model), str(relaxed), "--temperature", "300", "--steps", "2", "--interval", "2",
+                     "--traj", str(tmp_path / name)]) == 0
+        frames.append(ase.io.read(tmp_path / name, -1))
+    for frame in frames:
+        own = []
+        for member in members:
+            atoms = frame.copy()
+            atoms.calc = MLIPCalculator(member)
+            own.append(atoms.get_potential_energy())
+        assert np.allclose(frame.info["committee_energies"], own, rtol=1e-8, atol=1e-6)  # extxyz keeps ~10 digits
+        assert np.isclose(frame.info["energy_uncertainty"], np.std(own), rtol=1e-8, atol=1e-6)
+        assert np.isclose(frame.get_potential_energy(), np.mean(own), rtol=1e-8, atol=1e-6)
+        assert np.std(own) > 1e-4

@@ -128,17 +128,23 @@ def run_relax(args: argparse.Namespace) -> int:
     if args.output:
         import ase.io
 
-        atoms.calc = _single_point(atoms)
-        ase.io.write(args.output, atoms)
+        ase.io.write(args.output, _frozen(atoms))
         print(f"wrote {args.output}")
     return 0 if converged else 1
 
 
-def _single_point(atoms):
-    """Freeze the results so writers store energy/forces without calling the model again."""
+def _frozen(atoms):
+    """A copy carrying the current results, so writers store energy/forces without calling the
+    model again. Results ASE has no property name for (a committee's energy_uncertainty and
+    committee_energies) go to the copy's info, which extxyz and .traj files keep."""
+    from ase.calculators.calculator import all_properties
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    return SinglePointCalculator(atoms, **atoms.calc.results)
+    frame = atoms.copy()
+    results = atoms.calc.results
+    frame.info.update({key: value for key, value in results.items() if key not in all_properties})
+    frame.calc = SinglePointCalculator(frame, **{key: value for key, value in results.items() if key in all_properties})
+    return frame
 
 
 def run_md(args: argparse.Namespace) -> int:
@@ -231,13 +237,11 @@ class _trajectory_writer:
 
     def __call__(self):
         if self.trajectory is not None:
-            self.trajectory.write()
+            self.trajectory.write(_frozen(self.atoms))
             return
         import ase.io
 
-        frame = self.atoms.copy()
-        frame.calc = _single_point(self.atoms)
-        ase.io.write(self.path, frame, append=True)
+        ase.io.write(self.path, _frozen(self.atoms), append=True)
 
     def close(self):
         if self.trajectory is not None:
