@@ -4,10 +4,10 @@
     atoms.calc = MLIPCalculator("model.pt")            # or device="cuda", dtype from the file
 
 Results in ASE units: energy / free_energy (eV), energies (eV per atom, reference energies
-included), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, ASE sign; periodic cells only). A committee file
-(`mlip deploy A B ...`) also gives committee_energies (eV, one per model; "energy" is their mean)
-and energy_uncertainty (eV, their standard deviation): large where the models disagree, i.e.
-where the structure is unlike the training data.
+included), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, ASE sign; periodic cells only).
+A committee file (`mlip deploy A B ...`) also gives committee_energies (eV, one per model; "energy"
+is their mean) and energy_uncertainty (eV, their standard deviation): large where the models
+disagree, i.e. where the structure is unlike the training data.
 
 Speed in MD: the neighbor list is built with a skin and reused until an atom has moved more than
 half the skin or the cell changed; each step only filters the candidate edges to r_max on the

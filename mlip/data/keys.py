@@ -23,7 +23,7 @@ EDGES_PAIRED = "edges_paired"  # () bool | edge k + E/2 is the reverse of edge k
 # --- labels and predictions --------------------------------------------------------------------
 ENERGY = "energy"  # (B,) float64 | total energy, eV
 ATOMIC_ENERGIES = "atomic_energies"  # (N,) float64 | per-atom energy incl. reference energies, eV
-MEMBER_ATOMIC_ENERGIES = "member_atomic_energies"  # (N, M) float64 | ATOMIC_ENERGIES of each of a committee's M models, eV (committees only)
+MEMBER_ATOMIC_ENERGIES = "member_atomic_energies"  # (N, M) float64 | ATOMIC_ENERGIES of each of a committee's M models, eV
 ENERGY_UNCERTAINTY = "energy_uncertainty"  # (B,) float64 | standard deviation of a committee's member energies, eV
 FORCES = "forces"  # (N, 3) float | eV/Å
 VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV

@@ -2,7 +2,7 @@
 
 Models trained on the same structures from different initialisations make partly independent
 errors on structures they have not seen; their mean cancels part of that generalization error
-(3BPA test_300K here: two models at 20.4 meV/Å force RMSE each average to 17.0). The mean energy is
+(3BPA test_300K here: two models at ~20 meV/Å force RMSE each average to 16.9). The mean energy is
 one energy, so forces, virial and stress come from the same single autograd path as for one model
 and stay conservative. Cost: the sum of the members' costs. The members' own energies come out
 too (their spread is an uncertainty estimate), at no extra cost: no derivative is taken of them.
