@@ -299,7 +299,8 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
     # mlip evaluate on the committee: the members' mean spread and how it ranks the energy errors,
     # checked against each member file's own energies.
     structures = ase.io.read(data_file, ":")
-    member_energies = np.array([[MLIPCalculator(p).get_potential_energy(a) for p in paths[:2]] for a in structures])
+    member_calcs = [MLIPCalculator(p) for p in paths[:2]]
+    member_energies = np.array([[calc.get_potential_energy(a) for calc in member_calcs] for a in structures])
     spread = member_energies.std(axis=1)
     abs_error = np.abs(member_energies.mean(axis=1) - [a.get_potential_energy() for a in structures])
     from scipy.stats import spearmanr
