@@ -15,7 +15,8 @@
   2.2 Å, mean coordination within 3.2 Å between 6 and 10).
 - 3BPA (potentials/3bpa-nequip): 10 ps Langevin NVT at 600 K, 0.5 fs steps: the covalent bond graph
   (ASE natural cutoffs x 1.2) of every sampled frame equals the starting one: no bond breaks or forms.
-  A committee file also reports its energy uncertainty (member spread) over the sampled frames.
+  A committee file also reports its energy uncertainty (member spread) over the sampled frames,
+  and its largest per-atom force uncertainty in each.
 - rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
 --model checks another file (a candidate) in place of the shipped one. Exit status 1 if a check fails.
 """
@@ -163,11 +164,13 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
         return {(int(x), int(y)) for x, y in zip(i, j) if x < y}
 
     reference = bonds(atoms)
-    uncertainties = []  # eV, committee files only
+    uncertainties, force_uncertainties = [], []  # eV and eV/Å (largest over atoms), committee files only
 
     def intact(a):
         if "energy_uncertainty" in a.calc.results:
             uncertainties.append(a.calc.results["energy_uncertainty"])
+        if "force_uncertainty" in a.calc.results:
+            force_uncertainties.append(a.calc.results["force_uncertainty"].max())
         now = bonds(a)
         if now != reference:
             broken, formed = sorted(reference - now), sorted(now - reference)
@@ -179,6 +182,9 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
     if uncertainties:
         results["energy_uncertainty_meV"] = {"mean": 1000 * float(np.mean(uncertainties)),
                                              "max": 1000 * float(np.max(uncertainties))}
+    if force_uncertainties:
+        results["max_atom_force_uncertainty_meV_per_A"] = {"mean": 1000 * float(np.mean(force_uncertainties)),
+                                                          "max": 1000 * float(np.max(force_uncertainties))}
     return results, list(results[key]["problems"])
 
 

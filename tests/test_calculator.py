@@ -378,7 +378,8 @@ def test_cli_relax_and_md(tmp_path, capsys):
 
 def test_cli_files_keep_a_committees_uncertainty(tmp_path):
     """Frames written by `mlip relax -o` and `mlip md --traj` (.traj and extxyz) from a committee
-    carry its energy and member energies; the uncertainty is the spread of the members' own energies."""
+    carry its energy and member energies; the uncertainties are the spreads of the members' own energies
+    and forces."""
     import ase.io
 
     from mlip.cli import main
@@ -396,13 +397,20 @@ def test_cli_files_keep_a_committees_uncertainty(tmp_path):
         assert main(["md", str(model), str(relaxed), "--temperature", "300", "--steps", "2", "--interval", "2",
                      "--traj", str(tmp_path / name)]) == 0
         frames.append(ase.io.read(tmp_path / name, -1))
-    for frame in frames:
-        own = []
+    for k, frame in enumerate(frames):
+        own, own_forces = [], []
         for member in members:
             atoms = frame.copy()
             atoms.calc = MLIPCalculator(member)
             own.append(atoms.get_potential_energy())
+            own_forces.append(atoms.get_forces())
         assert np.allclose(frame.info["committee_energies"], own, rtol=1e-8, atol=1e-6)  # extxyz keeps ~10 digits
         assert np.isclose(frame.info["energy_uncertainty"], np.std(own), rtol=1e-8, atol=1e-6)
         assert np.isclose(frame.get_potential_energy(), np.mean(own), rtol=1e-8, atol=1e-6)
         assert np.std(own) > 1e-4
+        # Per atom: half the distance between the two members' forces.
+        force_spread = np.linalg.norm(own_forces[0] - own_forces[1], axis=1) / 2
+        stored = frame.info["force_uncertainty"] if k == 1 else frame.arrays["force_uncertainty"]  # frame 1: .traj
+        assert np.allclose(stored, force_spread, rtol=1e-5, atol=1e-6)  # float32 forces
+        if k > 0:  # after MD steps; the relaxed perfect crystal has zero forces in every model
+            assert force_spread.min() > 1e-5

@@ -305,18 +305,23 @@ def test_committee_is_the_mean_of_its_members(head, tmp_path):
     assert len(domains.split_into_domains(atoms.positions, atoms.cell.array, atoms.pbc, 5)) >= 4
     results = []
     member_energies = [e["energy"][0] for e in each]
+    member_forces = np.stack([e["forces"] for e in each], axis=2)  # (N, 3, M)
+    deviation = member_forces - member_forces.mean(axis=2, keepdims=True)
+    force_spread = np.sqrt((deviation ** 2).sum(axis=1).mean(axis=1))  # (N,) per atom
     for calc in (whole, by_domains):
         atoms.calc = calc
         results.append([atoms.get_potential_energy(), atoms.get_potential_energies(), atoms.get_forces()]
                        + ([atoms.get_stress(voigt=False)] if head == "gradient" else []))
-        # Each model's own energy comes out too, and their spread is the uncertainty.
+        # Each model's own energy and forces come out too, and their spreads are the uncertainties.
         assert_close(calc.get_property("committee_energies", atoms), member_energies, 1e-9, "member energies")
         assert_close(calc.get_property("energy_uncertainty", atoms), np.std(member_energies), 1e-9, "spread")
-    assert np.std(member_energies) > 1e-3
+        assert_close(calc.get_property("force_uncertainty", atoms), force_spread, 1e-9, "force spread")
+    assert np.std(member_energies) > 1e-3 and force_spread.min() > 1e-3
     single = MLIPCalculator(members[0])
     atoms.calc = single
     atoms.get_potential_energy()
-    assert "energy_uncertainty" not in single.results and "energy_uncertainty" not in single.implemented_properties
+    for name in ("energy_uncertainty", "force_uncertainty"):
+        assert name not in single.results and name not in single.implemented_properties
     expected = [got["energy"][0], got["atomic_energies"], got["forces"]]
     expected += [got["stress"][0]] if head == "gradient" else []
     for values in results:

@@ -303,12 +303,19 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
     member_energies = np.array([[calc.get_potential_energy(a) for calc in member_calcs] for a in structures])
     spread = member_energies.std(axis=1)
     abs_error = np.abs(member_energies.mean(axis=1) - [a.get_potential_energy() for a in structures])
+    # Per atom: half the distance between the two members' forces, and the mean's error.
+    member_forces = [np.concatenate([calc.get_forces(a) for a in structures]) for calc in member_calcs]
+    force_spread = np.linalg.norm(member_forces[0] - member_forces[1], axis=1) / 2
+    force_error = np.linalg.norm((member_forces[0] + member_forces[1]) / 2
+                                 - np.concatenate([a.get_forces() for a in structures]), axis=1)
     from scipy.stats import spearmanr
 
     report = evaluate(paths[2], [data_file])["files"][data_file]["committee"]
     assert spread.min() > 0
     assert np.isclose(report["energy_uncertainty_mean"], spread.mean(), rtol=1e-6)
-    assert np.isclose(report["uncertainty_error_spearman"], spearmanr(spread, abs_error)[0], atol=1e-6)
+    assert np.isclose(report["energy_uncertainty_error_spearman"], spearmanr(spread, abs_error)[0], atol=1e-6)
+    assert np.isclose(report["force_uncertainty_mean"], force_spread.mean(), rtol=1e-4)
+    assert np.isclose(report["force_uncertainty_error_spearman"], spearmanr(force_spread, force_error)[0], atol=1e-3)
     assert "committee" not in evaluate(paths[0], [data_file])["files"][data_file]
 
     capsys.readouterr()

@@ -6,8 +6,9 @@
 Results in ASE units: energy / free_energy (eV), energies (eV per atom, reference energies
 included), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, ASE sign; periodic cells only).
 A committee file (`mlip deploy A B ...`) also gives committee_energies (eV, one per model; "energy"
-is their mean) and energy_uncertainty (eV, their standard deviation): large where the models
-disagree, i.e. where the structure is unlike the training data.
+is their mean), energy_uncertainty (eV, their standard deviation) and force_uncertainty (eV/Å per
+atom, the spread of the models' forces on it): large where the models disagree, i.e. where the
+structure is unlike the training data.
 
 Speed in MD: the neighbor list is built with a skin and reused until an atom has moved more than
 half the skin or the cell changed; each step only filters the candidate edges to r_max on the
@@ -27,6 +28,7 @@ from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import neighbor_list, pair_edges
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
+from ..models.committee import force_uncertainty
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
 
@@ -84,7 +86,8 @@ class MLIPCalculator(Calculator):
         if not self.gradient_head:
             self.implemented_properties = ["energy", "free_energy", "energies", "forces"]
         if "members" in self.metadata.get("hyperparameters", {}):
-            self.implemented_properties = self.implemented_properties + ["committee_energies", keys.ENERGY_UNCERTAINTY]
+            self.implemented_properties = self.implemented_properties + [
+                "committee_energies", keys.ENERGY_UNCERTAINTY, keys.FORCE_UNCERTAINTY]
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.domain_threshold = domain_threshold
@@ -176,6 +179,11 @@ class MLIPCalculator(Calculator):
             committee_energies = out[keys.MEMBER_ATOMIC_ENERGIES].detach().cpu().numpy().sum(axis=0)  # (M,) eV
             self.results["committee_energies"] = committee_energies
             self.results[keys.ENERGY_UNCERTAINTY] = float(committee_energies.std())
+        if keys.MEMBER_FORCES in out:  # committee files deployed before 2026-12 lack it (re-deploy them)
+            member_forces = out[keys.MEMBER_FORCES].detach().to(torch.float64)  # (N, 3, M)
+            if not self.gradient_head:
+                member_forces = member_forces - member_forces.mean(dim=0)
+            self.results[keys.FORCE_UNCERTAINTY] = force_uncertainty(member_forces).cpu().numpy()
         if self.gradient_head and atoms.pbc.all():
             virial = out["virial"].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = matrix_to_voigt(-virial.T / atoms.get_volume())

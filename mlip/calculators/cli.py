@@ -128,21 +128,29 @@ def run_relax(args: argparse.Namespace) -> int:
     if args.output:
         import ase.io
 
-        ase.io.write(args.output, _frozen(atoms))
+        ase.io.write(args.output, _frozen(atoms, args.output))
         print(f"wrote {args.output}")
     return 0 if converged else 1
 
 
-def _frozen(atoms):
+def _frozen(atoms, path: str):
     """A copy carrying the current results, so writers store energy/forces without calling the
-    model again. Results ASE has no property name for (a committee's energy_uncertainty and
-    committee_energies) go to the copy's info, which extxyz and .traj files keep."""
+    model again. Results ASE has no property name for go to the copy's info (a committee's
+    energy_uncertainty, committee_energies) or, one value per atom, its arrays (force_uncertainty):
+    extxyz keeps both (and viewers such as OVITO can color atoms by an array); .traj files keep
+    only standard arrays, so there the per-atom values go to info too."""
     from ase.calculators.calculator import all_properties
     from ase.calculators.singlepoint import SinglePointCalculator
 
+    from ..data import keys
+
     frame = atoms.copy()
     results = atoms.calc.results
-    frame.info.update({key: value for key, value in results.items() if key not in all_properties})
+    for key, value in results.items():
+        if key == keys.FORCE_UNCERTAINTY and not path.endswith(".traj"):
+            frame.arrays[key] = value
+        elif key not in all_properties:
+            frame.info[key] = value
     frame.calc = SinglePointCalculator(frame, **{key: value for key, value in results.items() if key in all_properties})
     return frame
 
@@ -179,6 +187,8 @@ def run_md(args: argparse.Namespace) -> int:
                            Etot=f"{epot + atoms.get_kinetic_energy() / n:.4f} eV/atom")
             if args.ensemble == "npt":
                 postfix["V"] = f"{atoms.get_volume() / n:.3f} Å^3/atom"
+            if "force_uncertainty" in atoms.calc.results:  # a committee: watch for unfamiliar structures
+                postfix["max_dF"] = f"{atoms.calc.results['force_uncertainty'].max():.3f} eV/Å"
             bar.set_postfix(postfix)
             bar.update(1)
 
@@ -237,11 +247,11 @@ class _trajectory_writer:
 
     def __call__(self):
         if self.trajectory is not None:
-            self.trajectory.write(_frozen(self.atoms))
+            self.trajectory.write(_frozen(self.atoms, self.path))
             return
         import ase.io
 
-        ase.io.write(self.path, _frozen(self.atoms), append=True)
+        ase.io.write(self.path, _frozen(self.atoms, self.path), append=True)
 
     def close(self):
         if self.trajectory is not None:

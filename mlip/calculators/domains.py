@@ -43,7 +43,7 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
 
     Returns the keys of the model output: "atomic_energies" (N,) float64, "energy" () float64,
     "forces" (N, 3) in the model dtype, for a gradient head "virial" (3, 3) and, for a committee,
-    "member_atomic_energies" (N, M) float64.
+    "member_atomic_energies" (N, M) float64 and "member_forces" (N, 3, M) in the model dtype.
     """
     positions = np.asarray(atoms.positions, dtype=np.float64)  # (N, 3) Å
     cell = atoms.cell.array.astype(np.float64)  # (3, 3) rows are lattice vectors
@@ -61,6 +61,7 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     forces = torch.zeros(num_atoms, 3, dtype=torch.float64, device=device)  # summed in float64
     virial = torch.zeros(3, 3, dtype=torch.float64, device=device)
     member_energies = None  # (N, M) float64, committees only
+    member_forces = None  # (N, 3, M) float64, committees only
 
     for owned in split_into_domains(positions, cell, pbc, calc.domain_atoms):
         node_atoms, node_shifts, edge_index = _domain_graph(owned, graph, layers, num_atoms)
@@ -80,7 +81,12 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
                 member_energies = atomic_energies.new_zeros(num_atoms, out["member_atomic_energies"].shape[1])
             member_energies[owned_t] = out["member_atomic_energies"]
         # A ghost is an image of an atom: its force acts on that atom.
-        forces.index_add_(0, torch.as_tensor(node_atoms, device=device), out["forces"].to(torch.float64))
+        node_atoms_t = torch.as_tensor(node_atoms, device=device)
+        forces.index_add_(0, node_atoms_t, out["forces"].to(torch.float64))
+        if "member_forces" in out:
+            if member_forces is None:
+                member_forces = forces.new_zeros(num_atoms, 3, out["member_forces"].shape[2])
+            member_forces.index_add_(0, node_atoms_t, out["member_forces"].to(torch.float64))
         if calc.gradient_head:
             virial += out["virial"].to(torch.float64)
         del out  # free this domain's tensors before the next one
@@ -94,6 +100,8 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
         result["virial"] = virial.to(dtype)
     if member_energies is not None:
         result["member_atomic_energies"] = member_energies
+    if member_forces is not None:
+        result["member_forces"] = member_forces.to(dtype)
     return result
 
 

@@ -26,6 +26,8 @@ ATOMIC_ENERGIES = "atomic_energies"  # (N,) float64 | per-atom energy incl. refe
 MEMBER_ATOMIC_ENERGIES = "member_atomic_energies"  # (N, M) float64 | ATOMIC_ENERGIES of each of a committee's M models, eV
 ENERGY_UNCERTAINTY = "energy_uncertainty"  # (B,) float64 | standard deviation of a committee's member energies, eV
 FORCES = "forces"  # (N, 3) float | eV/Å
+MEMBER_FORCES = "member_forces"  # (N, 3, M) float | FORCES of each of a committee's M models, eV/Å
+FORCE_UNCERTAINTY = "force_uncertainty"  # (N,) float64 | per atom sqrt(mean_m |F_m - mean F|^2) of a committee, eV/Å
 VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV
 STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only)
 

@@ -16,7 +16,9 @@ Contract shared by ASE, domain decomposition and the LAMMPS pair style
             "forces":          (N, 3) eV/Å on every node (ghost forces go back to their owners)
             "virial":          (3, 3) eV, W = -sum_edges r_ij (x) dE/dr_ij   [gradient head only]
             "member_atomic_energies": (num_local, M) float64, eV, each member's atomic_energies
-                               [committees of M models only; their mean is atomic_energies]
+            "member_forces":   (N, 3, M) eV/Å, each member's forces (same conventions as "forces")
+                               [these two: committees of M models only; their means are
+                                atomic_energies and forces]
 
 Floating inputs are in the model's dtype (metadata["dtype"]). Edges must reach every center
 whose energy is needed, including ghost centers up to (message_passing_layers - 1) * r_max from

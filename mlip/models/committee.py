@@ -4,8 +4,9 @@ Models trained on the same structures from different initialisations make partly
 errors on structures they have not seen; their mean cancels part of that generalization error
 (3BPA test_300K here: two models at ~20 meV/Å force RMSE each average to 16.9). The mean energy is
 one energy, so forces, virial and stress come from the same single autograd path as for one model
-and stay conservative. Cost: the sum of the members' costs. The members' own energies come out
-too (their spread is an uncertainty estimate), at no extra cost: no derivative is taken of them.
+and stay conservative. Cost: the sum of the members' costs. The members' own energies and forces
+come out too (their spreads are uncertainty estimates) at no extra cost: each member reads its own
+copy of the edge vectors, so the one backward pass of the mean energy separates their gradients.
 
 Members must share the training statistics (same structures, same train/validation split: the
 reference energies and the energy scale are then one set for all), the cutoff, the force head and
@@ -47,27 +48,29 @@ class CommitteeConfig:
 
 
 class CommitteeEnergy(nn.Module):
-    """Edge vectors -> each member's raw per-atom energies (N, M) (the Potential takes their mean)
-    and the mean vectors (N, 3) or None."""
+    """Edge vectors (M, E, 3), one copy per member (so that each member's gradient comes out on its
+    own) -> each member's raw per-atom energies (N, M) and vectors (N, 3, M) or None. The Potential
+    takes their means."""
 
     def __init__(self, energy_models: List[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(energy_models)
+        self.num_members = len(energy_models)
 
     def forward(
         self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor, paired: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         energies: List[torch.Tensor] = []
         vectors: List[torch.Tensor] = []
-        for member in self.members:
-            member_energies, member_vectors = member(edge_vectors, atom_types, edge_index, paired)
+        for k, member in enumerate(self.members):
+            member_energies, member_vectors = member(edge_vectors[k], atom_types, edge_index, paired)
             energies.append(member_energies)
             if member_vectors is not None:
                 vectors.append(member_vectors)
-        mean_vectors: Optional[torch.Tensor] = None
+        stacked_vectors: Optional[torch.Tensor] = None
         if len(vectors) == len(energies):
-            mean_vectors = torch.stack(vectors).mean(dim=0)
-        return torch.stack(energies, dim=1), mean_vectors
+            stacked_vectors = torch.stack(vectors, dim=2)
+        return torch.stack(energies, dim=1), stacked_vectors
 
 
 def build_committee(members: List[Potential]) -> Potential:
@@ -100,3 +103,10 @@ def build_committee(members: List[Potential]) -> Potential:
     committee.config = CommitteeConfig([m.config for m in members])
     committee.statistics = first.statistics
     return committee
+
+
+def force_uncertainty(member_forces: torch.Tensor) -> torch.Tensor:
+    """Per-atom spread of a committee's forces, sqrt(mean_m |F_m - mean F|^2): (N, 3, M) -> (N,) eV/Å
+    (DP-GEN's force model deviation; its maximum over atoms is the usual active-learning criterion)."""
+    deviation = member_forces - member_forces.mean(dim=2, keepdim=True)
+    return deviation.square().sum(dim=1).mean(dim=1).sqrt()

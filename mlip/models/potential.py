@@ -18,8 +18,8 @@ class Potential(nn.Module):
     """Reads positions, atom_types, edge_index, edge_shifts, batch, cell, pbc, num_atoms;
     writes energy, atomic_energies, forces (+ virial, stress for the gradient head).
 
-    The energy model maps edge vectors to raw per-atom energies (N,), or (N, M) for a committee of
-    M models (mlip.models.committee), whose mean is the energy."""
+    The energy model maps edge vectors (E, 3) to raw per-atom energies (N,); a committee of M models
+    (mlip.models.committee) maps (M, E, 3) to (N, M), whose mean is the energy."""
 
     def __init__(
         self,
@@ -33,6 +33,7 @@ class Potential(nn.Module):
         self.register_buffer("reference_energies", reference_energies.clone())
         self.energy_scale = float(energy_scale)
         self.gradient_head = gradient_head
+        self.num_members = int(getattr(energy_model, "num_members", 0))  # M of a committee, 0 for one model
 
     def energies_and_forces(
         self,
@@ -43,10 +44,10 @@ class Potential(nn.Module):
         num_local: int,
         create_graph: bool,
         paired: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """Per-atom energies of the first ``num_local`` nodes, forces on all nodes,
-        edge vectors, (gradient head) dE/dr_ij and (committee) each member's per-atom energies
-        (num_local, M), detached: forces come from the mean energy only.
+        edge vectors, (gradient head) dE/dr_ij and, for a committee, each member's own per-atom
+        energies (num_local, M) and forces (N, 3, M) (detached; empty dict for one model).
 
         paired: edge k + E/2 is the reverse of edge k (mlip.data.pair_edges); the model may then
         compute what depends on the pair distance alone once per pair. Forces and virial stay
@@ -57,34 +58,50 @@ class Potential(nn.Module):
         edge_vectors = (positions[neighbor] - positions[center] + edge_shifts).detach()
         if self.gradient_head:
             edge_vectors.requires_grad_(True)
-        raw_energies, raw_vectors = self.energy_model(edge_vectors, atom_types, edge_index, paired)
+        model_edges = edge_vectors
+        if self.num_members > 0:
+            # Each member reads its own copy (M, E, 3): the one backward pass of the mean energy then
+            # yields every member's dE/dr separately, at no extra cost.
+            model_edges = edge_vectors.unsqueeze(0).repeat(self.num_members, 1, 1)
+        raw_energies, raw_vectors = self.energy_model(model_edges, atom_types, edge_index, paired)
         # Reference energies are ~1e3 eV per atom: add them in float64 so float32 models keep meV.
         reference = self.reference_energies.to(torch.float64)[atom_types]
-        member_energies: Optional[torch.Tensor] = None
-        if raw_energies.dim() == 2:  # a committee: (N, M)
+        committee: Dict[str, torch.Tensor] = {}
+        if self.num_members > 0:  # raw energies (N, M)
             member_raw = raw_energies.detach()[:num_local]
-            member_energies = (self.energy_scale * member_raw).to(torch.float64) + reference[:num_local].unsqueeze(1)
+            committee[keys.MEMBER_ATOMIC_ENERGIES] = (
+                (self.energy_scale * member_raw).to(torch.float64) + reference[:num_local].unsqueeze(1))
             raw_energies = raw_energies.mean(dim=1)
         atomic_energies = ((self.energy_scale * raw_energies).to(torch.float64) + reference)[:num_local]
 
         if self.gradient_head:
             grad_outputs: List[Optional[torch.Tensor]] = [torch.ones_like(atomic_energies)]
-            edge_grad = torch.autograd.grad(
-                [atomic_energies], [edge_vectors], grad_outputs=grad_outputs, create_graph=create_graph,
+            model_grad = torch.autograd.grad(
+                [atomic_energies], [model_edges], grad_outputs=grad_outputs, create_graph=create_graph,
                 allow_unused=True,
             )[0]
-            if edge_grad is None:  # no edges reach the local atoms: forces are truly zero
-                edge_grad = torch.zeros_like(edge_vectors)
+            if model_grad is None:  # no edges reach the local atoms: forces are truly zero
+                model_grad = torch.zeros_like(model_edges)
+            edge_grad = model_grad
+            if self.num_members > 0:  # (M, E, 3): member m's share (1/M) dE_m/dr of the mean's gradient
+                edge_grad = model_grad.sum(dim=0)
+                member_grad = (self.num_members * model_grad.detach()).permute(1, 2, 0)  # (E, 3, M)
+                member_forces = positions.new_zeros(positions.shape[0], 3, self.num_members)
+                member_forces = member_forces.index_add(0, center, member_grad).index_add(0, neighbor, -member_grad)
+                committee[keys.MEMBER_FORCES] = member_forces
             forces = torch.zeros_like(positions)
             forces = forces.index_add(0, center, edge_grad).index_add(0, neighbor, -edge_grad)
-            return atomic_energies, forces, edge_vectors, edge_grad, member_energies
+            return atomic_energies, forces, edge_vectors, edge_grad, committee
 
         if raw_vectors is None:
             raise RuntimeError("direct-force head needs an energy model built with vector_output=True")
-        forces = self.energy_scale * raw_vectors
         # Ghost nodes see an incomplete environment: their direct forces are not predictions.
-        local = (torch.arange(forces.shape[0], device=forces.device) < num_local).unsqueeze(-1)
-        return atomic_energies, forces * local.to(forces.dtype), edge_vectors, None, member_energies
+        local = (torch.arange(positions.shape[0], device=positions.device) < num_local).to(positions.dtype)
+        if self.num_members > 0:  # raw vectors (N, 3, M)
+            committee[keys.MEMBER_FORCES] = (self.energy_scale * raw_vectors.detach()) * local.view(-1, 1, 1)
+            raw_vectors = raw_vectors.mean(dim=2)
+        forces = self.energy_scale * raw_vectors
+        return atomic_energies, forces * local.unsqueeze(-1), edge_vectors, None, committee
 
     def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         positions = data[keys.POSITIONS]
@@ -136,7 +153,7 @@ class DeployedPotential(nn.Module):
         num_local: int,
         paired: bool = False,
     ) -> Dict[str, torch.Tensor]:
-        atomic_energies, forces, edge_vectors, edge_grad, member_energies = self.potential.energies_and_forces(
+        atomic_energies, forces, edge_vectors, edge_grad, committee = self.potential.energies_and_forces(
             positions, atom_types, edge_index, edge_shifts, num_local, False, paired
         )
         out = {
@@ -146,6 +163,5 @@ class DeployedPotential(nn.Module):
         }
         if edge_grad is not None:
             out[keys.VIRIAL] = -(edge_vectors.detach().t() @ edge_grad)  # (3, 3)
-        if member_energies is not None:
-            out[keys.MEMBER_ATOMIC_ENERGIES] = member_energies
+        out.update(committee)
         return out

@@ -4,7 +4,8 @@ The model file is evaluated through its contract (see mlip.deploy.model_file), s
 per call: a batch is one disconnected graph, so per-atom energies and forces come out per
 structure. The virial of a call is one total, so structures whose stress is compared are
 evaluated one at a time. For a committee file, the report also says how well the members' energy
-spread (the uncertainty the ASE calculator gives) ranks the structures by their energy error.
+spread (the uncertainty the ASE calculator gives) ranks the structures by their energy error, and
+how well their force spread on each atom ranks the atoms by their force error.
 """
 
 import os
@@ -16,6 +17,7 @@ import torch
 
 from ..data import GraphDataset, LabelKeys, collate, keys
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
+from ..models.committee import force_uncertainty
 from .metrics import ALL, ErrorMetrics
 
 # Structures per model call are added until this many atoms: large enough to amortize the call,
@@ -36,7 +38,8 @@ def evaluate(
     Returns {"model", "files": {path: {"all": metrics, "config_types": {name: metrics},
     "num_structures", "num_atoms", "seconds"[, "committee"]}}, "all": metrics over every file}.
     "committee" (committee files): mean energy uncertainty (eV) and the rank correlation
-    (Spearman) between each structure's uncertainty and its absolute energy error.
+    (Spearman) between each structure's uncertainty and its absolute energy error; the same for
+    each atom's force uncertainty (eV/Å) and the length of its force error vector.
     Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
     """
     import ase.io
@@ -56,7 +59,8 @@ def evaluate(
         metrics = ErrorMetrics()
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
                                                      "stress (eV/Å³)": [[], []]}
-        uncertainties, energy_errors = [], []  # (B,) eV per batch, committees only
+        # Committees only: per batch (B,) eV for energies, (N,) eV/Å for forces.
+        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "forces": [], "forces_error": []}
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
             batch = collate(graphs, dtype=dtype, device=device, paired=paired)
@@ -66,8 +70,13 @@ def evaluate(
             overall.update(prediction, batch)
             _collect(parity, prediction, batch)
             if keys.ENERGY_UNCERTAINTY in prediction:
-                uncertainties.append(prediction[keys.ENERGY_UNCERTAINTY].cpu().numpy())
-                energy_errors.append((prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)).cpu().numpy())
+                uncertainties["energy"].append(prediction[keys.ENERGY_UNCERTAINTY].cpu().numpy())
+                energy_error = prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)
+                uncertainties["energy_error"].append(energy_error.abs().cpu().numpy())
+            if keys.FORCE_UNCERTAINTY in prediction and keys.FORCES in batch:
+                uncertainties["forces"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
+                force_error = (prediction[keys.FORCES] - batch[keys.FORCES]).to(torch.float64).norm(dim=1)
+                uncertainties["forces_error"].append(force_error.cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -77,9 +86,9 @@ def evaluate(
             # Files without config types would get one "(none)" group: a copy of "all".
             "config_types": {g: metrics.summary(g) for g in metrics.groups()} if metrics.groups() != ["(none)"] else {},
         }
-        if uncertainties:
+        if uncertainties["energy"]:
             report["files"][os.fspath(path)]["committee"] = _uncertainty_report(
-                np.concatenate(uncertainties), np.abs(np.concatenate(energy_errors)))
+                {what: np.concatenate(values) for what, values in uncertainties.items() if values})
         if plots_dir:
             name = os.path.splitext(os.path.basename(os.fspath(path)))[0].replace(".extxyz", "").replace(".xyz", "")
             from .plots import plot_parity
@@ -111,18 +120,33 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
         member_energies = torch.zeros(num_graphs, members.shape[1], dtype=torch.float64, device=positions.device)
         member_energies = member_energies.index_add(0, structure, members)
         prediction[keys.ENERGY_UNCERTAINTY] = member_energies.std(dim=1, unbiased=False)
+    if keys.MEMBER_FORCES in out:  # (N, 3, M)
+        member_forces = out[keys.MEMBER_FORCES].to(torch.float64)
+        if not gradient_head:
+            net = torch.zeros((num_graphs,) + member_forces.shape[1:], dtype=torch.float64,
+                              device=positions.device).index_add(0, structure, member_forces)
+            member_forces = member_forces - (net / batch[keys.NUM_ATOMS].view(-1, 1, 1).to(torch.float64))[structure]
+        prediction[keys.FORCE_UNCERTAINTY] = force_uncertainty(member_forces)
     if keys.VIRIAL in out and num_graphs == 1 and bool(batch[keys.PBC].all()):
         volume = torch.linalg.det(batch[keys.CELL][0]).abs()
         prediction[keys.STRESS] = (-out[keys.VIRIAL].transpose(0, 1) / volume).unsqueeze(0)
     return prediction
 
 
-def _uncertainty_report(uncertainty: np.ndarray, abs_error: np.ndarray) -> Dict[str, float]:
-    """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,)."""
+def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,),
+    and its force spread (N,) the atoms by the length of their force error (N,)."""
     from scipy.stats import spearmanr  # scipy comes with ase and e3nn
 
-    correlation = float(spearmanr(uncertainty, abs_error)[0]) if len(abs_error) > 2 else float("nan")
-    return {"energy_uncertainty_mean": float(uncertainty.mean()), "uncertainty_error_spearman": correlation}
+    report = {}
+    for what, name in (("energy", "energy"), ("forces", "force")):
+        if what not in values:
+            continue
+        uncertainty, error = values[what], values[f"{what}_error"]
+        report[f"{name}_uncertainty_mean"] = float(uncertainty.mean())
+        report[f"{name}_uncertainty_error_spearman"] = (
+            float(spearmanr(uncertainty, error)[0]) if len(error) > 2 else float("nan"))
+    return report
 
 
 def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
@@ -182,7 +206,10 @@ def format_table(report: Dict) -> str:
         if "committee" in result:
             c = result["committee"]
             lines.append(f"  committee: mean energy uncertainty {1000 * c['energy_uncertainty_mean']:.4g} meV; rank "
-                         f"correlation of uncertainty with |energy error| {c['uncertainty_error_spearman']:.2f}")
+                         f"correlation of uncertainty with |energy error| {c['energy_uncertainty_error_spearman']:.2f}")
+            if "force_uncertainty_mean" in c:
+                lines.append(f"  committee: mean force uncertainty {1000 * c['force_uncertainty_mean']:.4g} meV/Å per "
+                             f"atom; rank correlation with |force error| {c['force_uncertainty_error_spearman']:.2f}")
     if len(report["files"]) > 1:
         total = sum(r["num_structures"] for r in report["files"].values())
         lines.append(row("all files", report[ALL], total))
