@@ -60,7 +60,7 @@ def evaluate(
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
                                                      "stress (eV/Å³)": [[], []]}
         # Committees only: per batch (B,) eV for energies, (N,) eV/Å for forces.
-        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "forces": [], "forces_error": []}
+        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "force": [], "force_error": []}
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
             batch = collate(graphs, dtype=dtype, device=device, paired=paired)
@@ -74,9 +74,9 @@ def evaluate(
                 energy_error = prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)
                 uncertainties["energy_error"].append(energy_error.abs().cpu().numpy())
             if keys.FORCE_UNCERTAINTY in prediction and keys.FORCES in batch:
-                uncertainties["forces"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
+                uncertainties["force"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
                 force_error = (prediction[keys.FORCES] - batch[keys.FORCES]).to(torch.float64).norm(dim=1)
-                uncertainties["forces_error"].append(force_error.cpu().numpy())
+                uncertainties["force_error"].append(force_error.cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -112,8 +112,7 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
     energy = energy.index_add(0, structure, out[keys.ATOMIC_ENERGIES].to(torch.float64))
     forces = out[keys.FORCES]
     if not gradient_head:  # the file leaves net-force removal to the caller (per structure)
-        net = torch.zeros(num_graphs, 3, dtype=forces.dtype, device=forces.device).index_add(0, structure, forces)
-        forces = forces - (net / batch[keys.NUM_ATOMS].unsqueeze(-1).to(forces.dtype))[structure]
+        forces = _without_net_force(forces, batch)
     prediction = {keys.ENERGY: energy, keys.FORCES: forces}
     if keys.MEMBER_ATOMIC_ENERGIES in out:  # a committee: each member's energy per structure (B, M)
         members = out[keys.MEMBER_ATOMIC_ENERGIES]
@@ -123,14 +122,20 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
     if keys.MEMBER_FORCES in out:  # (N, 3, M)
         member_forces = out[keys.MEMBER_FORCES].to(torch.float64)
         if not gradient_head:
-            net = torch.zeros((num_graphs,) + member_forces.shape[1:], dtype=torch.float64,
-                              device=positions.device).index_add(0, structure, member_forces)
-            member_forces = member_forces - (net / batch[keys.NUM_ATOMS].view(-1, 1, 1).to(torch.float64))[structure]
+            member_forces = _without_net_force(member_forces, batch)
         prediction[keys.FORCE_UNCERTAINTY] = force_uncertainty(member_forces)
     if keys.VIRIAL in out and num_graphs == 1 and bool(batch[keys.PBC].all()):
         volume = torch.linalg.det(batch[keys.CELL][0]).abs()
         prediction[keys.STRESS] = (-out[keys.VIRIAL].transpose(0, 1) / volume).unsqueeze(0)
     return prediction
+
+
+def _without_net_force(forces: torch.Tensor, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forces (N, 3) or (N, 3, M) minus each structure's mean force (direct heads)."""
+    structure, num_atoms = batch[keys.BATCH], batch[keys.NUM_ATOMS]
+    net = forces.new_zeros((num_atoms.shape[0],) + forces.shape[1:]).index_add(0, structure, forces)
+    count = num_atoms.to(forces.dtype).view((-1,) + (1,) * (forces.dim() - 1))
+    return forces - (net / count)[structure]
 
 
 def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -139,12 +144,12 @@ def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
     from scipy.stats import spearmanr  # scipy comes with ase and e3nn
 
     report = {}
-    for what, name in (("energy", "energy"), ("forces", "force")):
+    for what in ("energy", "force"):
         if what not in values:
             continue
         uncertainty, error = values[what], values[f"{what}_error"]
-        report[f"{name}_uncertainty_mean"] = float(uncertainty.mean())
-        report[f"{name}_uncertainty_error_spearman"] = (
+        report[f"{what}_uncertainty_mean"] = float(uncertainty.mean())
+        report[f"{what}_uncertainty_error_spearman"] = (
             float(spearmanr(uncertainty, error)[0]) if len(error) > 2 else float("nan"))
     return report
 
