@@ -237,10 +237,15 @@ void PairMLIP::load_model(const std::string &path)
 
   // A committee's spread: three global values for `compute pair mlip` and per-atom force
   // spreads for `fix pair`; member forces on ghosts go back to their owners like forces.
+  // (A second pair_coeff may load a committee of another size: start afresh.)
   delete[] pvector;
   pvector = nullptr;
   nextra = 0;
   comm_reverse = 0;
+  memory->destroy(member_forces);
+  memory->destroy(force_uncertainty);
+  nmax_members = 0;
+  warned_no_member_forces = false;
   if (num_members > 0) {
     nextra = 3;
     pvector = new double[nextra]();
