@@ -665,7 +665,8 @@ def test_committee_spread_matches_calculator(plugin, tmp_path, head):
     assert_close(spread, [energy_spread, force_spread.max(), force_spread.mean()], 1e-8, "global spreads")
 
     script = md_script(data, model, thermo="step temp pe c_unc[1] c_unc[2] c_unc[3]")
-    script = script.replace("compute peatom all pe/atom\n", "compute peatom all pe/atom\n" + COMMITTEE_SPREAD)
+    triggered = COMMITTEE_SPREAD.replace("force_uncertainty 0", "force_uncertainty 1")  # fix pair's flag 1 works too
+    script = script.replace("compute peatom all pe/atom\n", "compute peatom all pe/atom\n" + triggered)
     script = script.replace("c_peatom modify", "c_peatom f_fu modify")
     results = []
     for ranks in (1, 2):
