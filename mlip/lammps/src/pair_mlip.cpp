@@ -489,7 +489,7 @@ void PairMLIP::compute(int eflag, int vflag)
   if (M > 0) committee_spread(have_members, member_energy_local);
 
   if (direct_forces) {
-    remove_net_force(model_force_sum);
+    remove_net_force(atom->f, 3, model_force_sum);
     // No virial: NaN, not zero, so that a pressure can never look valid (thermo prints nan,
     // fix npt stops with "Non-numeric pressure"). LAMMPS asks for the virial at every run's
     // setup whether or not it is used, so refusing here would forbid every run.
@@ -502,15 +502,16 @@ void PairMLIP::compute(int eflag, int vflag)
 // whole system (not per rank, so that 1 rank and N ranks agree). Ghost forces of direct models
 // are zero, so the owned atoms' model forces are all of it (other pair styles of a
 // pair hybrid/overlay are left alone). Collective: every rank calls it.
-void PairMLIP::remove_net_force(const double local_sum[3])
+// rows: (nlocal, width) per owned atom, the forces (width 3) or a committee's member forces
+// (width 3M); local_sum (width): the model's part of them summed over this rank's owned atoms.
+void PairMLIP::remove_net_force(double **rows, int width, const double *local_sum)
 {
-  double **f = atom->f;
   const int nlocal = atom->nlocal;
-  double total[3];
-  MPI_Allreduce(local_sum, total, 3, MPI_DOUBLE, MPI_SUM, world);
+  std::vector<double> total(width, 0.0);
+  MPI_Allreduce(local_sum, total.data(), width, MPI_DOUBLE, MPI_SUM, world);
   if (atom->natoms <= 0) return;
   for (int i = 0; i < nlocal; i++)
-    for (int k = 0; k < 3; k++) f[i][k] -= total[k] / (double) atom->natoms;
+    for (int c = 0; c < width; c++) rows[i][c] -= total[c] / (double) atom->natoms;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -552,13 +553,10 @@ void PairMLIP::committee_spread(bool have_members, const std::vector<double> &me
 
   if (direct_forces) {
     // As for the forces: each member's mean force over the whole system is removed.
-    std::vector<double> local_sum(3 * M, 0.0), total(3 * M, 0.0);
+    std::vector<double> local_sum(3 * M, 0.0);
     for (int i = 0; i < nlocal; i++)
       for (int c = 0; c < 3 * M; c++) local_sum[c] += member_forces[i][c];
-    MPI_Allreduce(local_sum.data(), total.data(), 3 * M, MPI_DOUBLE, MPI_SUM, world);
-    if (atom->natoms > 0)
-      for (int i = 0; i < nlocal; i++)
-        for (int c = 0; c < 3 * M; c++) member_forces[i][c] -= total[c] / (double) atom->natoms;
+    remove_net_force(member_forces, 3 * M, local_sum.data());
   }
 
   double local_max = 0.0, local_sum = 0.0;

@@ -46,7 +46,7 @@ class PairMLIP : public Pair {
  protected:
   void allocate();
   void load_model(const std::string &path);
-  void remove_net_force(const double local_sum[3]);
+  void remove_net_force(double **rows, int width, const double *local_sum);
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
 
