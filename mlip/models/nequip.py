@@ -175,8 +175,11 @@ class Interaction(nn.Module):
         h_neighbor = [gather_rows(block, neighbor) for block in h]
         # (num_paths, E or E/2, c): one contiguous slab of radial weights per path
         weights = self.radial(edge_radial).view(-1, self.tp.num_paths, self.channels_tp).transpose(0, 1).contiguous()
-        messages = self.tp(h_neighbor, sh, weights)  # [(2l+1, E, c * paths)]
-        aggregated = [scatter_rows(m, center, num_nodes) * self.inv_sqrt_neighbors for m in messages]
+        # Summed over neighbors path by path, then concatenated per atom rather than per edge: in the
+        # force loss's double backward, every slice of a concatenation zero-fills the whole of it.
+        messages = self.tp.forward_paths(h_neighbor, sh, weights)  # per irrep [(2l+1, E, c)] per path
+        aggregated = [torch.cat([scatter_rows(m, center, num_nodes) for m in paths], dim=2) * self.inv_sqrt_neighbors
+                      for paths in messages]  # [(2l+1, N, c * paths)]
         mix_in = aggregated
         to_density = self.to_density
         if to_density is not None:  # correlation > 1

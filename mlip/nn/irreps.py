@@ -104,7 +104,17 @@ class TensorProduct(nn.Module):
     def forward(
         self, left: List[torch.Tensor], right: List[torch.Tensor], weights: Optional[torch.Tensor] = None
     ) -> List[torch.Tensor]:
+        grouped = self.forward_paths(left, right, weights)
+        return [torch.cat(paths, dim=2) if len(paths) > 1 else paths[0] for paths in grouped]
+
+    def forward_paths(
+        self, left: List[torch.Tensor], right: List[torch.Tensor], weights: Optional[torch.Tensor] = None
+    ) -> List[List[torch.Tensor]]:
+        """``forward`` before concatenating: per output irrep, one (2l+1, rows, u) tensor per path."""
         grouped: List[List[torch.Tensor]] = [[] for _ in range(self.num_out)]
+        # unbind, not weights[k]: the backward of one unbind is one stack, while each index would
+        # zero-fill a gradient the size of all the weights (num_paths times per backward)
+        path_weights: List[torch.Tensor] = weights.unbind(0) if weights is not None else []
         for k, path in enumerate(self.paths):
             a, b = left[path[0]], right[path[1]]
             d1, d2, d3, out, kind = path[2], path[3], path[4], path[5], path[6]
@@ -114,7 +124,7 @@ class TensorProduct(nn.Module):
             # fewer components: e.g. 0e x 1o -> 1o weights a (1, rows, c), not c (3, rows, c).
             scale: Optional[torch.Tensor] = None
             if weights is not None:
-                scale = weights[k] * factor if factor != 1.0 else weights[k]
+                scale = path_weights[k] * factor if factor != 1.0 else path_weights[k]
                 factor = 1.0
             if scale is not None and d1 < d3:
                 a = scale_rows(a, scale)
@@ -149,7 +159,7 @@ class TensorProduct(nn.Module):
             if scale is not None:
                 c = scale_rows(c, scale)
             grouped[out].append(c * factor if factor != 1.0 else c)
-        return [torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0] for blocks in grouped]
+        return grouped
 
 
 def scale_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
