@@ -69,7 +69,7 @@ def main():
                 if out.returncode != 0:
                     sys.exit(f"run with {source} failed:\n{out.stderr[-2000:]}")
                 record = json.loads(out.stdout.strip().splitlines()[-1])
-                if not record["mlip"].startswith(source):
+                if not record["mlip"].startswith(os.path.join(source, "")):
                     sys.exit(f"imported {record['mlip']}, not the tree {source} (is mlip installed non-editable?)")
                 results[source].append(record["ms_per_step"])
                 print(f"repeat {repeat + 1}: {source}: {record['ms_per_step']:.1f} ms/step", flush=True)
