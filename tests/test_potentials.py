@@ -86,3 +86,33 @@ def test_molecule_reproduces_held_out_dft_forces_and_energies(model_file, frames
     assert force_rmse < force_rmse_bound, f"force RMSE {force_rmse * 1000:.1f} meV/Å"
     energy_errors_mev = np.round(np.array(energy_errors) * 1000, 1)
     assert np.abs(energy_errors).max() < energy_bound, f"energy errors {energy_errors_mev} meV"
+
+
+# The training configs each shipped file was built from (a committee: one per member, in its order;
+# fine-tune stages keep the architecture of their first stage). A card's config that no longer
+# describes its model file would tell users to train something else than what is shipped.
+BUILT_FROM = {
+    "3bpa-nequip/model.pt": ["3bpa-nequip/train.yaml", "3bpa-nequip/member2.yaml", "3bpa-nequip/member3.yaml"],
+    "3bpa-nequip/single.pt": ["3bpa-nequip/train.yaml"],
+    **{f"{name}/model.pt": [f"{name}/train.yaml"] for name in NAMES if name != "3bpa-nequip"},
+}
+
+
+@pytest.mark.parametrize("model_file", sorted(BUILT_FROM))
+def test_shipped_model_has_the_architecture_of_its_training_config(model_file):
+    from dataclasses import asdict
+
+    from mlip.train.config import load_config
+
+    model_config = read_metadata(os.path.join(POTENTIALS, model_file))["model_config"]
+    members = model_config["members"] if "members" in model_config else [model_config]
+    configs = [asdict(load_config(os.path.join(POTENTIALS, path)).model) for path in BUILT_FROM[model_file]]
+    assert members == configs
+
+
+@pytest.mark.parametrize("path", sorted(os.path.relpath(os.path.join(d, f), POTENTIALS)
+                                        for d, _, files in os.walk(POTENTIALS) for f in files if f.endswith(".yaml")))
+def test_every_training_config_in_potentials_loads(path):
+    from mlip.train.config import load_config
+
+    load_config(os.path.join(POTENTIALS, path))  # raises ConfigError on an unknown key or a wrong kind of value
