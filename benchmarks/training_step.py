@@ -29,7 +29,7 @@ import mlip
 config_path, run_dir, threads, warmup, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 config = load_config(config_path)  # data and init_from paths are relative to the config file
 config.run_dir = run_dir  # a temporary directory: nothing of a real run is touched
-config.threads = threads
+torch.set_num_threads(threads)  # Trainer.fit would set config.threads; the steps here run outside it
 trainer = Trainer(config)
 batches = list(trainer.train_loader.epoch(0))[: warmup + steps]
 if len(batches) < warmup + steps:
