@@ -244,6 +244,59 @@ def test_paired_edges_give_the_same_results(family, head):
         assert_close(got.detach().numpy(), want.detach().numpy(), 1e-10, "training")
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_nequip_builds_only_what_reaches_the_energy_and_reads_older_weights(head):
+    """Blocks from which no path leads to the energy are not built (e.g. 1e and 2o in the output of the
+    layer before the last, whose Y are 0e, 1o, 2e), so every weight gets a gradient of the energy
+    (or of the forces: the direct head reads 1o).
+    Weights of the unpruned layout (NequIP models trained before 2026-12-02) load mapped onto it with
+    the same energies, forces and stress; resuming such a run is refused (its optimizer state would not
+    fit). Five layers: the fourth then has a residual between different irreps lists."""
+    import copy
+
+    from mlip.models.nequip import NequIP
+    from mlip.train.checkpoint import CheckpointError
+    from mlip.train.trainer import _load_weights
+
+    model = tiny_model("nequip", head, l_max=2, num_layers=5)
+    unpruned = copy.deepcopy(model)
+    torch.manual_seed(1)
+    unpruned.energy_model = NequIP(**model.energy_model.unpruned_arguments).double()
+    with torch.no_grad():
+        for name, parameter in unpruned.energy_model.named_parameters():
+            if "readout" in name:
+                parameter.mul_(10.0)
+    atoms = triclinic_alloy()
+
+    def unused_weights(potential):
+        parameters = list(potential.energy_model.parameters())
+        grads = torch.autograd.grad(energy_and_forces_sum(potential, atoms), parameters, allow_unused=True)
+        return sum(1 for g in grads if g is None or g.abs().max() == 0)
+
+    assert unused_weights(model) == 0
+    assert unused_weights(unpruned) > 0  # what the pruning removes
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in unpruned.parameters())
+
+    _load_weights(model, unpruned.state_dict())
+    got, want = predict(model, [atoms]), predict(unpruned, [atoms])
+    for key in want:
+        assert_close(got[key], want[key], 1e-10, key)
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        _load_weights(model, unpruned.state_dict(), resuming=True)
+
+
+def energy_and_forces_sum(model, atoms) -> torch.Tensor:
+    """Energy plus a fixed projection of the forces of one structure, as a tensor that keeps its graph
+    to the weights (training mode: forces are taken with create_graph)."""
+    import mlip.data as data
+
+    graph = data.atoms_to_graph(atoms, model.config.hyperparameters()["r_max"], data.TypeMapper(["Cu", "Ni"]))
+    out = model.train()(data.collate([graph], torch.float64))
+    model.eval()
+    projection = torch.linspace(-1.0, 1.0, out["forces"].numel(), dtype=torch.float64).view_as(out["forces"])
+    return out["energy"].sum() + (out["forces"] * projection).sum()
+
+
 def test_calculator_gives_old_model_files_plain_edges():
     """A deployed model without the ``paired`` argument (files written before it existed) gets
     the plain full list, with the same results."""

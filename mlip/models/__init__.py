@@ -8,7 +8,7 @@ import torch
 from ..data.stats import DatasetStatistics
 from .allegro import Allegro
 from .committee import CommitteeConfig, build_committee
-from .nequip import NequIP
+from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
 
@@ -73,6 +73,21 @@ def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, d
     return build_model(ModelConfig(**model_config), statistics, dtype)
 
 
+def adapt_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``weights`` (a state dict) for ``model``: the weights of NequIP models written before
+    2026-12-02, which kept irreps that cannot reach the energy, are mapped onto today's pruned layout
+    (same energies; ``nequip.weights_for_pruned``). Anything else comes back as it is."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, NequIP):
+            start = prefix + "." if prefix else ""
+            own = {name[len(start):]: w for name, w in weights.items() if name.startswith(start)}
+            mapped = weights_for_pruned(module, own)
+            if mapped is not own:
+                weights = {name: w for name, w in weights.items() if not name.startswith(start)}
+                weights.update({start + name: w for name, w in mapped.items()})
+    return weights
+
+
 def model_metadata(model: Potential) -> Dict[str, Any]:
     config = model.config  # ModelConfig or CommitteeConfig
     params = config.hyperparameters()
@@ -101,5 +116,6 @@ __all__ = [
     "build_committee",
     "CommitteeConfig",
     "rebuild_model",
+    "adapt_weights",
     "model_metadata",
 ]

@@ -25,7 +25,7 @@ import yaml
 from ..allocator import reuse_freed_memory
 from ..data import BatchLoader, keys
 from ..data.stats import DatasetStatistics
-from ..models import ModelConfig, Potential, build_model, rebuild_model
+from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig, config_from_dict, config_to_dict
@@ -121,9 +121,14 @@ def _rebuild(source: Dict, weights: Dict[str, torch.Tensor], dtype: str) -> Pote
     return model
 
 
-def _load_weights(model: Potential, weights: Dict[str, torch.Tensor]) -> None:
+def _load_weights(model: Potential, weights: Dict[str, torch.Tensor], resuming: bool = False) -> None:
+    adapted = adapt_weights(model, weights)
+    if resuming and adapted is not weights:
+        raise CheckpointError("this run's NequIP was built by an mlip before 2026-12-02, with blocks that cannot reach "
+                              "the energy (pruned since): its optimizer state does not fit, so it cannot be resumed; "
+                              "fine-tune from it instead (init_from: its run directory)")
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(adapted)
     except RuntimeError as error:
         details = str(error).strip().splitlines()
         raise CheckpointError(
@@ -168,7 +173,7 @@ class Trainer:
             torch.manual_seed(config.seed)
             self.model = build_model(self.model_config, self.statistics, self.dtype).to(self.device)
         if source is not None:
-            _load_weights(self.model, checkpoint_weights(source, use_ema=checkpoint is None))
+            _load_weights(self.model, checkpoint_weights(source, use_ema=checkpoint is None), resuming=checkpoint is not None)
 
         self.train_loader = BatchLoader(self.data.train, config.batch_size, self.data.train_indices, shuffle=True,
                                         seed=config.seed, dtype=self.dtype, device=self.device)
