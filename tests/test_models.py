@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
 from mlip import MLIPCalculator
 from mlip.deploy import deploy_model, load_model
@@ -35,11 +36,11 @@ def test_forces_and_stress_are_energy_derivatives(family):
     atoms = triclinic_alloy()
     atoms.calc = MLIPCalculator(model)
     forces = atoms.get_forces()
-    numerical = atoms.calc.calculate_numerical_forces(atoms, d=1e-4)
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
     assert np.abs(forces).max() > 1e-2
     assert_close(forces, numerical, 1e-6, "forces vs finite differences")
     stress = atoms.get_stress()
-    numerical = atoms.calc.calculate_numerical_stress(atoms, d=1e-5)
+    numerical = calculate_numerical_stress(atoms, eps=1e-5)
     assert np.abs(stress).max() > 1e-3
     assert_close(stress, numerical, 1e-6, "stress vs finite differences")
 
@@ -164,7 +165,7 @@ def test_higher_l_max_symmetry_and_derivatives(family, l_max):
     atoms.calc = MLIPCalculator(model)
     forces = atoms.get_forces()
     assert np.abs(forces).max() > 1e-2
-    assert_close(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), 1e-6, "forces vs finite differences")
+    assert_close(forces, calculate_numerical_forces(atoms, eps=1e-4), 1e-6, "forces vs finite differences")
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -181,8 +182,8 @@ def test_nequip_density_products(overrides, head, tmp_path):
         atoms.calc = MLIPCalculator(model)
         forces, stress = atoms.get_forces(), atoms.get_stress()
         assert np.abs(forces).max() > 1e-2
-        assert_close(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), 1e-6, "forces vs finite differences")
-        assert_close(stress, atoms.calc.calculate_numerical_stress(atoms, d=1e-5), 1e-6, "stress vs finite differences")
+        assert_close(forces, calculate_numerical_forces(atoms, eps=1e-4), 1e-6, "forces vs finite differences")
+        assert_close(stress, calculate_numerical_stress(atoms, eps=1e-5), 1e-6, "stress vs finite differences")
 
     path = tmp_path / "model.pt"
     deploy_model(model, path)
