@@ -10,7 +10,7 @@ from mlip.deploy import deploy_model, load_model
 from mlip.models import model_metadata
 
 from physics import (
-    R_MAX, TOLERANCE, assert_close, assert_symmetric, cluster, predict, tiny_model, triclinic_alloy,
+    R_MAX, TOLERANCE, TYPE_NAMES, assert_close, assert_symmetric, cluster, predict, tiny_model, triclinic_alloy,
 )
 
 FAMILIES = ["allegro", "nequip"]
@@ -291,7 +291,7 @@ def energy_and_forces_sum(model, atoms) -> torch.Tensor:
     to the weights (training mode: forces are taken with create_graph)."""
     import mlip.data as data
 
-    graph = data.atoms_to_graph(atoms, model.config.hyperparameters()["r_max"], data.TypeMapper(["Cu", "Ni"]))
+    graph = data.atoms_to_graph(atoms, model.config.hyperparameters()["r_max"], data.TypeMapper(TYPE_NAMES))
     out = model.train()(data.collate([graph], torch.float64))
     model.eval()
     projection = torch.linspace(-1.0, 1.0, out["forces"].numel(), dtype=torch.float64).view_as(out["forces"])
