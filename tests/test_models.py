@@ -246,13 +246,14 @@ def test_paired_edges_give_the_same_results(family, head):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_nequip_builds_only_what_reaches_the_energy_and_reads_older_weights(head):
+def test_nequip_builds_only_what_reaches_the_energy_and_reads_older_weights(head, tmp_path):
     """Blocks from which no path leads to the energy are not built (e.g. 1e and 2o in the output of the
     layer before the last, whose Y are 0e, 1o, 2e), so every weight gets a gradient of the energy
     (or of the forces: the direct head reads 1o).
     Weights of the unpruned layout (NequIP models trained before 2026-12-02) load mapped onto it with
-    the same energies, forces and stress; resuming such a run is refused (its optimizer state would not
-    fit). Five layers: the fourth then has a residual between different irreps lists."""
+    the same energies, forces and stress, also once deployed; resuming such a run is refused (its
+    optimizer state would not fit). Five layers: the fourth then has a residual between different
+    irreps lists."""
     import copy
 
     from mlip.models.nequip import NequIP
@@ -282,6 +283,10 @@ def test_nequip_builds_only_what_reaches_the_energy_and_reads_older_weights(head
     got, want = predict(model, [atoms]), predict(unpruned, [atoms])
     for key in want:
         assert_close(got[key], want[key], 1e-10, key)
+    deploy_model(model, tmp_path / "model.pt")
+    atoms.calc = MLIPCalculator(load_model(tmp_path / "model.pt"))
+    assert_close(atoms.get_potential_energy(), want["energy"][0], 1e-10, "deployed energy")
+    assert_close(atoms.get_forces(), want["forces"], 1e-10, "deployed forces")
     with pytest.raises(CheckpointError, match="cannot be resumed"):
         _load_weights(model, unpruned.state_dict(), resuming=True)
 
