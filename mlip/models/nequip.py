@@ -292,10 +292,11 @@ class NequIP(nn.Module):
         unpruned_in = irreps
         layers: List[Interaction] = []
         for k, keep in enumerate(keeps):
-            unpruned_out = [ir for ir in hidden if any(ir in couplings(source, l_max) for source in unpruned_in)
-                            and (k < num_layers - 1 or ir in keep)]
-            residual = unpruned_in == unpruned_out if correlation == 1 else None
-            unpruned_in = unpruned_out
+            residual: Optional[bool] = None
+            if correlation == 1:
+                unpruned_out = [ir for ir in hidden if any(ir in couplings(source, l_max) for source in unpruned_in)
+                                and (k < num_layers - 1 or ir in keep)]
+                residual, unpruned_in = unpruned_in == unpruned_out, unpruned_out
             layer = Interaction(irreps, channels, hidden, num_features, l_max, num_types, num_basis, radial_hidden,
                                 radial_layers, avg_num_neighbors, correlation, keep, residual)
             layers.append(layer)
