@@ -316,6 +316,20 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
     assert np.isclose(report["energy_uncertainty_error_spearman"], spearmanr(spread, abs_error)[0], atol=1e-6)
     assert np.isclose(report["force_uncertainty_mean"], force_spread.mean(), rtol=1e-4)
     assert np.isclose(report["force_uncertainty_error_spearman"], spearmanr(force_spread, force_error)[0], atol=1e-3)
+    # Each member's own errors, and their correlation: with it the committee's energy error follows
+    # from the members' (mean square sum_mn r_mn s_m s_n / M^2).
+    energy_errors = member_energies - np.array([a.get_potential_energy() for a in structures])[:, None]  # (B, 2)
+    energy_rmse = np.sqrt((energy_errors ** 2).mean(axis=0))
+    assert np.allclose(report["energy_member_rmse"], energy_rmse, rtol=1e-5)
+    r = (energy_errors[:, 0] * energy_errors[:, 1]).mean() / energy_rmse.prod()
+    assert np.isclose(report["energy_error_correlation"], r, atol=1e-5) and abs(r) < 0.999
+    committee_rmse = evaluate(paths[2], [data_file])["all"]["energy_rmse"]
+    assert np.isclose(committee_rmse ** 2, (energy_rmse ** 2).sum() / 4 + r * energy_rmse.prod() / 2, rtol=1e-4)
+    force_errors = np.stack(member_forces, axis=-1) - np.concatenate([a.get_forces() for a in structures])[..., None]
+    force_rmse = np.sqrt((force_errors.reshape(-1, 2) ** 2).mean(axis=0))
+    assert np.allclose(report["force_member_rmse"], force_rmse, rtol=1e-4)
+    assert np.isclose(report["force_error_correlation"],
+                      (force_errors[..., 0] * force_errors[..., 1]).mean() / force_rmse.prod(), atol=1e-4)
     assert "committee" not in evaluate(paths[0], [data_file])["files"][data_file]
 
     capsys.readouterr()

@@ -24,6 +24,7 @@ EDGES_PAIRED = "edges_paired"  # () bool | edge k + E/2 is the reverse of edge k
 ENERGY = "energy"  # (B,) float64 | total energy, eV
 ATOMIC_ENERGIES = "atomic_energies"  # (N,) float64 | per-atom energy incl. reference energies, eV
 MEMBER_ATOMIC_ENERGIES = "member_atomic_energies"  # (N, M) float64 | ATOMIC_ENERGIES of each of a committee's M models, eV
+MEMBER_ENERGIES = "member_energies"  # (B, M) float64 | ENERGY of each of a committee's M models, eV
 ENERGY_UNCERTAINTY = "energy_uncertainty"  # (B,) float64 | standard deviation of a committee's member energies, eV
 FORCES = "forces"  # (N, 3) float | eV/Å
 MEMBER_FORCES = "member_forces"  # (N, 3, M) float | FORCES of each of a committee's M models, eV/Å

@@ -5,12 +5,13 @@ per call: a batch is one disconnected graph, so per-atom energies and forces com
 structure. The virial of a call is one total, so structures whose stress is compared are
 evaluated one at a time. For a committee file, the report also says how well the members' energy
 spread (the uncertainty the ASE calculator gives) ranks the structures by their energy error, and
-how well their force spread on each atom ranks the atoms by their force error.
+how well their force spread on each atom ranks the atoms by their force error; and each member's own
+errors and how much they correlate, which says what a further member could gain (``_member_errors``).
 """
 
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +40,9 @@ def evaluate(
     "num_structures", "num_atoms", "seconds"[, "committee"]}}, "all": metrics over every file}.
     "committee" (committee files): mean energy uncertainty (eV) and the rank correlation
     (Spearman) between each structure's uncertainty and its absolute energy error; the same for
-    each atom's force uncertainty (eV/Å) and the length of its force error vector.
+    each atom's force uncertainty (eV/Å) and the length of its force error vector; each member's
+    energy and force RMSE ("energy_member_rmse", "force_member_rmse") and the mean correlation of
+    the members' errors ("energy_error_correlation", "force_error_correlation", see ``_member_errors``).
     Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
     """
     import ase.io
@@ -59,8 +62,10 @@ def evaluate(
         metrics = ErrorMetrics()
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
                                                      "stress (eV/Å³)": [[], []]}
-        # Committees only: per batch (B,) eV for energies, (N,) eV/Å for forces.
-        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "force": [], "force_error": []}
+        # Committees only: per batch (B,) eV for energies, (N,) eV/Å for forces; the members' own
+        # errors (B, M) eV and (3N, M) eV/Å.
+        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "force": [], "force_error": [],
+                                                      "member_energy_error": [], "member_force_error": []}
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
             batch = collate(graphs, dtype=dtype, device=device, paired=paired)
@@ -73,10 +78,14 @@ def evaluate(
                 uncertainties["energy"].append(prediction[keys.ENERGY_UNCERTAINTY].cpu().numpy())
                 energy_error = prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)
                 uncertainties["energy_error"].append(energy_error.abs().cpu().numpy())
+                member_error = prediction[keys.MEMBER_ENERGIES] - batch[keys.ENERGY].to(torch.float64).unsqueeze(1)
+                uncertainties["member_energy_error"].append(member_error.cpu().numpy())
             if keys.FORCE_UNCERTAINTY in prediction and keys.FORCES in batch:
                 uncertainties["force"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
                 force_error = (prediction[keys.FORCES] - batch[keys.FORCES]).to(torch.float64).norm(dim=1)
                 uncertainties["force_error"].append(force_error.cpu().numpy())
+                member_error = prediction[keys.MEMBER_FORCES] - batch[keys.FORCES].to(torch.float64).unsqueeze(2)
+                uncertainties["member_force_error"].append(member_error.reshape(-1, member_error.shape[2]).cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -101,7 +110,8 @@ def evaluate(
 
 
 def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[str, torch.Tensor]:
-    """Energies (B,), forces (N, 3) and, for a single periodic structure, stress (1, 3, 3)."""
+    """Energies (B,), forces (N, 3) and, for a single periodic structure, stress (1, 3, 3); for a
+    committee also each member's energies (B, M) and forces (N, 3, M) and their spreads."""
     num_graphs = batch[keys.NUM_ATOMS].shape[0]
     structure = batch[keys.BATCH]
     positions = batch[keys.POSITIONS]
@@ -119,11 +129,13 @@ def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[
         member_energies = torch.zeros(num_graphs, members.shape[1], dtype=torch.float64, device=positions.device)
         member_energies = member_energies.index_add(0, structure, members)
         prediction[keys.ENERGY_UNCERTAINTY] = member_energies.std(dim=1, unbiased=False)
+        prediction[keys.MEMBER_ENERGIES] = member_energies
     if keys.MEMBER_FORCES in out:  # (N, 3, M)
         member_forces = out[keys.MEMBER_FORCES].to(torch.float64)
         if not gradient_head:
             member_forces = _without_net_force(member_forces, batch)
         prediction[keys.FORCE_UNCERTAINTY] = force_uncertainty(member_forces)
+        prediction[keys.MEMBER_FORCES] = member_forces
     if keys.VIRIAL in out and num_graphs == 1 and bool(batch[keys.PBC].all()):
         volume = torch.linalg.det(batch[keys.CELL][0]).abs()
         prediction[keys.STRESS] = (-out[keys.VIRIAL].transpose(0, 1) / volume).unsqueeze(0)
@@ -140,7 +152,8 @@ def _without_net_force(forces: torch.Tensor, batch: Dict[str, torch.Tensor]) -> 
 
 def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
     """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,),
-    and its force spread (N,) the atoms by the length of their force error (N,)."""
+    and its force spread (N,) the atoms by the length of their force error (N,); the members' own
+    errors (B, M) and (3N, M) summarized by ``_member_errors``."""
     from scipy.stats import spearmanr  # scipy comes with ase and e3nn
 
     report = {}
@@ -151,7 +164,22 @@ def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
         report[f"{what}_uncertainty_mean"] = float(uncertainty.mean())
         report[f"{what}_uncertainty_error_spearman"] = (
             float(spearmanr(uncertainty, error)[0]) if len(error) > 2 else float("nan"))
+        report[f"{what}_member_rmse"], report[f"{what}_error_correlation"] = _member_errors(values[f"member_{what}_error"])
     return report
+
+
+def _member_errors(errors: np.ndarray) -> Tuple[List[float], float]:
+    """errors (samples, M) of M members -> each member's RMSE s_m, and the mean over member pairs of
+    r_mn = mean(e_m e_n) / (s_m s_n).
+
+    The committee's error is the mean of the members' errors, so its mean square is exactly
+    sum_mn r_mn s_m s_n / M^2: with similar members (RMSE s, correlation r) the mean of M of them has
+    RMSE s sqrt((1 + (M - 1) r) / M), which falls no lower than s sqrt(r) however many are added.
+    """
+    rmse = np.sqrt((errors ** 2).mean(axis=0))
+    overlap = errors.T @ errors / errors.shape[0] / np.outer(rmse, rmse)  # (M, M), r_mn
+    pairs = np.triu_indices(errors.shape[1], 1)
+    return rmse.tolist(), float(overlap[pairs].mean())
 
 
 def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
@@ -215,6 +243,11 @@ def format_table(report: Dict) -> str:
             if "force_uncertainty_mean" in c:
                 lines.append(f"  committee: mean force uncertainty {1000 * c['force_uncertainty_mean']:.4g} meV/Å per "
                              f"atom; rank correlation with |force error| {c['force_uncertainty_error_spearman']:.2f}")
+            for what, unit in (("energy", "meV"), ("force", "meV/Å")):
+                if f"{what}_member_rmse" in c:
+                    rmse = " / ".join(f"{1000 * s:.4g}" for s in c[f"{what}_member_rmse"])
+                    lines.append(f"  committee: {what} RMSE of each member {rmse} {unit}; mean correlation of "
+                                 f"their errors {c[f'{what}_error_correlation']:.2f}")
     if len(report["files"]) > 1:
         total = sum(r["num_structures"] for r in report["files"].values())
         lines.append(row("all files", report[ALL], total))
