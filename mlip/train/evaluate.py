@@ -150,7 +150,7 @@ def _without_net_force(forces: torch.Tensor, batch: Dict[str, torch.Tensor]) -> 
     return forces - (net / count)[structure]
 
 
-def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, float]:
+def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, object]:
     """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,),
     and its force spread (N,) the atoms by the length of their force error (N,); the members' own
     errors (B, M) and (3N, M) summarized by ``_member_errors``."""
