@@ -310,7 +310,8 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
                                  - np.concatenate([a.get_forces() for a in structures]), axis=1)
     from scipy.stats import spearmanr
 
-    report = evaluate(paths[2], [data_file])["files"][data_file]["committee"]
+    full_report = evaluate(paths[2], [data_file])
+    report = full_report["files"][data_file]["committee"]
     assert spread.min() > 0
     assert np.isclose(report["energy_uncertainty_mean"], spread.mean(), rtol=1e-6)
     assert np.isclose(report["energy_uncertainty_error_spearman"], spearmanr(spread, abs_error)[0], atol=1e-6)
@@ -323,7 +324,7 @@ def test_committee_of_two_seeds(trained_run, data_file, tmp_path, capsys):
     assert np.allclose(report["energy_member_rmse"], energy_rmse, rtol=1e-5)
     r = (energy_errors[:, 0] * energy_errors[:, 1]).mean() / energy_rmse.prod()
     assert np.isclose(report["energy_error_correlation"], r, atol=1e-5) and abs(r) < 0.999
-    committee_rmse = evaluate(paths[2], [data_file])["all"]["energy_rmse"]
+    committee_rmse = full_report["all"]["energy_rmse"]
     assert np.isclose(committee_rmse ** 2, (energy_rmse ** 2).sum() / 4 + r * energy_rmse.prod() / 2, rtol=1e-4)
     force_errors = np.stack(member_forces, axis=-1) - np.concatenate([a.get_forces() for a in structures])[..., None]
     force_rmse = np.sqrt((force_errors.reshape(-1, 2) ** 2).mean(axis=0))
