@@ -62,10 +62,10 @@ def evaluate(
         metrics = ErrorMetrics()
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
                                                      "stress (eV/Å³)": [[], []]}
-        # Committees only: per batch (B,) eV for energies, (N,) eV/Å for forces; the members' own
-        # errors (B, M) eV and (3N, M) eV/Å.
-        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "energy_error": [], "force": [], "force_error": [],
-                                                      "member_energy_error": [], "member_force_error": []}
+        # Committees only, per batch: the spreads (B,) eV and (N,) eV/Å, and the members' own errors
+        # (B, M) eV and (N, 3, M) eV/Å (their mean is the committee's error).
+        uncertainties: Dict[str, List[np.ndarray]] = {"energy": [], "force": [], "member_energy_error": [],
+                                                      "member_force_error": []}
         for indices in _batches(dataset, gradient_head, batch_atoms):
             graphs = dataset.get_batch(indices)
             batch = collate(graphs, dtype=dtype, device=device, paired=paired)
@@ -76,16 +76,12 @@ def evaluate(
             _collect(parity, prediction, batch)
             if keys.ENERGY_UNCERTAINTY in prediction:
                 uncertainties["energy"].append(prediction[keys.ENERGY_UNCERTAINTY].cpu().numpy())
-                energy_error = prediction[keys.ENERGY] - batch[keys.ENERGY].to(torch.float64)
-                uncertainties["energy_error"].append(energy_error.abs().cpu().numpy())
                 member_error = prediction[keys.MEMBER_ENERGIES] - batch[keys.ENERGY].to(torch.float64).unsqueeze(1)
                 uncertainties["member_energy_error"].append(member_error.cpu().numpy())
             if keys.FORCE_UNCERTAINTY in prediction and keys.FORCES in batch:
                 uncertainties["force"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
-                force_error = (prediction[keys.FORCES] - batch[keys.FORCES]).to(torch.float64).norm(dim=1)
-                uncertainties["force_error"].append(force_error.cpu().numpy())
                 member_error = prediction[keys.MEMBER_FORCES] - batch[keys.FORCES].to(torch.float64).unsqueeze(2)
-                uncertainties["member_force_error"].append(member_error.reshape(-1, member_error.shape[2]).cpu().numpy())
+                uncertainties["member_force_error"].append(member_error.cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -153,18 +149,22 @@ def _without_net_force(forces: torch.Tensor, batch: Dict[str, torch.Tensor]) -> 
 def _uncertainty_report(values: Dict[str, np.ndarray]) -> Dict[str, object]:
     """How well a committee's energy spread (B,) ranks structures by their absolute energy error (B,),
     and its force spread (N,) the atoms by the length of their force error (N,); the members' own
-    errors (B, M) and (3N, M) summarized by ``_member_errors``."""
+    errors (B, M) and (N, 3, M), whose mean over members is the committee's error, summarized by
+    ``_member_errors``."""
     from scipy.stats import spearmanr  # scipy comes with ase and e3nn
 
     report = {}
     for what in ("energy", "force"):
         if what not in values:
             continue
-        uncertainty, error = values[what], values[f"{what}_error"]
+        uncertainty, member_errors = values[what], values[f"member_{what}_error"]
+        committee_error = member_errors.mean(axis=-1)  # (B,) or (N, 3)
+        error = np.abs(committee_error) if what == "energy" else np.linalg.norm(committee_error, axis=1)
         report[f"{what}_uncertainty_mean"] = float(uncertainty.mean())
         report[f"{what}_uncertainty_error_spearman"] = (
             float(spearmanr(uncertainty, error)[0]) if len(error) > 2 else float("nan"))
-        report[f"{what}_member_rmse"], report[f"{what}_error_correlation"] = _member_errors(values[f"member_{what}_error"])
+        report[f"{what}_member_rmse"], report[f"{what}_error_correlation"] = _member_errors(
+            member_errors.reshape(-1, member_errors.shape[-1]))
     return report
 
 
