@@ -21,6 +21,7 @@ from mlip.data import (
     collate,
     compute_statistics,
     convert_to_hdf5,
+    iter_structures,
     keys,
     split_indices,
 )
@@ -161,6 +162,26 @@ def test_in_memory_dataset_matches_file(extxyz, h5):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(IndexError, match="out of range"):
         memory.get_batch([14])
+
+
+def test_file_selection_reads_the_selected_structures(extxyz, tmp_path):
+    """ASE's file@selection: a gzipped file's structures 2..4 convert to the same graphs as those
+    structures of the whole file; a selection that is not one fails by name."""
+    packed = tmp_path / "emt.extxyz.gz"
+    packed.write_bytes(gzip.compress(extxyz.read_bytes()))
+    whole = GraphDataset.from_atoms(ase.io.read(extxyz, ":"), R_MAX, type_names=["Al", "Ni", "Cu"])
+    output = tmp_path / "selected.h5"
+    convert_to_hdf5(f"{packed}@2:5", output, R_MAX, type_names=["Al", "Ni", "Cu"], progress=False)
+    selected = GraphDataset.from_hdf5(output)
+    assert len(selected) == 3
+    a, b = collate(whole.get_batch([2, 3, 4])), collate(selected.get_batch([0, 1, 2]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = list(iter_structures(f"{extxyz}@-1"))
+    assert len(last) == 1 and np.array_equal(last[0].positions, ase.io.read(extxyz, -1).positions)
+    with pytest.raises(ValueError, match="not a structure selection"):
+        list(iter_structures(f"{extxyz}@first"))
+    with pytest.raises(FileNotFoundError, match="no such structure file"):
+        list(iter_structures(f"{tmp_path / 'absent.extxyz'}@0:2"))
 
 
 # --- label keys ----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from . import keys
 from .atoms import LabelKeys, TypeMapper, atoms_to_graph, check_structure, graph_to_atoms, read_labels
 from .batch import collate
-from .dataset import BatchLoader, GraphDataset, convert_to_hdf5, split_indices
+from .dataset import BatchLoader, GraphDataset, convert_to_hdf5, iter_structures, split_indices
 from .neighbors import neighbor_list, pair_edges
 from .stats import DatasetStatistics, compute_statistics
 
@@ -21,6 +21,7 @@ __all__ = [
     "BatchLoader",
     "GraphDataset",
     "convert_to_hdf5",
+    "iter_structures",
     "split_indices",
     "DatasetStatistics",
     "compute_statistics",

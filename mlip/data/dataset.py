@@ -74,7 +74,7 @@ class GraphDataset:
         backend: str = DEFAULT_BACKEND,
     ) -> "GraphDataset":
         """In memory, from ase.Atoms (or files ``ase.io.read`` reads)."""
-        structures = list(_iter_atoms(structures))
+        structures = list(iter_structures(structures))
         mapper = TypeMapper(type_names) if type_names is not None else TypeMapper.from_atoms(structures)
         graphs, config_types = [], []
         for k, atoms in enumerate(structures):
@@ -149,7 +149,7 @@ def convert_to_hdf5(
     if type_names is None and not _paths(inputs):
         inputs = list(inputs)  # two passes over a generator of Atoms
     if type_names is None:
-        type_names = TypeMapper.from_atoms(_iter_atoms(inputs)).type_names
+        type_names = TypeMapper.from_atoms(iter_structures(inputs)).type_names
     mapper = TypeMapper(type_names)
     attrs = {
         "label_keys": json.dumps({"energy": label_keys.energy, "forces": label_keys.forces,
@@ -163,7 +163,7 @@ def convert_to_hdf5(
     try:
         from tqdm import tqdm
 
-        for k, atoms in enumerate(tqdm(_iter_atoms(inputs), desc=f"graphs -> {output.name}", unit=" structures",
+        for k, atoms in enumerate(tqdm(iter_structures(inputs), desc=f"graphs -> {output.name}", unit=" structures",
                                        disable=not progress, mininterval=1.0)):
             graph = _to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend)
             writer.append(graph, atoms.info.get("config_type", ""))
@@ -244,19 +244,43 @@ def _paths(inputs) -> List[PathLike]:
     return []
 
 
-def _iter_atoms(inputs) -> Iterator:
-    """ase.Atoms from files (streamed) or from an iterable of Atoms."""
+def iter_structures(inputs) -> Iterator:
+    """ase.Atoms from files (streamed; ASE's ``file@selection`` picks some, e.g. ``data.extxyz@0:900``)
+    or from an iterable of Atoms."""
     paths = _paths(inputs)
     if paths:
         import ase.io
 
         for path in paths:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"no such structure file: {path}")
-            with _uncompressed(Path(path)) as plain:
-                yield from ase.io.iread(plain, ":")
+            file, selection = split_selection(path)
+            if not file.exists():
+                raise FileNotFoundError(f"no such structure file: {file}")
+            with _uncompressed(file) as plain:
+                yield from ase.io.iread(plain, selection, do_not_split_by_at_sign=True)
     else:
         yield from inputs
+
+
+def split_selection(path: PathLike) -> Tuple[Path, slice]:
+    """ASE's ``file@selection`` convention: ``data.extxyz@0:900`` -> (data.extxyz, slice(0, 900)); a
+    path without ``@`` selects every structure. A structure file whose name holds ``@`` needs a
+    selection of its own (``name@x.xyz@:``), as in ASE."""
+    from ase.io.formats import string2index
+
+    path = os.fspath(path)
+    name, at, selection = os.path.basename(path).rpartition("@")
+    if not at:
+        return Path(path), slice(None)
+    try:
+        index = string2index(selection)
+    except ValueError:
+        index = None
+    if isinstance(index, int):
+        index = slice(index, (index + 1) or None)  # one structure, still a list of one
+    if not isinstance(index, slice):
+        raise ValueError(f"{path}: '{selection}' after '@' is not a structure selection such as 0:900, -100: "
+                         "or ::10")
+    return Path(os.path.join(os.path.dirname(path), name)), index
 
 
 _COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}

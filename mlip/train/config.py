@@ -18,7 +18,8 @@ from ..models import ModelConfig
 
 @dataclass
 class DataConfig:
-    train: List[str] = field(default_factory=list)  # extxyz (anything ase.io reads) or .h5 graph files
+    # extxyz (anything ase.io reads; ASE's file@selection picks structures, e.g. data.extxyz@0:900) or .h5 graph files
+    train: List[str] = field(default_factory=list)
     validation: List[str] = field(default_factory=list)  # separate validation files; empty: split train
     val_fraction: float = 0.1  # share of `train` held out when no validation file is given
     # Seed of that split; None: the run's seed. Runs that differ only in their seed (committee members)

@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..data import GraphDataset, LabelKeys, TypeMapper, compute_statistics, convert_to_hdf5, split_indices
+from ..data import (GraphDataset, LabelKeys, TypeMapper, compute_statistics, convert_to_hdf5, iter_structures,
+                    split_indices)
 from ..data.stats import DatasetStatistics
 from .config import DataConfig
 
@@ -96,9 +97,4 @@ def _elements(paths: List[str]) -> List[str]:
     graph_files = [p for p in paths if p.endswith((".h5", ".hdf5"))]
     if graph_files:
         return list(GraphDataset.from_hdf5(graph_files[0]).type_names)
-    import ase.io
-
-    for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such training file: {path}")
-    return TypeMapper.from_atoms(a for p in paths for a in ase.io.iread(p, ":")).type_names
+    return TypeMapper.from_atoms(iter_structures(paths)).type_names

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..data import GraphDataset, LabelKeys, collate, keys
+from ..data import GraphDataset, LabelKeys, collate, iter_structures, keys
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
 from ..models.committee import force_uncertainty
 from .metrics import ALL, ErrorMetrics
@@ -45,8 +45,6 @@ def evaluate(
     the members' errors ("energy_error_correlation", "force_error_correlation", see ``_member_errors``).
     Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
     """
-    import ase.io
-
     device = torch.device(device)
     model, metadata = load_model(model_path, device=device)
     dtype = DTYPES[metadata["dtype"]]
@@ -56,7 +54,7 @@ def evaluate(
     report = {"model": os.fspath(model_path), "force_head": metadata["force_head"], "files": {}}
     for path in files:
         start = time.perf_counter()
-        structures = ase.io.read(path, ":")
+        structures = list(iter_structures(path))
         dataset = GraphDataset.from_atoms(structures, metadata["r_max"], metadata["type_names"], label_keys,
                                           require=(keys.ENERGY,))
         metrics = ErrorMetrics()
