@@ -18,12 +18,13 @@
   A committee file also reports its energy uncertainty (member spread) over the sampled frames,
   and its largest per-atom force uncertainty in each.
 - rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
-- LiPS (candidates for potentials/lips-allegro, none shipped: `--only lips --model FILE`): 10 ps Langevin NVT at 600 K, 1 fs steps, from the data's first frame
-  (83 atoms, its cell): no two atoms closer than 1.6 Å (the data's closest pair: P-S 1.85 Å), no S-S
-  bond (S-S within 2.4 Å; the DFT frames' closest S-S pair is 2.66 Å), and the
-  P-S bond graph (pairs within 2.8 Å; in the 1000 DFT frames P-S distances leave a gap from 2.5 to
-  3.3 Å and this graph never changes) stays the starting one: the thiophosphate units stay intact
-  while the lithium ions move. Reports the lithium mean square displacement.
+- LiPS (candidates for potentials/lips-allegro, none shipped yet: `--only lips --model FILE`): 10 ps
+  Langevin NVT at 600 K, 1 fs steps, from the data's first frame (83 atoms, its cell): no two atoms
+  closer than 1.6 Å (the data's closest pair: P-S 1.85 Å), no S-S bond (S-S within 2.4 Å; the DFT
+  frames' closest S-S pair is 2.66 Å), and the P-S bond graph (pairs within 2.8 Å; in the 1000 DFT
+  frames P-S distances leave a gap from 2.5 to 3.3 Å and this graph never changes) stays the
+  starting one: the thiophosphate units stay intact while the lithium ions move. Reports the
+  lithium mean square displacement.
 --model checks another file (a candidate) in place of the shipped one. Exit status 1 if a check fails.
 """
 
@@ -195,7 +196,8 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
 
 
 def check_lips(model, data, picoseconds, temperature=600):
-    """NVT of the LiPS cell: thiophosphate units intact, no overlapping atoms; Li mean square displacement."""
+    """NVT of the LiPS cell: thiophosphate units intact, no S-S bond, no overlapping atoms; Li mean square
+    displacement."""
     import ase.io
 
     from mlip import MLIPCalculator
