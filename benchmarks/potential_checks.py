@@ -20,9 +20,9 @@
 - rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
 - LiPS (candidates for potentials/lips-allegro, none shipped yet: `--only lips --model FILE`): 10 ps
   Langevin NVT at 600 K, 1 fs steps, from the data's first frame (83 atoms, its cell): no two atoms
-  closer than 1.6 Å (the data's closest pair: P-S 1.85 Å), no S-S bond (S-S within 2.4 Å; the DFT
+  closer than 1.6 Å (the data's closest pair: P-S 1.82 Å), no S-S bond (S-S within 2.4 Å; the DFT
   frames' closest S-S pair is 2.66 Å), and the P-S bond graph (pairs within 2.8 Å; in the 1000 DFT
-  frames P-S distances leave a gap from 2.5 to 3.3 Å and this graph never changes) stays the
+  frames P-S distances leave a gap from 2.61 to 3.34 Å and this graph never changes) stays the
   starting one: the thiophosphate units stay intact while the lithium ions move. Reports the
   lithium mean square displacement.
 --model checks another file (a candidate) in place of the shipped one. Exit status 1 if a check fails.
