@@ -206,21 +206,20 @@ def check_lips(model, data, picoseconds, temperature=600):
     atoms.calc = MLIPCalculator(model)
     phosphorus, sulfur, lithium = (atoms.numbers == 15), (atoms.numbers == 16), (atoms.numbers == 3)
 
-    def ps_bonds(a):
-        i, j = neighbor_list("ij", a, 2.8)
+    def ps_bonds(i, j):
         return {(int(x), int(y)) for x, y in zip(i, j) if phosphorus[x] and sulfur[y]}
 
-    reference = ps_bonds(atoms)
+    reference = ps_bonds(*neighbor_list("ij", atoms, 2.8))
     start = atoms.get_positions()  # unwrapped by ASE's MD (positions are not wrapped back into the cell)
 
     def intact(a):
-        if neighbor_list("i", a, 1.6).size:
+        i, j, d = neighbor_list("ijd", a, 2.8)  # one list for the three criteria
+        if (d < 1.6).any():
             return "two atoms closer than 1.6 Å"
-        i, j, d = neighbor_list("ijd", a, 2.4)
-        close_sulfur = d[sulfur[i] & sulfur[j]]
+        close_sulfur = d[sulfur[i] & sulfur[j] & (d < 2.4)]
         if close_sulfur.size:
             return f"an S-S bond formed ({close_sulfur.min():.2f} Å; the DFT frames' closest S-S pair: 2.66 Å)"
-        now = ps_bonds(a)
+        now = ps_bonds(i, j)
         if now != reference:
             return f"P-S bonds broken {sorted(reference - now)[:5]}, formed {sorted(now - reference)[:5]}"
         return None

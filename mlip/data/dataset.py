@@ -73,7 +73,7 @@ class GraphDataset:
         min_distance: float = DEFAULT_MIN_DISTANCE,
         backend: str = DEFAULT_BACKEND,
     ) -> "GraphDataset":
-        """In memory, from ase.Atoms (or files ``ase.io.read`` reads)."""
+        """In memory, from ase.Atoms or files (see ``iter_structures``: ``file@selection`` works)."""
         structures = list(iter_structures(structures))
         mapper = TypeMapper(type_names) if type_names is not None else TypeMapper.from_atoms(structures)
         graphs, config_types = [], []

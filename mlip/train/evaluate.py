@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..data import GraphDataset, LabelKeys, collate, iter_structures, keys
+from ..data import GraphDataset, LabelKeys, collate, keys
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
 from ..models.committee import force_uncertainty
 from .metrics import ALL, ErrorMetrics
@@ -54,8 +54,7 @@ def evaluate(
     report = {"model": os.fspath(model_path), "force_head": metadata["force_head"], "files": {}}
     for path in files:
         start = time.perf_counter()
-        structures = list(iter_structures(path))
-        dataset = GraphDataset.from_atoms(structures, metadata["r_max"], metadata["type_names"], label_keys,
+        dataset = GraphDataset.from_atoms(path, metadata["r_max"], metadata["type_names"], label_keys,
                                           require=(keys.ENERGY,))
         metrics = ErrorMetrics()
         parity: Dict[str, List[List[np.ndarray]]] = {"energy (eV/atom)": [[], []], "forces (eV/Å)": [[], []],
