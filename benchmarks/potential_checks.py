@@ -1,6 +1,6 @@
 """Physical sanity of the shipped potentials: long NVT MD stays intact, relaxed lattice = DFT's.
 
-    python benchmarks/potential_checks.py [--ps 10] [--only si|ge|mo|li|3bpa|aspirin|lips [--model FILE]]
+    python benchmarks/potential_checks.py [--ps 10] [--seed 0] [--only si|ge|mo|li|3bpa|aspirin|lips [--model FILE]]
                                           [--data ../shared/data]
 
 - Si (potentials/si-allegro): 10 ps Langevin NVT at 1000 K on a 64-atom diamond cell: no two atoms
@@ -113,7 +113,7 @@ CRYSTALS = {
 }
 
 
-def check_crystal(element, model, data, picoseconds):
+def check_crystal(element, model, data, picoseconds, seed):
     """NVT of a supercell stays a solid of sane coordination; relaxed a0 within 0.02 Å of DFT's."""
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
@@ -134,7 +134,7 @@ def check_crystal(element, model, data, picoseconds):
             return f"mean coordination {coordination:.2f} within {shell} Å (expected {low}-{high})"
         return None
 
-    results[f"nvt_{temperature}K"] = run_nvt(atoms, temperature, 1.0, picoseconds, intact)
+    results[f"nvt_{temperature}K"] = run_nvt(atoms, temperature, 1.0, picoseconds, intact, seed=seed)
 
     crystal = bulk(element, structure, a=a0, cubic=True)
     crystal.calc = MLIPCalculator(model)
@@ -155,7 +155,7 @@ def check_crystal(element, model, data, picoseconds):
     return results, failures
 
 
-def check_molecule(first_frame_file, temperature, model, data, picoseconds):
+def check_molecule(first_frame_file, temperature, model, data, picoseconds, seed):
     """Langevin NVT (0.5 fs) from the first frame of a training file: the covalent bond graph
     (pairs closer than 1.2 x the sum of ASE's natural radii) must stay the starting one."""
     import ase.io
@@ -185,7 +185,7 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
         return None
 
     key = f"nvt_{temperature}K"
-    results = {key: run_nvt(atoms, temperature, 0.5, picoseconds, intact), "bonds": len(reference)}
+    results = {key: run_nvt(atoms, temperature, 0.5, picoseconds, intact, seed=seed), "bonds": len(reference)}
     if uncertainties:
         results["energy_uncertainty_meV"] = {"mean": 1000 * float(np.mean(uncertainties)),
                                              "max": 1000 * float(np.max(uncertainties))}
@@ -195,7 +195,7 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds):
     return results, list(results[key]["problems"])
 
 
-def check_lips(model, data, picoseconds, temperature=600):
+def check_lips(model, data, picoseconds, seed, temperature=600):
     """NVT of the LiPS cell: thiophosphate units intact, no S-S bond, no overlapping atoms; Li mean square
     displacement."""
     import ase.io
@@ -225,7 +225,7 @@ def check_lips(model, data, picoseconds, temperature=600):
         return None
 
     key = f"nvt_{temperature}K"
-    results = {key: run_nvt(atoms, temperature, 1.0, picoseconds, intact), "ps_bonds": len(reference)}
+    results = {key: run_nvt(atoms, temperature, 1.0, picoseconds, intact, seed=seed), "ps_bonds": len(reference)}
     displacement = atoms.get_positions() - start
     results["li_msd_A2"] = float((displacement[lithium] ** 2).sum(axis=1).mean())
     results["p_s_msd_A2"] = float((displacement[phosphorus | sulfur] ** 2).sum(axis=1).mean())
@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ps", type=float, default=10.0, help="length of each NVT run, ps")
     parser.add_argument("--only", choices=["si", "ge", "mo", "li", "3bpa", "aspirin", "lips"])
     parser.add_argument("--model", help="model file to check instead of the shipped one (needs --only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the thermostat noise")
     args = parser.parse_args(argv)
     if args.model and not args.only:
         parser.error("--model needs --only (which potential's checks to run on it)")
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
             print(f"{name}: no model file at {model}: not checked (pass a candidate with --only {key} --model FILE)")
             failed |= bool(args.only)  # asked for this check alone: it did not run
             continue
-        results, failures = check(model, args.data, args.ps)
+        results, failures = check(model, args.data, args.ps, args.seed)
         print(f"{name}: {results}")
         print(f"{name}: {'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}")
         failed |= bool(failures)
