@@ -18,7 +18,7 @@
   A committee file also reports its energy uncertainty (member spread) over the sampled frames,
   and its largest per-atom force uncertainty in each.
 - rMD17 aspirin (potentials/rmd17-aspirin-nequip): the same at 500 K, the temperature of MD17's MD.
-- LiPS (potentials/lips-nequip; the failed Allegro candidate of potentials/lips-allegro with --model): 10 ps
+- LiPS (potentials/lips-nequip; a candidate with `--only lips --model FILE`): 10 ps
   Langevin NVT at 600 K, 1 fs steps, from the data's first frame (83 atoms, its cell): no two atoms
   closer than 1.6 Å (the data's closest pair: P-S 1.82 Å), no S-S bond (S-S within 2.4 Å; the DFT
   frames' closest S-S pair is 2.66 Å), and the P-S bond graph (pairs within 2.8 Å; in the 1000 DFT
