@@ -404,5 +404,46 @@ def test_committee_refuses_mismatched_members():
     other_data.statistics.force_rms = 2.0
     with pytest.raises(ValueError, match="training statistics"):
         build_committee([nequip, other_data])
-    with pytest.raises(ValueError, match="itself a committee"):
-        build_committee([build_committee([nequip, tiny_model("allegro")]), nequip])
+
+
+def test_committee_members_come_out_and_join_again(tmp_path, capsys):
+    """`mlip deploy FILE --member K` writes member K of a committee file alone (its own energies and
+    forces, its own architecture), and a committee file listed among other models counts as its
+    members: a committee of two plus a third model is the mean of all three."""
+    from mlip.cli import main
+    from mlip.models import build_committee
+
+    members = [tiny_model("nequip", seed=0), tiny_model("allegro", seed=1),
+               tiny_model("nequip", seed=2, l_max=2, correlation=3)]
+    pair, third = tmp_path / "pair.pt", tmp_path / "third.pt"
+    deploy_model(build_committee(members[:2]), pair)
+    deploy_model(members[2], third)
+    atoms = triclinic_alloy()
+    each = [predict(member, [atoms]) for member in members]
+
+    def file_prediction(path):
+        atoms.calc = MLIPCalculator(str(path))
+        return {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+
+    second = tmp_path / "second.pt"
+    assert main(["deploy", str(pair), "--member", "2", "-o", str(second)]) == 0
+    _, metadata = load_model(second)
+    assert metadata["model_family"] == "allegro" and "members" not in metadata["hyperparameters"]
+    got = file_prediction(second)
+    assert_close(got["energy"], each[1]["energy"][0], 1e-12, "member 2's energy")
+    assert_close(got["forces"], each[1]["forces"], 1e-12, "member 2's forces")
+    assert np.abs(each[0]["forces"] - each[1]["forces"]).max() > 1e-2, "members agree: no proof of which came out"
+
+    joined = tmp_path / "three.pt"
+    assert main(["deploy", str(pair), str(third), "-o", str(joined)]) == 0
+    _, metadata = load_model(joined)
+    assert [m["family"] for m in metadata["hyperparameters"]["members"]] == ["nequip", "allegro", "nequip"]
+    got = file_prediction(joined)
+    assert_close(got["energy"], np.mean([e["energy"][0] for e in each]), 1e-12, "mean energy")
+    assert_close(got["forces"], np.mean([e["forces"] for e in each], axis=0), 1e-12, "mean forces")
+
+    for inputs, member, message in (([pair], "3", "has members 1 to 2"), ([third], "1", "not a committee"),
+                                     ([pair, third], "1", "takes one committee file")):
+        assert main(["deploy", *map(str, inputs), "--member", member, "-o", str(tmp_path / "x.pt")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -10,13 +10,17 @@ def register(commands) -> None:
                                         "Given a model file, re-compile it with this version of mlip (same weights "
                                         "and metadata; a model file keeps the code it was compiled with). "
                                         "Given several, write one committee file: the mean of their energies, "
-                                        "forces and stress.")
+                                        "forces and stress (a committee among them counts as its members). "
+                                        "With --member K, write member K of a committee file alone.")
     p.add_argument("checkpoint", nargs="+",
                    help="checkpoint file (best.pt, last.pt), run directory, or model file; several: one committee "
                         "file whose energy is their mean (models trained on the same structures and split)")
     p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
+    p.add_argument("--member", type=int, metavar="K",
+                   help="of one committee file, write only its member K (1, 2, ...; as `mlip info` lists them), "
+                        "e.g. to fine-tune it")
     p.set_defaults(run=run_deploy)
 
     p = commands.add_parser("info", help="print the metadata of a model file")
@@ -41,7 +45,9 @@ def run_deploy(args) -> int:
     from . import deploy_model
 
     sources = [_eager_model(path, args.no_ema) for path in args.checkpoint]
-    if len(sources) == 1:
+    if args.member is not None:
+        model, data_hash, description = _committee_member(args.checkpoint, sources, args.member)
+    elif len(sources) == 1:
         model, data_hash, description = sources[0]
     else:
         from ..models import build_committee
@@ -56,6 +62,21 @@ def run_deploy(args) -> int:
     deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check)
     print(f"wrote {args.output}: {description}")
     return 0
+
+
+def _committee_member(paths, sources, k: int):
+    """(potential, training data hash, description) of member k (1-based) of the one committee in ``sources``."""
+    from ..models import committee_members
+
+    if len(sources) != 1:
+        raise ValueError(f"--member takes one committee file, got {len(sources)} inputs")
+    model, data_hash, _ = sources[0]
+    members = committee_members(model)
+    if len(members) == 1:
+        raise ValueError(f"{paths[0]} is a single model, not a committee: --member does not apply")
+    if not 1 <= k <= len(members):
+        raise ValueError(f"--member {k}: {paths[0]} has members 1 to {len(members)}")
+    return members[k - 1], data_hash, f"member {k} of the committee {paths[0]}, alone"
 
 
 def _eager_model(path: str, no_ema: bool):

@@ -7,7 +7,7 @@ import torch
 
 from ..data.stats import DatasetStatistics
 from .allegro import Allegro
-from .committee import CommitteeConfig, build_committee
+from .committee import CommitteeConfig, build_committee, committee_members
 from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
@@ -114,6 +114,7 @@ __all__ = [
     "PRESETS",
     "build_model",
     "build_committee",
+    "committee_members",
     "CommitteeConfig",
     "rebuild_model",
     "adapt_weights",

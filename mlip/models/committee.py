@@ -74,13 +74,12 @@ class CommitteeEnergy(nn.Module):
 
 
 def build_committee(members: List[Potential]) -> Potential:
-    """One potential whose energy is the mean of the members' energies."""
+    """One potential whose energy is the mean of the members' energies. A committee among ``members``
+    counts as its members: a committee file plus a newly trained model makes one committee of all."""
+    members = [single for member in members for single in committee_members(member)]  # committees: their members
     if len(members) < 2:
         raise ValueError(f"a committee needs at least 2 models, got {len(members)}")
     first = members[0]
-    for k, member in enumerate(members, start=1):
-        if isinstance(member.config, CommitteeConfig):
-            raise ValueError(f"model {k} is itself a committee: list its members instead")
     for k, member in enumerate(members[1:], start=2):
         differences = [
             what for what, same in (
@@ -103,6 +102,20 @@ def build_committee(members: List[Potential]) -> Potential:
     committee.config = CommitteeConfig([m.config for m in members])
     committee.statistics = first.statistics
     return committee
+
+
+def committee_members(model: Potential) -> List[Potential]:
+    """The members of a committee, each a potential of its own (sharing the committee's weights and
+    training statistics); a single model: itself. Why: a member that lives only in a committee file
+    can then be fine-tuned, evaluated alone or joined with newly trained models."""
+    if not isinstance(model.config, CommitteeConfig):
+        return [model]
+    singles = []
+    for energy_model, config in zip(model.energy_model.members, model.config.members):
+        single = Potential(energy_model, model.reference_energies, model.energy_scale, model.gradient_head)
+        single.config, single.statistics = config, model.statistics
+        singles.append(single.train(model.training))
+    return singles
 
 
 def force_uncertainty(member_forces: torch.Tensor) -> torch.Tensor:

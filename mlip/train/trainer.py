@@ -155,7 +155,8 @@ class Trainer:
             source = load_finetune_source(config.init_from)
         if source and "members" in source["model_config"]:
             raise ValueError(f"{config.init_from} is a committee of {len(source['model_config']['members'])} models: "
-                             "fine-tune each member from its own run directory, then build a new committee")
+                             "fine-tune a member (`mlip deploy FILE --member K -o member.pt` writes one alone), then "
+                             "build a new committee")
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
