@@ -58,8 +58,8 @@ def test_crystal_matches_its_dft_reference(name, element, structure, a, repeat, 
 #   card reports force RMSE 15.8 meV/Å and energy MAE 3.9 meV on all of them (the committee);
 #   3bpa-nequip/single.pt, one member of that committee: 20.4 meV/Å and 4.4 meV.
 # - rmd17-aspirin-nequip: every 200th of the 1000 rMD17 aspirin test_01 frames (CC0); the card
-#   reports force RMSE 31 meV/Å and energy RMSE 11 meV on all of them
-#   (these five: 34 meV/Å, energy errors up to 22 meV).
+#   reports force RMSE 25 meV/Å and energy RMSE 9.4 meV on all of them
+#   (these five: 30 meV/Å, energy errors up to 15 meV; the model before 2026-12-02: 34 and 22).
 # - lips-nequip: frames 900-904 of lips_val_1000.extxyz.gz (the card's test set is frames 900-999,
 #   periodic, 83 atoms); the card reports force RMSE 19.9 meV/Å and energy RMSE 30 meV (0.36 meV/atom)
 #   on all 100 (these five: 18.6 meV/Å, energy errors up to 39 meV; the Allegro candidate of
