@@ -55,7 +55,7 @@ def test_crystal_matches_its_dft_reference(name, element, structure, a, repeat, 
 # Held-out DFT frames (never seen in training) per potential: (model file, file in tests/data, allowed
 # force RMSE in eV/Å, allowed |energy error| in eV). An untrained or broken model is off by ~1 eV/Å.
 # - 3bpa-nequip: every 334th of the 1669 test_300K frames (BOTNet 3BPA set, MIT licence); the model
-#   card reports force RMSE 15.4 meV/Å and energy MAE 3.7 meV on all of them (the committee);
+#   card reports force RMSE 14.95 meV/Å and energy MAE 3.5 meV on all of them (the committee);
 #   3bpa-nequip/single.pt, one member of that committee: 20.4 meV/Å and 4.4 meV.
 # - rmd17-aspirin-nequip: every 200th of the 1000 rMD17 aspirin test_01 frames (CC0); the card
 #   reports force RMSE 25 meV/Å and energy RMSE 9.4 meV on all of them
