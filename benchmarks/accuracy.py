@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         stress_text = f"{1000 * report['all']['stress_mae']:.2f}" if report["all"].get("stress_mae") else "-"
         print(
             f"| {name} | {', '.join(spec['test'])} | {spec['metric']} | {energy:.2f} {spec['energy_unit']} "
-            f"| {forces:.3g} {spec['force_unit']} | {stress_text} | {references} |"
+            f"| {forces:.4g} {spec['force_unit']} | {stress_text} | {references} |"
         )
     if args.json:
         with open(args.json, "w") as f:
