@@ -230,3 +230,51 @@ def test_evaluate_counts_the_forces_of_labelled_frames_only(tmp_path):
     result = report["files"][str(path)]["all"]
     assert result["energy_count"] == 4
     assert result["forces_count"] == 3 * (len(structures[0]) + len(structures[2]))
+
+
+# --- 2. one writer per run directory ----------------------------------------------------------------
+
+
+def start_training_process(*argv):
+    """`mlip ARGV` in a process of its own (this checkout's mlip first on the path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    code = "import sys; from mlip.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_lock(run_dir, pid, timeout=120.0):
+    from mlip.train.lock import LOCK_FILE
+
+    path = os.path.join(run_dir, LOCK_FILE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and open(path).read().strip() == str(pid):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} did not take the lock of {run_dir}")
+
+
+def test_a_run_directory_has_one_writer_and_a_killed_run_resumes(mixed_file, tmp_path, capsys):
+    from mlip.cli import main
+    from mlip.train.lock import RunDirectoryInUse
+
+    run_dir = str(tmp_path / "run")
+    first = train(config(mixed_file, run_dir, stop={"max_epochs": 1}))
+    assert first.epochs == 1
+    holder = start_training_process("train", "--resume", run_dir, "--max-epochs", "100000", "--no-progress")
+    try:
+        wait_for_lock(run_dir, holder.pid)
+        with pytest.raises(RunDirectoryInUse, match=rf"{run_dir}.*in use.*process {holder.pid}"):
+            resume(run_dir, max_epochs=2)
+        with pytest.raises(RunDirectoryInUse, match=rf"{run_dir}.*process {holder.pid}"):
+            train(config(mixed_file, run_dir))
+        assert main(["train", "--resume", run_dir]) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.count("\n") == 0 and run_dir in message and str(holder.pid) in message
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no clean-up runs: the kernel must free the lock
+        holder.wait()
+    resumed = resume(run_dir, max_epochs=load_checkpoint(os.path.join(run_dir, "last.pt"))["position"]["epoch"] + 1)
+    assert resumed.stop_reason == "max_epochs"

@@ -30,6 +30,7 @@ from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkp
                          set_rng_state)
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .data import prepare_data, training_statistics
+from .lock import run_directory_lock
 from .loss import loss_terms
 from .metrics import ErrorMetrics
 from .optim import ExponentialMovingAverage, LearningRateSchedule, build_optimizer
@@ -54,11 +55,17 @@ class TrainResult:
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
-    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint)."""
+    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint, or if another
+    process trains there: see mlip.train.lock)."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    with run_directory_lock(config.run_dir):
+        return _train(config, on_step)
+
+
+def _train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]]) -> TrainResult:
     if os.path.exists(os.path.join(config.run_dir, LAST)):
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
-    os.makedirs(config.run_dir, exist_ok=True)
     for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
         stale = os.path.join(config.run_dir, "data", name)
         if os.path.exists(stale):
@@ -79,6 +86,13 @@ def resume(
     progress: Optional[bool] = None,
 ) -> TrainResult:
     """Continue the run in ``run_dir`` from its last.pt; only the stop rule may change."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory to resume")
+    with run_directory_lock(run_dir):
+        return _resume(run_dir, max_epochs, max_minutes, on_step, progress)
+
+
+def _resume(run_dir, max_epochs, max_minutes, on_step, progress) -> TrainResult:
     checkpoint = load_checkpoint(os.path.join(run_dir, LAST))
     config = config_from_dict(checkpoint["config"])
     config.run_dir = os.path.abspath(run_dir)  # the directory may have moved since
