@@ -6,6 +6,7 @@ structures of its batch carry; an absent label must never count as a zero.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,7 +202,7 @@ def config(data_file, run_dir, **changes):
         "progress": False,
     }
     for section, values in changes.items():
-        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return config_from_dict(raw)
 
 
@@ -278,3 +279,86 @@ def test_a_run_directory_has_one_writer_and_a_killed_run_resumes(mixed_file, tmp
         holder.wait()
     resumed = resume(run_dir, max_epochs=load_checkpoint(os.path.join(run_dir, "last.pt"))["position"]["epoch"] + 1)
     assert resumed.stop_reason == "max_epochs"
+
+
+# --- 3. config values -------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+BAD_VALUES = [  # (changes to a valid config, the dotted key the message must name)
+    ({"loss": {"forces": -1.0}}, "loss.forces"),
+    ({"loss": {"energy_per_atom": -0.5}}, "loss.energy_per_atom"),
+    ({"loss": {"stress": -10.0}}, "loss.stress"),
+    ({"loss": {"forces": NAN}}, "loss.forces"),
+    ({"loss": {"forces": INF}}, "loss.forces"),
+    ({"loss": {"energy_per_atom": 0.0, "forces": 0.0, "stress": 0.0}}, "loss"),
+    ({"optimizer": {"lr": NAN}}, "optimizer.lr"),
+    ({"optimizer": {"lr": INF}}, "optimizer.lr"),
+    ({"optimizer": {"lr": -0.01}}, "optimizer.lr"),
+    ({"optimizer": {"lr": 0.0}}, "optimizer.lr"),
+    ({"optimizer": {"weight_decay": -1e-3}}, "optimizer.weight_decay"),
+    ({"optimizer": {"ema_decay": 0.0}}, "optimizer.ema_decay"),
+    ({"optimizer": {"ema_decay": 1.0}}, "optimizer.ema_decay"),
+    ({"optimizer": {"ema_decay": 1.5}}, "optimizer.ema_decay"),
+    ({"optimizer": {"clip_grad_norm": 0.0}}, "optimizer.clip_grad_norm"),
+    ({"optimizer": {"clip_grad_norm": -1.0}}, "optimizer.clip_grad_norm"),
+    ({"data": {"val_fraction": -0.1}}, "data.val_fraction"),
+    ({"data": {"val_fraction": 1.0}}, "data.val_fraction"),
+    ({"data": {"val_fraction": NAN}}, "data.val_fraction"),
+    ({"data": {"split_seed": -1}}, "data.split_seed"),
+    ({"data": {"isolated_atom_energies": {"Cu": NAN}}}, "data.isolated_atom_energies.Cu"),
+    ({"schedule": {"min_lr": -1e-6}}, "schedule.min_lr"),
+    ({"schedule": {"min_lr": 0.1}}, "schedule.min_lr"),  # above optimizer.lr
+    ({"schedule": {"factor": 0.0}}, "schedule.factor"),
+    ({"schedule": {"factor": 1.0}}, "schedule.factor"),
+    ({"schedule": {"factor": 2.0}}, "schedule.factor"),
+    ({"schedule": {"patience": -1}}, "schedule.patience"),
+    ({"schedule": {"warmup_epochs": -1.0}}, "schedule.warmup_epochs"),
+    ({"schedule": {"cosine_epochs": 0}}, "schedule.cosine_epochs"),
+    ({"stop": {"max_minutes": 0.0}}, "stop.max_minutes"),
+    ({"stop": {"max_minutes": -5.0}}, "stop.max_minutes"),
+    ({"stop": {"max_minutes": NAN}}, "stop.max_minutes"),
+    ({"stop": {"max_epochs": -1}}, "stop.max_epochs"),
+    ({"stop": {"patience": 0}}, "stop.patience"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"threads": 0}, "threads"),
+    ({"threads": -2}, "threads"),
+    ({"seed": -1}, "seed"),
+    ({"checkpoint_every_steps": -1}, "checkpoint_every_steps"),
+    ({"device": "gpu"}, "device"),
+    ({"device": "cuda:x"}, "device"),
+    ({"model": {"r_max": -1.0}}, "model.r_max"),
+    ({"model": {"r_max": NAN}}, "model.r_max"),
+    ({"model": {"preset": "huge"}}, "model.preset"),
+    ({"model": {"overrides": {"num_layers": "2"}}}, "model.overrides.num_layers"),
+    ({"model": {"overrides": {"num_layers": 2.5}}}, "model.overrides.num_layers"),
+    ({"model": {"overrides": {"num_layers": True}}}, "model.overrides.num_layers"),
+    ({"model": {"overrides": {"num_layers": 0}}}, "model.overrides.num_layers"),
+    ({"model": {"overrides": {"l_max": -1}}}, "model.overrides.l_max"),
+    ({"model": {"overrides": {"num_scalar": None}}}, "model.overrides.num_scalar"),
+    ({"model": {"overrides": {"r_max": "5"}}}, "model.overrides.r_max"),
+    ({"model": {"overrides": {"nope": 1}}}, "model.overrides"),
+    ({"model": {"family": "nequip", "overrides": {"parity": 1}}}, "model.overrides.parity"),
+]
+
+
+@pytest.mark.parametrize("changes, key", BAD_VALUES, ids=[k + f"-{i}" for i, (_, k) in enumerate(BAD_VALUES)])
+def test_bad_config_values_name_their_key(changes, key, mixed_file, tmp_path):
+    if "model" in changes:  # replace the model section (the overrides of the valid config would mix in)
+        changes = {**changes, "model": {"family": "allegro", "r_max": 4.0, **changes["model"]}}
+    with pytest.raises(ConfigError, match=r"(^|: )" + re.escape(key) + "(:| )") as error:
+        config(mixed_file, tmp_path / "run", **changes)
+    assert "\n" not in str(error.value)
+
+
+def test_valid_edge_values_are_accepted(mixed_file, tmp_path):
+    config(mixed_file, tmp_path / "run", loss={"energy_per_atom": 0.0, "stress": 0.0},
+           optimizer={"ema_decay": None, "clip_grad_norm": None, "weight_decay": 0.0},
+           data={"val_fraction": 0.0}, schedule={"patience": 0, "min_lr": 0.0}, threads=None, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_device_this_machine_lacks_is_named(device, mixed_file, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^device: '{device}'.*available: \['cpu'\]"):
+        train(config(mixed_file, tmp_path / "run", device=device))
+    assert not os.path.exists(tmp_path / "run" / "data"), "refused before any work"

@@ -28,7 +28,7 @@ from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import TrainConfig, config_from_dict, config_to_dict
+from .config import TrainConfig, check_device, config_from_dict, config_to_dict
 from .data import prepare_data, training_statistics
 from .lock import run_directory_lock
 from .loss import loss_terms
@@ -159,7 +159,7 @@ class Trainer:
         self.config = config
         self.run_dir = config.run_dir
         self.on_step = on_step
-        self.device = torch.device(config.device)
+        self.device = check_device(config.device)
         self.dtype = DTYPES[config.dtype]
 
         # Fine-tuning takes architecture, statistics and weights from the source checkpoint, so the
