@@ -362,3 +362,30 @@ def test_a_device_this_machine_lacks_is_named(device, mixed_file, tmp_path):
     with pytest.raises(ConfigError, match=rf"^device: '{device}'.*available: \['cpu'\]"):
         train(config(mixed_file, tmp_path / "run", device=device))
     assert not os.path.exists(tmp_path / "run" / "data"), "refused before any work"
+
+
+def with_bad_label(field):
+    atoms = labelled(bulk("Cu", "fcc", a=3.6, cubic=True))
+    results = dict(atoms.calc.results)
+    if field == "energy":
+        results["energy"] = np.inf
+    elif field == "forces":
+        results["forces"] = results["forces"].copy()
+        results["forces"][1, 2] = np.nan
+    else:
+        results["stress"] = np.full(6, np.nan)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+@pytest.mark.parametrize("field", LABELS)
+def test_nan_labels_are_refused_naming_file_and_frame(field, tmp_path):
+    good = [labelled(bulk("Cu", "fcc", a=3.6 + 0.01 * k, cubic=True)) for k in range(3)]
+    ase.io.write(tmp_path / "a.extxyz", good[:2], format="extxyz")
+    ase.io.write(tmp_path / "b.extxyz", [good[2], good[2], with_bad_label(field)], format="extxyz")
+    files = [str(tmp_path / "a.extxyz"), str(tmp_path / "b.extxyz")]
+    with pytest.raises(ValueError, match=rf"b\.extxyz, frame 2: .*{field} label .*NaN or infinite"):
+        convert_to_hdf5(files, tmp_path / "out.h5", R_MAX, progress=False)
+    with pytest.raises(ValueError, match=rf"b\.extxyz, frame 2: .*{field} label"):  # frames count in the file
+        convert_to_hdf5([str(tmp_path / "b.extxyz@1:")], tmp_path / "out.h5", R_MAX, progress=False)
+    assert not os.path.exists(tmp_path / "out.h5")
