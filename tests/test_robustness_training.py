@@ -389,3 +389,54 @@ def test_nan_labels_are_refused_naming_file_and_frame(field, tmp_path):
     with pytest.raises(ValueError, match=rf"b\.extxyz, frame 2: .*{field} label"):  # frames count in the file
         convert_to_hdf5([str(tmp_path / "b.extxyz@1:")], tmp_path / "out.h5", R_MAX, progress=False)
     assert not os.path.exists(tmp_path / "out.h5")
+
+
+# --- 4. data that would train on nothing, silently --------------------------------------------------
+
+
+def write(path, structures):
+    ase.io.write(path, structures, format="extxyz")
+    return str(path)
+
+
+def bad_data_cases(tmp_path):
+    """(config changes, exception type, regex the message must match): each would once have trained
+    on less than asked (or crashed with a traceback)."""
+    no_forces = write(tmp_path / "no_forces.extxyz", copper(6, drop_forces_every=1))
+    mixed = write(tmp_path / "mixed.extxyz", copper(8))
+    molecules = [labelled(cluster(seed=s)) for s in range(4)]
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    return {
+        "empty file": ({"data": {"train": [str(empty)]}}, ValueError, r"empty\.extxyz"),
+        "selection past the end": ({"data": {"train": [mixed + "@100:"]}}, ValueError,
+                                   r"mixed\.extxyz@100:.*no structures"),
+        "data.keys label in no frame": ({"data": {"train": [mixed], "keys": {"forces": "REF_forces"}}}, ConfigError,
+                                        r"^loss\.forces: .*no training structure .*'REF_forces' \(data\.keys\.forces\)"),
+        "force weight, no forces": ({"data": {"train": [no_forces]}}, ConfigError,
+                                    r"^loss\.forces: .*no training structure carries forces.*loss\.forces: 0"),
+        "stress weight, no stress": ({"data": {"train": [write(tmp_path / "mol.extxyz", molecules)]},
+                                      "loss": {"stress": 1.0}}, ConfigError,
+                                     r"^loss\.stress: .*no training structure carries stress"),
+        "monitor without labels": ({"data": {"train": [mixed], "validation": [no_forces]},
+                                    "stop": {"monitor": "forces_mae"}}, ConfigError,
+                                   r"^stop\.monitor: 'forces_mae' needs forces .*validation"),
+        "validation loss of nothing": ({"data": {"train": [mixed], "validation": [no_forces]},
+                                        "loss": {"energy_per_atom": 0.0}}, ConfigError,
+                                       r"^stop\.monitor: 'loss' .*validation .*forces"),
+        "element without a type": ({"data": {"train": [write(tmp_path / "mol2.extxyz", molecules)],
+                                             "type_names": ["Cu"]}}, ValueError,
+                                   r"mol2\.extxyz, frame 0: structure 0 .*\['Ni'\] not known"),
+    }
+
+
+BAD_DATA = ["empty file", "selection past the end", "data.keys label in no frame", "force weight, no forces",
+            "stress weight, no stress", "monitor without labels", "validation loss of nothing",
+            "element without a type"]
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_data_that_would_train_on_nothing_is_refused(case, tmp_path):
+    changes, error, message = bad_data_cases(tmp_path)[case]
+    with pytest.raises(error, match=message):
+        train(config(changes["data"]["train"][0], tmp_path / "run", **changes))

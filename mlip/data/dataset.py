@@ -258,17 +258,26 @@ def iter_sourced_structures(inputs) -> Iterator[Tuple[Optional[str], object]]:
     paths = _paths(inputs)
     if paths:
         import ase.io
+        from ase.io.formats import UnknownFileTypeError
 
         for path in paths:
             file, selection = split_selection(path)
             if not file.exists():
                 raise FileNotFoundError(f"no such structure file: {file}")
             start, step = selection.start or 0, selection.step or 1
+            count = 0
             with _uncompressed(file) as plain:
-                for k, atoms in enumerate(ase.io.iread(plain, selection, do_not_split_by_at_sign=True)):
-                    # A selection from the end or backwards would need the file's length: count in it.
-                    frame = f"frame {start + k * step}" if start >= 0 and step > 0 else f"structure {k} of {path}"
-                    yield f"{file}, {frame}", atoms
+                try:
+                    for atoms in ase.io.iread(plain, selection, do_not_split_by_at_sign=True):
+                        # A selection from the end or backwards would need the file's length: count in it.
+                        in_file = start >= 0 and step > 0
+                        frame = f"frame {start + count * step}" if in_file else f"structure {count} of {path}"
+                        count += 1
+                        yield f"{file}, {frame}", atoms
+                except UnknownFileTypeError as error:  # e.g. an empty file: not a traceback
+                    raise ValueError(f"{file}: {error}") from None
+            if count == 0:  # data that silently trains (or evaluates) on nothing
+                raise ValueError(f"{path}: no structures (an empty file, or a selection past its end)")
     else:
         for atoms in inputs:
             yield None, atoms

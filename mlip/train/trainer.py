@@ -29,7 +29,7 @@ from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig, check_device, config_from_dict, config_to_dict
-from .data import prepare_data, training_statistics
+from .data import check_labels, prepare_data, training_statistics
 from .lock import run_directory_lock
 from .loss import loss_terms
 from .metrics import ErrorMetrics
@@ -176,6 +176,7 @@ class Trainer:
 
         self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
                                  source["type_names"] if source else None, progress=config.progress)
+        check_labels(config, self.data)
         if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
             raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
                              "trained on (content hash mismatch)")
