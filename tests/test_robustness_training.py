@@ -412,7 +412,8 @@ def bad_data_cases(tmp_path):
         "selection past the end": ({"data": {"train": [mixed + "@100:"]}}, ValueError,
                                    r"mixed\.extxyz@100:.*no structures"),
         "data.keys label in no frame": ({"data": {"train": [mixed], "keys": {"forces": "REF_forces"}}}, ConfigError,
-                                        r"^loss\.forces: .*no training structure .*'REF_forces' \(data\.keys\.forces\)"),
+                                        r"^loss\.forces: .*no training structure .*'REF_forces' "
+                                        r"\(data\.keys\.forces\)"),
         "force weight, no forces": ({"data": {"train": [no_forces]}}, ConfigError,
                                     r"^loss\.forces: .*no training structure carries forces.*loss\.forces: 0"),
         "stress weight, no stress": ({"data": {"train": [write(tmp_path / "mol.extxyz", molecules)]},

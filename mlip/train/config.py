@@ -185,7 +185,7 @@ def _check_ranges(config: TrainConfig) -> None:
     try:
         torch.device(config.device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"device: {config.device!r} is not a torch device such as 'cpu', 'cuda' or 'cuda:1'") from None
+        raise ConfigError(f"device: {config.device!r} is not a torch device such as 'cpu', 'cuda', 'cuda:1'") from None
     try:
         hyperparameters(config.model.family, config.model.preset, config.model.overrides)  # as written
         config.model.hyperparameters()  # with model.r_max

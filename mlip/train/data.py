@@ -77,7 +77,10 @@ def check_labels(config: TrainConfig, data: TrainingData) -> None:
     """Refuse a run that would silently fit or select on nothing: a positive loss weight whose label
     no training structure carries (e.g. a ``data.keys`` name found in no frame), or a
     ``stop.monitor`` that the validation structures cannot measure."""
-    trained = {field: bool(data.train.has_label(field)[data.train_indices].any()) for field in TERM_LABELS.values()}
+    def carried(dataset, indices):  # label -> whether any of these structures carries it
+        return {field: bool(dataset.has_label(field)[indices].any()) for field in TERM_LABELS.values()}
+
+    trained = carried(data.train, data.train_indices)
     for term, field in TERM_LABELS.items():
         weight = getattr(config.loss, term)
         if weight > 0 and not trained[field]:
@@ -88,7 +91,7 @@ def check_labels(config: TrainConfig, data: TrainingData) -> None:
                 "without it")
     if len(data.val_indices) == 0:
         return  # no validation: the training loss picks best.pt
-    validated = {field: bool(data.validation.has_label(field)[data.val_indices].any()) for field in TERM_LABELS.values()}
+    validated = carried(data.validation, data.val_indices)
     monitor = config.stop.monitor
     if monitor == "loss":
         weighted = [field for term, field in TERM_LABELS.items() if getattr(config.loss, term) > 0]
