@@ -442,3 +442,11 @@ def test_data_that_would_train_on_nothing_is_refused(case, tmp_path):
     changes, error, message = bad_data_cases(tmp_path)[case]
     with pytest.raises(error, match=message):
         train(config(changes["data"]["train"][0], tmp_path / "run", **changes))
+
+
+def test_a_batch_without_any_weighted_label_is_skipped(tmp_path):
+    """Energy weight 0, one structure per batch, half without forces: the force-less batches have
+    nothing to fit (they once crashed the run in backward()) and leave the training loss alone."""
+    data = write(tmp_path / "m.extxyz", copper(8))
+    result = train(config(data, tmp_path / "run", loss={"energy_per_atom": 0.0}, batch_size=1, stop={"max_epochs": 1}))
+    assert result.epochs == 1 and result.history[-1]["train_loss"] > 0

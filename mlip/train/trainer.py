@@ -312,10 +312,11 @@ class Trainer:
                 self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
                 self.step += 1
                 self.batch_in_epoch = b + 1
-                self.epoch_loss_sum += loss
-                self.epoch_batches += 1
+                if loss is not None:
+                    self.epoch_loss_sum += loss
+                    self.epoch_batches += 1
+                    bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.batch_in_epoch < n_batches:
@@ -328,10 +329,14 @@ class Trainer:
             bar.close()
         return True
 
-    def _train_step(self, batch: Dict[str, torch.Tensor]) -> float:
+    def _train_step(self, batch: Dict[str, torch.Tensor]) -> Optional[float]:
+        """One optimizer step; None (and no step) if no structure of the batch carries a label
+        whose loss weight is positive: there is nothing to fit."""
         self.model.train()  # forces with create_graph=True: the force loss reaches the weights
         prediction = self.model(batch)
         loss, _ = loss_terms(prediction, batch, self.config.loss)
+        if not loss.requires_grad:
+            return None
         if not torch.isfinite(loss):
             raise RuntimeError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
                                      "lower optimizer.lr, enable optimizer.clip_grad_norm or check the labels")
