@@ -338,6 +338,9 @@ BAD_VALUES = [  # (changes to a valid config, the dotted key the message must na
     ({"model": {"overrides": {"r_max": "5"}}}, "model.overrides.r_max"),
     ({"model": {"overrides": {"nope": 1}}}, "model.overrides"),
     ({"model": {"family": "nequip", "overrides": {"parity": 1}}}, "model.overrides.parity"),
+    ({"model": {"head": "direct"}, "stop": {"monitor": "stress_mae"}}, "stop.monitor"),  # no stress predicted
+    ({"data": {"type_names": ["Cu", "Xx"]}}, "data.type_names"),
+    ({"data": {"type_names": ["Cu", "Cu"]}}, "data.type_names"),
 ]
 
 

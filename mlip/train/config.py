@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import yaml
 
+from ..data import TypeMapper
 from ..models import ModelConfig
 from ..models.presets import hyperparameters
 
@@ -123,6 +124,14 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
     _check_ranges(config)
     if config.model.head == "direct" and config.loss.stress > 0:
         raise ConfigError("loss.stress > 0 needs model.head: gradient (a direct-force head predicts no stress)")
+    if config.model.head == "direct" and config.stop.monitor.startswith("stress"):
+        raise ConfigError(f"stop.monitor: {config.stop.monitor!r} needs model.head: gradient (a direct-force head "
+                          "predicts no stress)")
+    if config.data.type_names is not None:
+        try:
+            TypeMapper(config.data.type_names)
+        except ValueError as error:
+            raise ConfigError(f"data.type_names: {error}") from None
     return config
 
 
