@@ -118,8 +118,8 @@ def test_loss_sums_count_labelled_values_only():
         for atoms in structures:
             one = collate(graphs_of([atoms]))
             part = loss_sums(model(one), one, ALL_WEIGHTS).get(term)
-            total += float(part[0]) if part is not None else 0.0
-        assert float(sums[term][0]) == pytest.approx(total, rel=1e-10), term
+            total += float(part[0].detach()) if part is not None else 0.0
+        assert float(sums[term][0].detach()) == pytest.approx(total, rel=1e-10), term
 
 
 def test_fully_labelled_loss_is_unchanged_bit_for_bit():
