@@ -339,6 +339,7 @@ def relax_many(
     steps: int = 1000,
     cell: bool = False,
     batch_atoms: int = BATCH_ATOMS,
+    stop_on_error: bool = False,
 ) -> Iterator[RelaxResult]:
     """Relax every structure (FIRE; with ``cell``, also the cell of fully periodic ones through
     ASE's FrechetCellFilter), yielding each as soon as it leaves the batch (converged or out of
@@ -347,7 +348,9 @@ def relax_many(
     A relaxed structure carries a SinglePointCalculator (energy, forces, stress for periodic
     cells) and in its info: ``relax_converged`` (bool), ``relax_steps`` (FIRE steps taken),
     ``relax_fmax`` (eV/Å, max force incl. FrechetCellFilter's cell rows) and ``frame_index`` (input index).
-    A structure that cannot be evaluated is yielded with ``error`` set and the others go on.
+    A structure that cannot be evaluated is yielded with ``error`` set and the others go on; with
+    ``stop_on_error`` no further structure enters the batch after it, but the ones already in it
+    are finished (no work is lost).
     """
     if cell and not model.has_stress:
         raise ValueError("relaxing the cell needs stresses: this model has a direct-force head or no per-edge "
@@ -377,6 +380,7 @@ def relax_many(
                     waiting = (frame, atoms, model.atom_types(atoms))
                 except ValueError as error:
                     yield RelaxResult(frame, None, str(error))
+                    exhausted = exhausted or stop_on_error
                     continue
             if waiting is None or (atoms_in_batch > 0 and atoms_in_batch + len(waiting[1]) > batch_atoms):
                 break
@@ -398,6 +402,8 @@ def relax_many(
             for b, message in error.messages.items():
                 bad[b] = True
                 yield RelaxResult(active.frames[b], None, message)
+            if stop_on_error:
+                exhausted, waiting = True, None
             active = _select(active, ~bad)
             continue
         stress = out.get(keys.STRESS)
@@ -443,3 +449,68 @@ def _finished(active: _Active, b: int, positions, cells, out, converged: bool, f
     atoms.info.update(relax_converged=converged, relax_steps=int(active.steps[b]), relax_fmax=fmax,
                       frame_index=active.frames[b])
     return atoms
+
+
+# --- command line (`mlip relax MODEL many.extxyz -o relaxed.extxyz`) ----------------------------------------
+
+
+def has_several_frames(spec: str) -> bool:
+    """Whether a structure argument is a file holding more than one frame."""
+    import os
+
+    import ase.io
+
+    if spec.startswith(("bulk:", "molecule:")) or not os.path.isfile(spec):
+        return False
+    return len(ase.io.read(spec, index="1:2")) > 0
+
+
+def run_relax_many(args) -> int:
+    """Every frame of ``args.structure`` relaxed in batches and written, in input order, to
+    ``args.output``. ``args.on_error``: "skip" a frame that cannot be evaluated (named on stderr)
+    or "stop" at it (the frames already in the batch are finished); either way every relaxed frame
+    is written."""
+    import sys
+    import time
+
+    import ase.io
+    from tqdm import tqdm
+
+    if not args.output:
+        raise ValueError("relaxing several structures needs -o/--output (where the relaxed frames go)")
+    if args.optimizer != "FIRE":
+        raise ValueError(f"batched relaxation uses FIRE; --optimizer {args.optimizer} relaxes one structure only")
+    frames = ase.io.read(args.structure, index=":")
+    model = BatchedModel(args.model, device=args.device)
+    batch_atoms = args.batch_atoms if args.batch_atoms is not None else BATCH_ATOMS
+    finished: Dict[int, Atoms] = {}
+    failed: Dict[int, str] = {}
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(frames), desc="relax", unit="structure", file=sys.stderr) as bar:
+            for result in relax_many(model, frames, args.fmax, args.steps, args.cell, batch_atoms,
+                                     stop_on_error=args.on_error == "stop"):
+                if result.error is not None:
+                    failed[result.frame] = result.error
+                    print(f"frame {result.frame} of {args.structure}: {result.error}", file=sys.stderr)
+                else:
+                    finished[result.frame] = result.atoms
+                bar.update(1)
+                bar.set_postfix(converged=sum(a.info["relax_converged"] for a in finished.values()),
+                                failed=len(failed))
+    finally:  # an error or Ctrl-C never loses the structures already relaxed
+        ase.io.write(args.output, [finished[i] for i in sorted(finished)])
+    seconds = time.perf_counter() - start
+    converged = sum(a.info["relax_converged"] for a in finished.values())
+    print(f"{len(finished)} of {len(frames)} structures relaxed in {seconds:.1f} s "
+          f"({len(finished) / seconds * 60:.0f} per minute): {converged} converged (fmax {args.fmax} eV/Å), "
+          f"{len(finished) - converged} NOT converged within {args.steps} steps (info relax_converged=False)")
+    print(f"wrote {args.output}")
+    if failed:
+        frames_failed = sorted(failed)
+        if args.on_error == "stop":
+            raise ValueError(f"stopped at frame {frames_failed[0]} of {args.structure}: {failed[frames_failed[0]]} "
+                             f"({len(finished)} finished structures written to {args.output}; --on-error skip "
+                             "goes on past such frames)")
+        print(f"skipped frames {frames_failed} (see above)")
+    return 0 if converged == len(frames) else 1

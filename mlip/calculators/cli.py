@@ -3,7 +3,8 @@
     mlip relax model.pt POSCAR --cell -o relaxed.extxyz
     mlip md model.pt bulk:Cu:fcc:3.61:5x5x5 --temperature 300 --steps 1000 --ensemble nvt --traj md.traj
 
-STRUCTURE is any file ase.io.read reads (last frame), or a spec:
+STRUCTURE is any file ase.io.read reads (last frame; for `mlip relax`, a file of several frames is
+relaxed frame by frame, many per model call: mlip/calculators/batched.py), or a spec:
 ``bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]`` (conventional cubic cell where the crystal has one, e.g.
 ``bulk:Si:diamond:5.43:3x3x3``) or ``molecule:NAME`` (ase.build.molecule, no cell).
 """
@@ -70,6 +71,11 @@ def register(commands) -> None:
     relax.add_argument("--optimizer", choices=("FIRE", "BFGS"), default="FIRE")
     relax.add_argument("-o", "--output", help="write the relaxed structure (extxyz or any ase.io format)")
     relax.add_argument("--device", default="cpu")
+    relax.add_argument("--batch-atoms", type=int, default=None,
+                       help="a file of several frames is relaxed in batches of about this many atoms per model "
+                            "call (default 2000; mlip/calculators/batched.py)")
+    relax.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="several frames: stop at a frame that cannot be evaluated, or skip it (default stop)")
     relax.set_defaults(run=run_relax)
 
     md = commands.add_parser(
@@ -103,6 +109,10 @@ def run_relax(args: argparse.Namespace) -> int:
     from ase.optimize import BFGS, FIRE
     from tqdm import tqdm
 
+    from .batched import has_several_frames, run_relax_many
+
+    if has_several_frames(args.structure):
+        return run_relax_many(args)
     atoms = read_structure(args.structure)
     atoms.calc = _calculator(args)
     if args.cell and not atoms.pbc.all():
