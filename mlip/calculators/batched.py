@@ -514,3 +514,195 @@ def run_relax_many(args) -> int:
                              "goes on past such frames)")
         print(f"skipped frames {frames_failed} (see above)")
     return 0 if converged == len(frames) else 1
+
+
+# --- MD of many independent systems --------------------------------------------------------------------------
+
+
+def md_many(
+    model: BatchedModel,
+    structures: Sequence[Atoms],
+    ensemble: str,
+    temperature_K: float,
+    steps: int,
+    timestep_fs: float = 1.0,
+    friction_per_fs: float = 0.01,
+    seeds: Optional[Sequence[int]] = None,
+    observer: Optional[Callable[[int, List[Atoms]], None]] = None,
+    interval: int = 10,
+) -> List[Atoms]:
+    """Independent MD runs of all ``structures`` at once, one model call per step for all.
+
+    Each run k is the run `mlip md` makes for that structure with ``--seed seeds[k]``: initial
+    momenta from np.random.default_rng(seeds[k]) at ``temperature_K`` (ase.md.thermalize_momenta),
+    no net momentum (and no rotation for molecules); then "nve": ASE's VelocityVerlet, or "nvt":
+    ASE's Langevin (friction in 1/fs, same random numbers, the centre of mass fixed like ASE's
+    FixCom constraint). ``observer(step, frames)`` is called at step 0 and every ``interval``
+    steps with the current structures (energy, forces[, stress] attached). Returns the final
+    structures with their momenta.
+    """
+    from ase import units
+    from ase.md import thermalize_momenta
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+    if ensemble not in ("nve", "nvt"):
+        raise ValueError(f"batched MD runs nve or nvt, not {ensemble!r} (npt: one structure at a time)")
+    if steps < 0 or timestep_fs <= 0 or temperature_K < 0:
+        raise ValueError("need steps >= 0, timestep > 0 and temperature >= 0")
+    seeds = list(range(len(structures))) if seeds is None else list(seeds)
+    if len(seeds) != len(structures):
+        raise ValueError(f"{len(structures)} structures but {len(seeds)} seeds")
+    device, f64 = model.device, dict(dtype=torch.float64, device=model.device)
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    frames, types = [], []
+    for k, atoms in enumerate(structures):
+        try:
+            types.append(model.atom_types(atoms))
+        except ValueError as error:
+            raise FrameError(k, str(error)) from None
+        atoms = atoms.copy()
+        thermalize_momenta(atoms, temperature_K, rng=rngs[k])
+        Stationary(atoms)
+        if not atoms.pbc.any():
+            ZeroRotation(atoms)
+        frames.append(atoms)
+
+    num_atoms = torch.tensor([len(a) for a in frames], device=device)
+    node_graph = torch.repeat_interleave(torch.arange(len(frames), device=device), num_atoms)
+    atom_types = torch.tensor(np.concatenate(types), device=device)
+    cell = torch.tensor(np.array([a.cell.array for a in frames]), **f64)
+    pbc = torch.tensor(np.array([a.pbc for a in frames]), device=device)
+    x = torch.tensor(np.concatenate([a.positions for a in frames]), **f64)
+    masses = torch.tensor(np.concatenate([a.get_masses() for a in frames]), **f64).unsqueeze(1)  # (N, 1)
+    p = torch.tensor(np.concatenate([a.get_momenta() for a in frames]), **f64)
+    total_mass = scatter_sum(masses, node_graph, len(frames))  # (B, 1)
+    dt = timestep_fs * units.fs
+
+    def forces_now():
+        try:
+            out = model.evaluate(x, atom_types, cell, pbc, num_atoms)
+        except OverlapError as error:
+            b = next(iter(error.messages))
+            raise FrameError(b, error.messages[b]) from None
+        if ensemble == "nvt":  # FixCom.adjust_forces: no mass-weighted net force
+            weight = scatter_sum(masses * masses, node_graph, len(frames))
+            out[keys.FORCES] = out[keys.FORCES] - masses * (
+                scatter_sum(masses * out[keys.FORCES], node_graph, len(frames)) / weight)[node_graph]
+        return out
+
+    def observe(step, out):
+        if observer is None:
+            return
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        current = []
+        for b, atoms in enumerate(frames):
+            mine = node_graph == b
+            frame = atoms.copy()
+            frame.positions, frame.info["step"] = x[mine].cpu().numpy(), step
+            frame.set_momenta(p[mine].cpu().numpy(), apply_constraint=False)
+            results = {"energy": float(out[keys.ENERGY][b]), "forces": out[keys.FORCES][mine].cpu().numpy()}
+            if keys.STRESS in out and frame.pbc.all():
+                results["stress"] = matrix_to_voigt(out[keys.STRESS][b].cpu().numpy())
+            frame.calc = SinglePointCalculator(frame, **results)
+            current.append(frame)
+        observer(step, current)
+
+    def center_of_mass(positions):  # (B, 3)
+        return scatter_sum(masses * positions, node_graph, len(frames)) / total_mass
+
+    if ensemble == "nvt":  # ase.md.langevin.Langevin.updatevars, per atom (masses differ)
+        friction, kT = friction_per_fs / units.fs, temperature_K * units.kB
+        sigma = torch.sqrt(2 * kT * friction / masses)
+        c1 = dt / 2.0 - dt * dt * friction / 8.0
+        c2 = dt * friction / 2 - dt * dt * friction * friction / 8.0
+        c3 = np.sqrt(dt) * sigma / 2.0 - dt**1.5 * friction * sigma / 8.0
+        c5 = dt**1.5 * sigma / (2 * np.sqrt(3))
+        c4 = friction / 2.0 * c5
+
+    out = forces_now()
+    observe(0, out)
+    for step in range(1, steps + 1):
+        forces = out[keys.FORCES]
+        if ensemble == "nve":  # ase.md.verlet.VelocityVerlet.step
+            p = p + 0.5 * dt * forces
+            x = x + dt * p / masses
+            out = forces_now()
+            p = p + 0.5 * dt * out[keys.FORCES]
+        else:  # ase.md.langevin.Langevin.step with a FixCom constraint
+            xi = torch.tensor(np.concatenate([rng.standard_normal(size=(len(a), 3)) for rng, a in zip(rngs, frames)]),
+                              **f64)
+            eta = torch.tensor(np.concatenate([rng.standard_normal(size=(len(a), 3))
+                                               for rng, a in zip(rngs, frames)]), **f64)
+            # each structure's own generator draws xi, then eta, as ASE's Langevin does
+            rnd_pos, rnd_vel = c5 * eta, c3 * xi - c4 * eta
+            v = p / masses
+            v = v + c1 * forces / masses - c2 * v + rnd_vel
+            old = x
+            new = old + dt * v + rnd_pos
+            new = new + (center_of_mass(old) - center_of_mass(new))[node_graph]  # FixCom.adjust_positions
+            v = (new - old - rnd_pos) / dt
+            x = new
+            out = forces_now()
+            v = v + c1 * out[keys.FORCES] / masses - c2 * v + rnd_vel
+            p = v * masses
+            p = p - masses * (scatter_sum(p, node_graph, len(frames)) / total_mass)[node_graph]  # FixCom momenta
+        if step % interval == 0 or step == steps:
+            observe(step, out)
+    final = []
+    for b, atoms in enumerate(frames):
+        mine = node_graph == b
+        atoms.positions = x[mine].cpu().numpy()
+        atoms.set_momenta(p[mine].cpu().numpy(), apply_constraint=False)
+        final.append(atoms)
+    return final
+
+
+def run_md_many(args) -> int:
+    """`mlip md` over every frame of a file, or ``--replicas K`` copies of one structure (seeds
+    SEED, SEED+1, ...): one model call per step for all. Frames go to ``--traj`` with info
+    ``replica`` (index of the run) and ``step``."""
+    import os
+    import sys
+
+    import ase.io
+    from tqdm import tqdm
+
+    from .cli import read_structure
+
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if has_several_frames(args.structure):
+        if args.replicas not in (None, 1):
+            raise ValueError("--replicas copies one structure; the structure file has several frames already")
+        structures = ase.io.read(args.structure, index=":")
+    else:
+        structures = [read_structure(args.structure)] * (args.replicas or 1)
+    seeds = [args.seed + k for k in range(len(structures))]
+    model = BatchedModel(args.model, device=args.device)
+    if args.traj and os.path.exists(args.traj):
+        os.remove(args.traj)  # frames are appended below: start a fresh file
+
+    with tqdm(total=args.steps, desc=f"md {args.ensemble} x{len(structures)}", unit="step", file=sys.stderr) as bar:
+        def observe(step, frames):
+            if args.traj and step % args.interval == 0:
+                for k, frame in enumerate(frames):
+                    frame.info["replica"] = k
+                ase.io.write(args.traj, frames, append=True)
+            if step > 0:
+                temperatures = [frame.get_temperature() for frame in frames]
+                bar.set_postfix(T=f"{np.mean(temperatures):.0f} K (mean)")
+                bar.update(step - bar.n)
+
+        try:
+            final = md_many(model, structures, args.ensemble, args.temperature, args.steps, args.timestep,
+                            args.friction, seeds, observe, interval=1)
+        except FrameError as error:
+            raise ValueError(f"{args.structure}: {'replica' if args.replicas else 'frame'} {error.frame}: "
+                             f"{str(error).split(': ', 1)[1]}") from None
+    if args.traj:
+        print(f"wrote {args.traj}")
+    for k, atoms in enumerate(final):
+        print(f"{'replica' if args.replicas else 'frame'} {k}: {args.steps} steps of {args.timestep} fs, "
+              f"T {atoms.get_temperature():.1f} K")
+    return 0

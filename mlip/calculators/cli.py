@@ -94,6 +94,9 @@ def register(commands) -> None:
     md.add_argument("--interval", type=int, default=10, help="steps between written frames (default 10)")
     md.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the thermostat")
     md.add_argument("--device", default="cpu")
+    md.add_argument("--replicas", type=int, default=None,
+                    help="K independent runs of the structure (seeds SEED..SEED+K-1), one model call per step for all "
+                         "(a file of several frames: one run per frame); nve/nvt")
     md.set_defaults(run=run_md)
 
 
@@ -173,6 +176,10 @@ def run_md(args: argparse.Namespace) -> int:
 
     if args.steps < 0 or args.timestep <= 0 or args.temperature < 0:
         raise ValueError("need --steps >= 0, --timestep > 0 and --temperature >= 0")
+    from .batched import has_several_frames, run_md_many
+
+    if args.replicas is not None or has_several_frames(args.structure):
+        return run_md_many(args)
     atoms = read_structure(args.structure)
     atoms.calc = _calculator(args)
     atoms.get_potential_energy()  # bad input (unknown element, overlaps) fails here, before any file is written
