@@ -150,14 +150,20 @@ def test_cli_bad_frame_is_named_and_skipped_or_stops(tmp_path, capsys, on_error)
     assert [f.info["frame_index"] for f in ase.io.read(output, index=":")] == kept
 
 
-def test_overlapping_atoms_fail_their_frame_only():
-    structures = si_structures(3, seed=5)
+def test_overlapping_atoms_and_constraints_fail_their_frame_only():
+    """Overlapping atoms (found in the batched call) and constraints (which a batched run would
+    silently ignore) fail their own structure; the others relax."""
+    from ase.constraints import FixAtoms
+
+    structures = si_structures(4, seed=5)
     broken = structures[1].copy()
     broken.positions[1] = broken.positions[0] + 0.1
     structures[1] = broken
+    structures[2].set_constraint(FixAtoms([0]))
     results = {r.frame: r for r in relax_many(BatchedModel(SI_MODEL), structures, steps=5)}
     assert "apart" in results[1].error and results[1].atoms is None
-    assert results[0].error is None and results[2].error is None
+    assert "FixAtoms" in results[2].error
+    assert results[0].error is None and results[3].error is None
 
 
 def test_cli_single_frame_keeps_the_ase_path(tmp_path):

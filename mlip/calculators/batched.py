@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_structure, matrix_to_voigt
 from ..data.batch import collate
@@ -45,6 +46,14 @@ class FrameError(ValueError):
         self.frame = frame
 
 
+class OverlapError(ValueError):
+    """Structures of a batch (index in the batch -> message) with overlapping atoms."""
+
+    def __init__(self, messages: Dict[int, str]):
+        super().__init__("; ".join(f"structure {b} of the batch: {m}" for b, m in messages.items()))
+        self.messages = messages
+
+
 class BatchedModel:
     """A model file evaluated on many structures in one call.
 
@@ -54,7 +63,12 @@ class BatchedModel:
     sign; zero for structures not periodic in all three directions).
     """
 
-    def __init__(self, model: ModelLike, device="cpu", min_distance: float = DEFAULT_MIN_DISTANCE):
+    def __init__(self, model: ModelLike, device="cpu", min_distance: float = DEFAULT_MIN_DISTANCE,
+                 reuse_memory: bool = True):
+        """min_distance: Å; closer atoms fail their structure. reuse_memory: as MLIPCalculator's
+        (glibc keeps large freed blocks for the next step; process-wide, see mlip.allocator)."""
+        if reuse_memory:
+            reuse_freed_memory()
         self.device = torch.device(device)
         self.model, self.metadata = resolve_model(model, self.device)
         self.dtype = DTYPES[self.metadata["dtype"]]
@@ -69,8 +83,12 @@ class BatchedModel:
         self.has_stress = self.gradient_head and self._edge_gradients is not None
 
     def atom_types(self, atoms: Atoms) -> np.ndarray:
-        """The model's type indices; a ValueError naming unknown elements or broken cells."""
+        """The model's type indices; a ValueError naming unknown elements, broken cells or
+        constraints (which the batched engines do not apply: they would be silently ignored)."""
         check_structure(atoms)
+        if atoms.constraints:
+            raise ValueError(f"has constraints ({', '.join(type(c).__name__ for c in atoms.constraints)}), which "
+                             "batched runs do not apply: run this structure alone (one-frame `mlip relax`/`mlip md`)")
         return self.type_mapper(atoms.numbers)
 
     def evaluate(self, positions: torch.Tensor, atom_types: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
@@ -142,12 +160,6 @@ class BatchedModel:
                 found[b] = (f"atoms {i} and {j} are {lengths[k]:.3g} Å apart (< {self.min_distance} Å): "
                             "overlapping atoms or positions in the wrong units?")
         return found
-
-
-class OverlapError(ValueError):
-    def __init__(self, messages: Dict[int, str]):
-        super().__init__("; ".join(f"structure {b} of the batch: {m}" for b, m in messages.items()))
-        self.messages = messages
 
 
 # --- FIRE over a batch ------------------------------------------------------------------------------------
@@ -548,8 +560,8 @@ def md_many(
 
     if ensemble not in ("nve", "nvt"):
         raise ValueError(f"batched MD runs nve or nvt, not {ensemble!r} (npt: one structure at a time)")
-    if steps < 0 or timestep_fs <= 0 or temperature_K < 0:
-        raise ValueError("need steps >= 0, timestep > 0 and temperature >= 0")
+    if steps < 0 or timestep_fs <= 0 or temperature_K < 0 or interval < 1:
+        raise ValueError("need steps >= 0, timestep > 0, temperature >= 0 and interval >= 1")
     seeds = list(range(len(structures))) if seeds is None else list(seeds)
     if len(seeds) != len(structures):
         raise ValueError(f"{len(structures)} structures but {len(seeds)} seeds")
@@ -685,8 +697,8 @@ def run_md_many(args) -> int:
         os.remove(args.traj)  # frames are appended below: start a fresh file
 
     with tqdm(total=args.steps, desc=f"md {args.ensemble} x{len(structures)}", unit="step", file=sys.stderr) as bar:
-        def observe(step, frames):
-            if args.traj and step % args.interval == 0:
+        def observe(step, frames):  # every --interval steps and at the end
+            if args.traj and step % args.interval == 0:  # as `mlip md` on one structure
                 for k, frame in enumerate(frames):
                     frame.info["replica"] = k
                 ase.io.write(args.traj, frames, append=True)
@@ -697,7 +709,7 @@ def run_md_many(args) -> int:
 
         try:
             final = md_many(model, structures, args.ensemble, args.temperature, args.steps, args.timestep,
-                            args.friction, seeds, observe, interval=1)
+                            args.friction, seeds, observe, interval=args.interval)
         except FrameError as error:
             raise ValueError(f"{args.structure}: {'replica' if args.replicas else 'frame'} {error.frame}: "
                              f"{str(error).split(': ', 1)[1]}") from None
