@@ -94,6 +94,16 @@ def test_bad_model_file_is_refused_in_python(toy_file, tmp_path, case):
         assert str(bad) in str(info.value) and words in str(info.value), str(info.value)
 
 
+def test_cli_refuses_a_damaged_model_file(toy_file, tmp_path, capsys):
+    from mlip.cli import main
+
+    bad = tmp_path / "bad.pt"
+    flip_weight_byte(toy_file, bad)
+    assert main(["info", str(bad)]) != 0
+    assert str(bad) in capsys.readouterr().err
+    assert main(["info", str(toy_file)]) == 0
+
+
 def test_intact_model_file_loads_and_computes(toy_file):
     atoms = rattled_crystal(seed=3, repeat=(1, 1, 1))
     atoms.calc = MLIPCalculator(toy_file)
@@ -210,17 +220,19 @@ def dyadic_crystal() -> Atoms:
 
 
 @pytest.mark.parametrize("by_domains", [False, True], ids=["whole", "domains"])
-@pytest.mark.parametrize("how", ["all atoms 1e5 cells", "one atom 1e5 cells", "one atom 1e12 cells"])
+@pytest.mark.parametrize("how", ["all atoms 1e5 cells", "one atom 1e5 cells", "all atoms 1e12 cells",
+                                 "one atom 1e12 cells"])
 def test_float32_translation_far_away(float32_model, how, by_domains):
     atoms = dyadic_crystal()
     kwargs = {"domain_threshold": 1, "domain_atoms": 3} if by_domains else {}
     expected = results(atoms, float32_model, **kwargs)
     shifted = atoms.copy()
     lattice_vector = np.array([1, -2, 1]) @ atoms.cell.array
+    distance = 1e5 if "1e5" in how else 1e12
     if how.startswith("all"):
-        shifted.positions += 1e5 * lattice_vector
+        shifted.positions += distance * lattice_vector
     else:
-        shifted.positions[1] += (1e5 if "1e5" in how else 1e12) * lattice_vector
+        shifted.positions[1] += distance * lattice_vector
     assert_same(results(shifted, float32_model, **kwargs), expected, energy_tol=2e-5, force_tol=2e-5)
 
 
@@ -371,6 +383,18 @@ def test_one_overlap_policy_for_ase_and_lammps(plugin, toy_file, tmp_path):  # n
     too_close.calc = MLIPCalculator(model, min_distance=0.2)
     energy = thermo_energy(lammps_energy(too_close, model, tmp_path, "pair_style mlip min_distance 0.2"))
     assert abs(energy - too_close.get_potential_energy()) < 1e-9
+
+
+@pytest.mark.lammps
+@pytest.mark.parametrize("case", ["0.1 Å cell", "200 atoms in 3.4 Å^3"])
+def test_lammps_refuses_degenerate_box_fast(plugin, toy_file, tmp_path, case):  # noqa: F811
+    atoms = BAD_STRUCTURES[case][0]()
+    atoms.numbers[:] = 14
+    start = time.perf_counter()
+    output = lammps_energy(atoms, str(toy_file), tmp_path)
+    words = "edge only 0.1 Å long" if case.startswith("0.1") else "denser than spheres min_distance 0.3"
+    assert words in output, output[-2000:]
+    assert time.perf_counter() - start < 30  # LAMMPS start-up and the model load, no ghost shell of 1e6 images
 
 
 @pytest.mark.lammps

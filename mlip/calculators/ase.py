@@ -149,8 +149,8 @@ class MLIPCalculator(Calculator):
         # with the list, so an atom crossing the cell boundary while the list is reused keeps
         # continuous coordinates and the shifts stay valid.
         cell = atoms.cell.array
-        wrapped = positions - lattice_images(positions, cell, atoms.pbc) @ cell
-        offset = positions - wrapped + wrapped[:1]  # (N, 3) Å: model positions = positions - offset
+        translations = lattice_images(positions, cell, atoms.pbc) @ cell  # (N, 3) Å, lattice vectors
+        wrapped = positions - translations
         edge_index, cell_shifts = neighbor_list(wrapped, cell, atoms.pbc, self.r_max + self.skin)
         if self.paired:
             edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
@@ -159,7 +159,8 @@ class MLIPCalculator(Calculator):
             "pbc": atoms.pbc.copy(),
             "cell": cell.copy(),
             "positions": positions.copy(),
-            "offset": offset,
+            "translations": translations,
+            "origin": wrapped[:1].copy(),  # (1, 3) Å, or (0, 3) for no atoms
             "edge_index": torch.as_tensor(edge_index, device=self.device),
             "shifts": torch.as_tensor(cell_shifts @ atoms.cell.array, dtype=self.dtype, device=self.device),
             "atom_types": torch.as_tensor(self.type_mapper(atoms.numbers), device=self.device),
@@ -168,7 +169,9 @@ class MLIPCalculator(Calculator):
 
     def _evaluate_whole(self, atoms) -> Dict[str, torch.Tensor]:
         graph = self._candidate_edges(atoms)
-        positions = torch.as_tensor(atoms.positions - graph["offset"], dtype=self.dtype, device=self.device)
+        # Two float64 subtractions, the large one first: exact for atoms a lattice vector apart.
+        relative = (atoms.positions - graph["translations"]) - graph["origin"]  # (N, 3) Å
+        positions = torch.as_tensor(relative, dtype=self.dtype, device=self.device)
         edge_index, shifts = graph["edge_index"], graph["shifts"]
         if self.skin > 0:
             vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts
@@ -224,7 +227,7 @@ class MLIPCalculator(Calculator):
         forces = out["forces"].detach().cpu().numpy().astype(np.float64)
         if not self.gradient_head:
             forces = forces - forces.mean(axis=0)  # direct forces: no net force, no drift
-        energy = float(out["energy"])
+        energy = float(out["energy"].detach())
         self.results = {"energy": energy, "free_energy": energy, "energies": energies, "forces": forces}
         if keys.MEMBER_ATOMIC_ENERGIES in out:
             committee_energies = out[keys.MEMBER_ATOMIC_ENERGIES].detach().cpu().numpy().sum(axis=0)  # (M,) eV

@@ -4,6 +4,7 @@
 
 #include "atom.h"
 #include "comm.h"
+#include "domain.h"
 #include "error.h"
 #include "force.h"
 #include "json.h"
@@ -393,6 +394,30 @@ void PairMLIP::init_style()
     error->all(FLERR,
                "pair_style mlip requires `newton on` (newton pair on): it computes forces on ghost "
                "atoms that LAMMPS must send back to their owners");
+
+  // The overlap policy of mlip's ASE calculator (mlip.data.atoms.check_structure), checked before
+  // LAMMPS builds ghosts and neighbor lists, which for a box of a fraction of an Å would hold
+  // millions of images: a box edge (a lattice vector) shorter than min_distance puts every atom
+  // on its own image; more atoms per volume than spheres min_distance apart can pack
+  // (sqrt(2) / d^3, the densest packing) forces an overlap. Closer pairs in other boxes are
+  // found in compute() from the edge lengths.
+  if (min_distance > 0.0 && domain->xperiodic && domain->yperiodic && domain->zperiodic) {
+    const double edges[3] = {domain->xprd, std::sqrt(domain->xy * domain->xy + domain->yprd * domain->yprd),
+                             std::sqrt(domain->xz * domain->xz + domain->yz * domain->yz + domain->zprd * domain->zprd)};
+    const double shortest = std::min({edges[0], edges[1], edges[2]});
+    if (shortest < min_distance)
+      error->all(FLERR,
+                 "pair_style mlip: the periodic box has an edge only {:.3g} Å long (< min_distance {} Å): "
+                 "every atom overlaps its own periodic image (wrong units or box?)",
+                 shortest, min_distance);
+    const double volume = domain->xprd * domain->yprd * domain->zprd;
+    const double density = (double) atom->natoms / volume;
+    if (density > std::sqrt(2.0) / (min_distance * min_distance * min_distance))
+      error->all(FLERR,
+                 "pair_style mlip: {} atoms in a box of {:.3g} Å^3 ({:.3g} atoms/Å^3): denser than "
+                 "spheres min_distance {} Å apart can pack, so atoms overlap (wrong units or box?)",
+                 atom->natoms, volume, density, min_distance);
+  }
 
   if (direct_forces && comm->me == 0)
     error->warning(FLERR,
