@@ -212,7 +212,8 @@ def atoms_to_graph(
 
 
 def graph_to_atoms(graph: Dict[str, np.ndarray], type_names: Sequence[str]) -> Atoms:
-    """Inverse of :func:`atoms_to_graph` (labels attached as a SinglePointCalculator)."""
+    """Inverse of :func:`atoms_to_graph`, up to its wrapping of atoms into the cell (labels
+    attached as a SinglePointCalculator)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     symbols = [type_names[t] for t in np.asarray(graph[keys.ATOM_TYPES])]
