@@ -94,6 +94,14 @@ def test_bad_model_file_is_refused_in_python(toy_file, tmp_path, case):
         assert str(bad) in str(info.value) and words in str(info.value), str(info.value)
 
 
+def test_metadata_given_with_a_module_is_checked(toy_file):
+    from mlip.deploy import load_model
+
+    module, metadata = load_model(toy_file)
+    with pytest.raises(ModelFileError, match="r_max must be a positive number"):
+        MLIPCalculator((module, dict(metadata, r_max=float("nan"))))
+
+
 def test_cli_refuses_a_damaged_model_file(toy_file, tmp_path, capsys):
     from mlip.cli import main
 

@@ -33,7 +33,7 @@ from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import lattice_images, neighbor_list, pair_edges
-from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model, usable_device
+from ..deploy.model_file import DTYPES, accepts_paired_edges, check_model_fields, load_model, usable_device
 from ..models.committee import force_uncertainty
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
@@ -48,6 +48,7 @@ def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[t
         return load_model(model, device=device)
     if isinstance(model, tuple):
         module, metadata = model
+        check_model_fields(metadata, "metadata given with the model")  # as a file's would be
         return module.to(device), metadata
     from ..models import DeployedPotential, Potential, model_metadata
 

@@ -143,11 +143,22 @@ def check_metadata(metadata: Dict[str, Any], path: str = "model") -> None:
     missing = sorted(set(REQUIRED_METADATA) - set(metadata))
     if missing:
         raise ModelFileError(f"{path}: metadata lacks {missing}")
+    check_model_fields(metadata, path)
+
+
+# The metadata every caller computes with (the LAMMPS plugin checks the same ones).
+MODEL_FIELDS = ("dtype", "force_head", "r_max", "message_passing_layers", "type_names")
+
+
+def check_model_fields(metadata: Dict[str, Any], path: str = "model") -> None:
+    """The fields of :data:`MODEL_FIELDS` present and valid (also for metadata not read from a file)."""
+    missing = [key for key in MODEL_FIELDS if key not in metadata]
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks {missing}")
     if metadata["dtype"] not in DTYPES:
         raise ModelFileError(f"{path}: unknown dtype {metadata['dtype']!r}")
     if metadata["force_head"] not in ("gradient", "direct"):
         raise ModelFileError(f"{path}: unknown force head {metadata['force_head']!r}")
-    # The fields every caller computes with (the LAMMPS plugin checks the same ones).
     r_max, layers, type_names = metadata["r_max"], metadata["message_passing_layers"], metadata["type_names"]
     if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not 0 < r_max < float("inf"):
         raise ModelFileError(f"{path}: metadata r_max must be a positive number of Å, got {r_max!r}")
