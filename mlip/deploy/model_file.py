@@ -181,7 +181,9 @@ def usable_device(device: Union[str, torch.device]) -> torch.device:
         torch.empty(0, device=device)  # the cheapest way to ask torch whether the device works
     except (RuntimeError, AssertionError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ValueError(f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}") from None
+        raise ValueError(
+            f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}"
+        ) from None
     return device
 
 
