@@ -85,7 +85,7 @@ class BatchedModel:
     def atom_types(self, atoms: Atoms) -> np.ndarray:
         """The model's type indices; a ValueError naming unknown elements, broken cells or
         constraints (which the batched engines do not apply: they would be silently ignored)."""
-        check_structure(atoms)
+        check_structure(atoms, self.min_distance)
         if atoms.constraints:
             raise ValueError(f"has constraints ({', '.join(type(c).__name__ for c in atoms.constraints)}), which "
                              "batched runs do not apply: run this structure alone (one-frame `mlip relax`/`mlip md`)")
