@@ -215,3 +215,14 @@ def test_cli_md_replicas(tmp_path):
     assert [(f.info["step"], f.info["replica"]) for f in frames] == [(s, k) for s in (0, 2, 4) for k in range(3)]
     assert main(["md", SI_MODEL, inputs, "--replicas", "2", "--temperature", "300", "--steps", "2",
                  "--ensemble", "npt"]) != 0  # batched NPT is not there: refused, not run wrongly
+
+
+def test_atoms_far_outside_their_cell_keep_float32_accuracy():
+    """MD carries atoms out of the cell; an atom 1e5 cells away must see the same forces in a
+    float32 model (the engine wraps in float64 before the cast)."""
+    atoms = si_structures(1, seed=7)[0]
+    far = atoms.copy()
+    far.positions[1] += 1e5 * far.cell.array[0] - 3e4 * far.cell.array[2]
+    near, away = (next(iter(relax_many(BatchedModel(SI_MODEL), [a], steps=0))).atoms for a in (atoms, far))
+    np.testing.assert_allclose(away.get_forces(), near.get_forces(), atol=1e-4)
+    np.testing.assert_allclose(away.get_stress(), near.get_stress(), atol=1e-6)

@@ -117,14 +117,16 @@ class BatchedModel:
                keys.FORCES: forces}
         if self.has_stress and edge_grad is not None:
             edge_graph = node_graph[batch[keys.EDGE_INDEX][0]]
-            virial = scatter_sum(-(edge_vectors.detach().unsqueeze(2) * edge_grad.detach().unsqueeze(1)),
-                                 edge_graph, num_graphs).to(torch.float64)
+            vectors, gradients = edge_vectors.detach().to(torch.float64), edge_grad.detach().to(torch.float64)
+            virial = scatter_sum(-(vectors.unsqueeze(2) * gradients.unsqueeze(1)), edge_graph, num_graphs)
             out[keys.STRESS] = stress_from_virial(virial, cell.to(torch.float64), pbc)
         return out
 
     def _graph(self, positions, atom_types, cell, pbc, num_atoms) -> Dict[str, torch.Tensor]:
-        """One disconnected graph (mlip.data.batch.collate) from per-structure neighbor lists."""
-        from ..data.neighbors import neighbor_list
+        """One disconnected graph (mlip.data.batch.collate) from per-structure neighbor lists,
+        atoms wrapped into their cells first (in float64: a float32 model then sees accurate edge
+        vectors however far MD has carried an atom)."""
+        from ..data.neighbors import lattice_images, neighbor_list
 
         positions_np = positions.detach().cpu().numpy().astype(np.float64)
         cell_np, pbc_np = cell.detach().cpu().numpy().astype(np.float64), pbc.cpu().numpy()
@@ -132,6 +134,7 @@ class BatchedModel:
         graphs, start = [], 0
         for b, n in enumerate(num_atoms.tolist()):
             x = positions_np[start:start + n]
+            x = x - lattice_images(x, cell_np[b], pbc_np[b]) @ cell_np[b]
             edge_index, cell_shifts = neighbor_list(x, cell_np[b], pbc_np[b], self.r_max)
             graphs.append({keys.POSITIONS: x, keys.ATOM_TYPES: types_np[start:start + n], keys.CELL: cell_np[b],
                            keys.PBC: pbc_np[b], keys.EDGE_INDEX: edge_index, keys.EDGE_CELL_SHIFTS: cell_shifts})
