@@ -65,7 +65,9 @@ def register(commands) -> None:
     )
     relax.add_argument("model", help="deployed model file (mlip deploy)")
     relax.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
-    relax.add_argument("--cell", action="store_true", help="relax the cell too (to zero stress; periodic only)")
+    relax.add_argument("--cell", action="store_true",
+                       help="relax the cell too (to zero stress; periodic only; of several frames, the fully periodic "
+                            "ones)")
     relax.add_argument("--fmax", type=float, default=0.01, help="force convergence, eV/Å (default 0.01)")
     relax.add_argument("--steps", type=int, default=1000, help="maximum optimizer steps (default 1000)")
     relax.add_argument("--optimizer", choices=("FIRE", "BFGS"), default="FIRE")
