@@ -676,8 +676,8 @@ def md_many(
 
 def run_md_many(args) -> int:
     """`mlip md` over every frame of a file, or ``--replicas K`` copies of one structure (seeds
-    SEED, SEED+1, ...): one model call per step for all. Frames go to ``--traj`` with info
-    ``replica`` (index of the run) and ``step``."""
+    SEED, SEED+1, ...): one model call per step for all, in groups of about 2000 atoms run one
+    after the other. Frames go to ``--traj`` with info ``replica`` (index of the run) and ``step``."""
     import os
     import sys
 
@@ -688,37 +688,50 @@ def run_md_many(args) -> int:
 
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.ensemble not in ("nve", "nvt"):
+        raise ValueError(f"several runs at once are nve or nvt, not --ensemble {args.ensemble} (npt: one structure)")
     if has_several_frames(args.structure):
         if args.replicas not in (None, 1):
             raise ValueError("--replicas copies one structure; the structure file has several frames already")
         structures = ase.io.read(args.structure, index=":")
     else:
         structures = [read_structure(args.structure)] * (args.replicas or 1)
-    seeds = [args.seed + k for k in range(len(structures))]
+    what = "replica" if args.replicas else "frame"
     model = BatchedModel(args.model, device=args.device)
     if args.traj and os.path.exists(args.traj):
         os.remove(args.traj)  # frames are appended below: start a fresh file
+    groups, size = [[]], 0  # consecutive runs, about BATCH_ATOMS atoms per group
+    for k, atoms in enumerate(structures):
+        if groups[-1] and size + len(atoms) > BATCH_ATOMS:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += len(atoms)
 
-    with tqdm(total=args.steps, desc=f"md {args.ensemble} x{len(structures)}", unit="step", file=sys.stderr) as bar:
-        def observe(step, frames):  # every --interval steps and at the end
-            if args.traj and step % args.interval == 0:  # as `mlip md` on one structure
-                for k, frame in enumerate(frames):
-                    frame.info["replica"] = k
-                ase.io.write(args.traj, frames, append=True)
-            if step > 0:
-                temperatures = [frame.get_temperature() for frame in frames]
-                bar.set_postfix(T=f"{np.mean(temperatures):.0f} K (mean)")
-                bar.update(step - bar.n)
+    final = []
+    with tqdm(total=args.steps * len(groups), desc=f"md {args.ensemble} x{len(structures)}", unit="step",
+              file=sys.stderr) as bar:
+        for group in groups:
+            done = bar.n
 
-        try:
-            final = md_many(model, structures, args.ensemble, args.temperature, args.steps, args.timestep,
-                            args.friction, seeds, observe, interval=args.interval)
-        except FrameError as error:
-            raise ValueError(f"{args.structure}: {'replica' if args.replicas else 'frame'} {error.frame}: "
-                             f"{str(error).split(': ', 1)[1]}") from None
+            def observe(step, frames):  # every --interval steps and at the end
+                if args.traj and step % args.interval == 0:  # as `mlip md` on one structure
+                    for k, frame in zip(group, frames):
+                        frame.info["replica"] = k
+                    ase.io.write(args.traj, frames, append=True)
+                if step > 0:
+                    bar.set_postfix(T=f"{np.mean([frame.get_temperature() for frame in frames]):.0f} K (mean)")
+                    bar.update(done + step - bar.n)
+
+            try:
+                final += md_many(model, [structures[k] for k in group], args.ensemble, args.temperature, args.steps,
+                                 args.timestep, args.friction, [args.seed + k for k in group], observe,
+                                 interval=args.interval)
+            except FrameError as error:
+                raise ValueError(f"{args.structure}: {what} {group[error.frame]}: "
+                                 f"{str(error).split(': ', 1)[1]}") from None
     if args.traj:
         print(f"wrote {args.traj}")
     for k, atoms in enumerate(final):
-        print(f"{'replica' if args.replicas else 'frame'} {k}: {args.steps} steps of {args.timestep} fs, "
-              f"T {atoms.get_temperature():.1f} K")
+        print(f"{what} {k}: {args.steps} steps of {args.timestep} fs, T {atoms.get_temperature():.1f} K")
     return 0
