@@ -444,7 +444,8 @@ def relax_many(
         n = active.x0.shape[0]
         active.x0, active.log_deform = coordinates[:n], coordinates[n:].view(-1, 3, 3)
         active.steps = active.steps + (~done).to(active.steps)
-        active = _select(active, ~done)
+        if bool(done.any()):
+            active = _select(active, ~done)
 
 
 def _finished(active: _Active, b: int, positions, cells, out, converged: bool, fmax: float) -> Atoms:
