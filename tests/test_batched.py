@@ -6,7 +6,6 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
