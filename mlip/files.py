@@ -54,6 +54,18 @@ def read_atoms(path: PathLike, argument: str, index=-1):
         return ase.io.read(path, index=index)
 
 
+def check_structure_files(paths, argument: str) -> None:
+    """Structure files (ASE's ``file@selection`` allowed) exist and their first structure parses:
+    garbage is named before a long conversion or evaluation. ``.h5`` graph files are only checked to exist."""
+    from .data.dataset import iter_structures, split_selection
+
+    for path in paths:
+        check_input(split_selection(path)[0], argument)
+        if not os.fspath(path).endswith((".h5", ".hdf5")):
+            with parsing(path, argument):
+                next(iter_structures([path]), None)
+
+
 @contextlib.contextmanager
 def parsing(path: PathLike, argument: str) -> Iterator[None]:
     """Any error raised by a third-party reader inside the block becomes a ValueError naming the

@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     paths = {name: str(root / name) for name in (
         "grad.pt", "direct.pt", "empty.xyz", "garbage.xyz", "dir", "missing.xyz", "labelled.extxyz",
-        "nolabels.extxyz", "config.yaml", "cuda.yaml", "run", "checkpoint_named_model.pt")}
+        "nolabels.extxyz", "config.yaml", "cuda.yaml", "garbage_data.yaml", "run", "checkpoint_named_model.pt")}
     torch.set_num_threads(1)
     deploy_model(tiny_model("allegro", r_max=3.0), paths["grad.pt"])
     deploy_model(tiny_model("allegro", head="direct", r_max=3.0), paths["direct.pt"])
@@ -55,6 +55,8 @@ def files(tmp_path_factory):
     ase.io.write(paths["labelled.extxyz"], crystal)
     with open(paths["config.yaml"], "w") as f:
         f.write(f"data:\n  train: [{paths['labelled.extxyz']}]\n")
+    with open(paths["garbage_data.yaml"], "w") as f:
+        f.write(f"data:\n  train: [{paths['labelled.extxyz']}, {paths['garbage.xyz']}]\n")
     with open(paths["cuda.yaml"], "w") as f:
         f.write(f"device: cuda\ndata:\n  train: [{paths['labelled.extxyz']}]\n")
     paths["missing_dir/out.extxyz"] = str(root / "missing_dir" / "out.extxyz")
@@ -84,6 +86,7 @@ ROWS = [
     ("train-resume-and-config", ["train", "{config.yaml}", "--resume", "{run}"], "--resume"),
     ("train-run-dir-is-a-file", ["train", "{config.yaml}", "--run-dir", "{garbage.xyz}"], "garbage.xyz"),
     ("train-init-from-missing", ["train", "{config.yaml}", "--init-from", "{missing.xyz}"], "--init-from"),
+    ("train-data-garbage", ["train", "{garbage_data.yaml}"], "garbage.xyz"),
     ("train-device-cuda", ["train", "{cuda.yaml}"], "device", NEEDS_NO_CUDA),
     # deploy
     ("deploy-output-is-its-input", ["deploy", "{grad.pt}", "-o", "{grad.pt}"], "--output"),
@@ -162,6 +165,7 @@ ROWS = [
     ("relax-output-directory", RELAX + ["-o", "{dir}"], "--output"),
     ("relax-cell-direct-model", ["relax", "{direct.pt}", "bulk:Cu:fcc:3.6", "--cell"], "direct.pt"),
     ("relax-cell-molecule", ["relax", "{grad.pt}", "molecule:H2O", "--cell"], "periodic"),
+    ("relax-output-model-file", RELAX + ["-o", "{grad.pt}"], "--output"),
     ("relax-optimizer", RELAX + ["--optimizer", "LBFGS"], "--optimizer"),
     # build-lammps-plugin
     ("build-lammps-plugin-unknown-option", ["build-lammps-plugin", "--jobs", "4"], "--jobs"),
@@ -372,7 +376,7 @@ def test_relax_output_on_a_full_disk_keeps_the_old_file(files, tmp_path, monkeyp
 
 
 def test_interrupted_md_keeps_the_frames_written(files, tmp_path, monkeypatch, capsys):
-    """Ctrl-C (or a blow-up) at step 4 of 100: the trajectory holds steps 0, 2, 4; exit 130."""
+    """A blow-up (atoms too close) or Ctrl-C at step 4 of 100: the trajectory keeps steps 0, 2, 4."""
     import ase.io
 
     import mlip.calculators.cli as calculators_cli
@@ -385,7 +389,7 @@ def test_interrupted_md_keeps_the_frames_written(files, tmp_path, monkeypatch, c
 
         def run_then_interrupt(steps):
             run(4)
-            raise KeyboardInterrupt
+            raise ValueError("atoms 0 and 1 are 0.3 Å apart")  # what the calculator says after a blow-up
 
         dyn.run = run_then_interrupt
         return dyn
@@ -394,7 +398,8 @@ def test_interrupted_md_keeps_the_frames_written(files, tmp_path, monkeypatch, c
     trajectory = tmp_path / "md.extxyz"
     code = main(["md", files["grad.pt"], "bulk:Cu:fcc:3.6", "--temperature", "300", "--steps", "100",
                  "--interval", "2", "--traj", str(trajectory)])
-    assert code == 130
-    assert "kept the 3 frames" in capsys.readouterr().err
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "kept the 3 frames" in err and "0.3 Å apart" in err.strip().splitlines()[-1]
     assert len(ase.io.read(trajectory, ":")) == 3
     assert temporary_files(tmp_path) == []

@@ -165,18 +165,14 @@ def run_evaluate(args) -> int:
 
     import torch
 
-    from ..data.dataset import iter_structures, split_selection
-    from ..files import atomic_output, check_input, check_output, parsing
+    from ..files import atomic_output, check_input, check_output, check_structure_files
     from ..train.evaluate import evaluate, format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
     label_keys = parse_keys(args.keys)
     check_input(args.model, "model file")
-    for path in args.data:  # garbage is named here, by its first structure (evaluate reads the rest)
-        check_input(split_selection(path)[0], "data file")
-        with parsing(path, "data file"):
-            next(iter_structures([path]), None)
+    check_structure_files(args.data, "data file")
     if args.json:
         check_output(args.json, "--json")
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):

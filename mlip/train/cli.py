@@ -22,7 +22,7 @@ def run_train(args) -> int:
     import os
 
     from ..cli import check_device
-    from ..files import check_input
+    from ..files import check_input, check_structure_files
     from .config import load_config
     from .trainer import resume, train
 
@@ -50,6 +50,8 @@ def run_train(args) -> int:
             check_device(str(config.device))
         except ValueError as error:
             raise ValueError(f"{args.config}: device: {error}") from None
+        check_structure_files(config.data.train, "data.train file")
+        check_structure_files(config.data.validation, "data.validation file")
         if args.max_epochs is not None:
             config.stop.max_epochs = args.max_epochs
         if args.max_minutes is not None:
