@@ -81,6 +81,7 @@ def parsing(path: PathLike, argument: str) -> Iterator[None]:
 def atomic_output(path: PathLike, mode: Optional[int] = None) -> Iterator[str]:
     """Yields a temporary path next to ``path``, with the same suffix (writers that pick a format by
     extension still see it); renames it to ``path`` when the block succeeds, removes it otherwise.
+    An OSError while writing it is raised again naming ``path``.
 
     The new file gets the permissions a plain ``open(path, "w")`` would give (``mode`` & ~umask), not
     mkstemp's private 0600.
@@ -91,7 +92,13 @@ def atomic_output(path: PathLike, mode: Optional[int] = None) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}")
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as error:
+            if error.filename not in (None, tmp):  # about another file: not ours to rename
+                raise
+            # Name the file the user asked for, not the temporary one (a full disk, a quota).
+            raise OSError(error.errno, error.strerror or str(error), path) from error
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o666 if mode is None else mode) & ~umask)
