@@ -42,27 +42,15 @@ NON_NEGATIVE_INT = number(int, 0)
 
 def device(text: str) -> str:
     """An argparse ``type=`` for --device: a torch device this machine has (checked before any work)."""
+    from .train.config import check_device
+
     try:
         check_device(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def check_device(text: str) -> None:
-    """ValueError unless ``text`` names a torch device that this machine has."""
-    import torch
-
-    try:
-        chosen = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{text!r}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
-        if chosen.index is not None and chosen.index >= count:
-            raise ValueError(f"{text!r}: this machine has {count} CUDA device(s)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    except ValueError as error:  # ConfigError "device: 'cuda' is not available on this machine; available: [...]"
+        raise argparse.ArgumentTypeError(str(error).removeprefix("device: ")) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def files(tmp_path_factory):
     with open(paths["garbage_data.yaml"], "w") as f:
         f.write(f"data:\n  train: [{paths['labelled.extxyz']}, {paths['garbage.xyz']}]\n")
     with open(paths["cuda.yaml"], "w") as f:
-        f.write(f"device: cuda\ndata:\n  train: [{paths['labelled.extxyz']}]\n")
+        f.write(f"device: cuda\nrun_dir: cuda_run\ndata:\n  train: [{paths['labelled.extxyz']}]\n")
     paths["missing_dir/out.extxyz"] = str(root / "missing_dir" / "out.extxyz")
     return paths
 

@@ -21,7 +21,6 @@ def register(commands) -> None:
 def run_train(args) -> int:
     import os
 
-    from ..cli import check_device
     from ..files import check_input, check_structure_files
     from .config import load_config
     from .trainer import resume, train
@@ -46,10 +45,6 @@ def run_train(args) -> int:
             config.run_dir = os.path.abspath(args.run_dir)
         if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
             raise NotADirectoryError(f"run_dir {config.run_dir!r} exists and is not a directory")
-        try:
-            check_device(str(config.device))
-        except ValueError as error:
-            raise ValueError(f"{args.config}: device: {error}") from None
         check_structure_files(config.data.train, "data.train file")
         check_structure_files(config.data.validation, "data.validation file")
         if args.max_epochs is not None:
