@@ -1,5 +1,7 @@
-"""`mlip` command line. Each area registers its own sub-commands; this file dispatches, holds the
-argument types shared by all of them, and turns errors a user causes into one line on stderr."""
+"""`mlip` command line. Each area registers its own sub-commands; this file only dispatches.
+
+It also holds the argument types all sub-commands share and turns the errors a user causes into one
+line on stderr (``--debug`` shows the traceback)."""
 
 import argparse
 import math
@@ -98,14 +100,15 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    return lines[0] + (" [details: mlip --debug]" if len(lines) > 1 else "")
+    # A bare RuntimeError may come from deep inside torch (a bug as well as bad input): say where more is.
+    return lines[0] + (" [details: mlip --debug]" if len(lines) > 1 or type(error) is RuntimeError else "")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, --version or a bad argument (already printed on one line)
-        return exit.code if isinstance(exit.code, int) else 2
+    except SystemExit as stop:  # --help, --version or a bad argument (already printed on one line)
+        return stop.code if isinstance(stop.code, int) else 2
     debug = args.debug or os.environ.get("MLIP_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)

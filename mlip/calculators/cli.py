@@ -38,13 +38,12 @@ def read_structure(spec: str):
 
 def _bulk(spec: str):
     from ase.build import bulk
+    from ase.data import chemical_symbols
 
     parts = spec.split(":")[1:]
     if not 1 <= len(parts) <= 4 or not parts[0]:
         raise ValueError(f"structure spec {spec!r}: expected bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]")
     symbol = parts[0]
-    from ase.data import chemical_symbols
-
     if symbol not in chemical_symbols[1:]:
         raise ValueError(f"structure spec {spec!r}: {symbol!r} is not an element symbol")
     crystal = parts[1] if len(parts) > 1 and parts[1] else None
@@ -70,7 +69,7 @@ def _bulk(spec: str):
     try:
         atoms = bulk(symbol, crystal, a=a, **shape)
     except (ValueError, KeyError, RuntimeError, AssertionError) as error:  # ase asserts on degenerate cells
-        raise ValueError(f"structure spec {spec!r}: ase.build.bulk failed: {error or type(error).__name__}") from None
+        raise ValueError(f"structure spec {spec!r}: ase.build.bulk failed: {str(error) or type(error).__name__}") from None
     return atoms.repeat(repeat)
 
 
