@@ -124,6 +124,8 @@ ROWS = [
     ("evaluate-json-directory", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--json", "{dir}"], "--json"),
     ("evaluate-plots-a-file", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--plots", "{garbage.xyz}"],
      "--plots"),
+    ("evaluate-plots-under-a-file", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--plots", "{garbage.xyz}/plots"],
+     "--plots"),
     ("evaluate-threads-0", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--threads", "0"], "--threads"),
     ("evaluate-keys", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--keys", "energy"], "--keys"),
     ("evaluate-device-cuda", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--device", "cuda"], "--device",

@@ -175,8 +175,13 @@ def run_evaluate(args) -> int:
     check_structure_files(args.data, "data file")
     if args.json:
         check_output(args.json, "--json")
-    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
-        raise NotADirectoryError(f"--plots {args.plots!r} exists and is not a directory")
+    if args.plots:  # created now: a path that cannot be a directory fails before the evaluation
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            raise NotADirectoryError(f"--plots {args.plots!r} exists and is not a directory")
+        try:
+            os.makedirs(args.plots, exist_ok=True)
+        except OSError as error:
+            raise OSError(error.errno, f"--plots directory cannot be created: {error.strerror}", args.plots) from None
     report = evaluate(args.model, args.data, label_keys, device=args.device, plots_dir=args.plots)
     print(format_table(report))
     if args.json:
