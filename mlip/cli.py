@@ -43,15 +43,14 @@ NON_NEGATIVE_INT = number(int, 0)
 
 
 def device(text: str) -> str:
-    """An argparse ``type=`` for --device: a torch device this machine has (checked before any work)."""
-    from .train.config import check_device
+    """An argparse ``type=`` for --device: a torch device this machine can compute on, checked before
+    any work (the check that loading a model file makes)."""
+    from .deploy.model_file import usable_device
 
     try:
-        check_device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    except ValueError as error:  # ConfigError "device: 'cuda' is not available on this machine; available: [...]"
-        raise argparse.ArgumentTypeError(str(error).removeprefix("device: ")) from None
+        usable_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 
