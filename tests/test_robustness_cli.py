@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     paths = {name: str(root / name) for name in (
         "grad.pt", "direct.pt", "empty.xyz", "garbage.xyz", "dir", "missing.xyz", "labelled.extxyz",
-        "nolabels.extxyz", "config.yaml", "cuda.yaml", "garbage_data.yaml", "run", "checkpoint_named_model.pt")}
+        "nolabels.extxyz", "config.yaml", "cuda.yaml", "garbage_data.yaml", "overrides.yaml", "run", "checkpoint_named_model.pt")}
     torch.set_num_threads(1)
     deploy_model(tiny_model("allegro", r_max=3.0), paths["grad.pt"])
     deploy_model(tiny_model("allegro", head="direct", r_max=3.0), paths["direct.pt"])
@@ -57,6 +57,8 @@ def files(tmp_path_factory):
         f.write(f"data:\n  train: [{paths['labelled.extxyz']}]\n")
     with open(paths["garbage_data.yaml"], "w") as f:
         f.write(f"data:\n  train: [{paths['labelled.extxyz']}, {paths['garbage.xyz']}]\n")
+    with open(paths["overrides.yaml"], "w") as f:
+        f.write(f"model:\n  overrides: {{num_scalar: abc}}\ndata:\n  train: [{paths['labelled.extxyz']}]\n")
     with open(paths["cuda.yaml"], "w") as f:
         f.write(f"device: cuda\nrun_dir: cuda_run\ndata:\n  train: [{paths['labelled.extxyz']}]\n")
     paths["missing_dir/out.extxyz"] = str(root / "missing_dir" / "out.extxyz")
@@ -86,6 +88,7 @@ ROWS = [
     ("train-resume-and-config", ["train", "{config.yaml}", "--resume", "{run}"], "--resume"),
     ("train-run-dir-is-a-file", ["train", "{config.yaml}", "--run-dir", "{garbage.xyz}"], "garbage.xyz"),
     ("train-init-from-missing", ["train", "{config.yaml}", "--init-from", "{missing.xyz}"], "--init-from"),
+    ("train-override-wrong-type", ["train", "{overrides.yaml}"], "num_scalar"),
     ("train-data-garbage", ["train", "{garbage_data.yaml}"], "garbage.xyz"),
     ("train-device-cuda", ["train", "{cuda.yaml}"], "device", NEEDS_NO_CUDA),
     # deploy
@@ -405,3 +408,15 @@ def test_interrupted_md_keeps_the_frames_written(files, tmp_path, monkeypatch, c
     assert "kept the 3 frames" in err and "0.3 Å apart" in err.strip().splitlines()[-1]
     assert len(ase.io.read(trajectory, ":")) == 3
     assert temporary_files(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_output_in_a_read_only_directory_is_refused_before_the_work(files, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = main(["relax", files["grad.pt"], "bulk:Cu:fcc:3.6", "-o", str(locked / "out.extxyz")])
+        assert "not writable" in assert_one_line(capsys, code, "--output")
+    finally:
+        locked.chmod(0o700)
