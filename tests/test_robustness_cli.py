@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     paths = {name: str(root / name) for name in (
         "grad.pt", "direct.pt", "empty.xyz", "garbage.xyz", "dir", "missing.xyz", "labelled.extxyz",
-        "nolabels.extxyz", "config.yaml", "cuda.yaml", "garbage_data.yaml", "overrides.yaml", "run", "checkpoint_named_model.pt")}
+        "nolabels.extxyz", "config.yaml", "cuda.yaml", "garbage_data.yaml", "overrides.yaml", "nan.extxyz", "run", "checkpoint_named_model.pt")}
     torch.set_num_threads(1)
     deploy_model(tiny_model("allegro", r_max=3.0), paths["grad.pt"])
     deploy_model(tiny_model("allegro", head="direct", r_max=3.0), paths["direct.pt"])
@@ -51,6 +51,9 @@ def files(tmp_path_factory):
     save_checkpoint({"weights": torch.zeros(3)}, paths["checkpoint_named_model.pt"])
     crystal = bulk("Cu", "fcc", a=3.6, cubic=True)
     ase.io.write(paths["nolabels.extxyz"], crystal)
+    broken = crystal.copy()
+    broken.positions[1, 0] = float("nan")
+    ase.io.write(paths["nan.extxyz"], broken)
     crystal.calc = SinglePointCalculator(crystal, energy=-14.0, forces=crystal.positions * 0)
     ase.io.write(paths["labelled.extxyz"], crystal)
     with open(paths["config.yaml"], "w") as f:
@@ -191,6 +194,8 @@ STRUCTURES = [
     ("bad-repeat", "bulk:Si:diamond:5.43:2x2", "2x2"),
     ("too-many-fields", "bulk:Si:diamond:5.43:1x1x1:9", "bulk:Si:diamond:5.43:1x1x1:9"),
     ("unknown-molecule", "molecule:XYZZY", "XYZZY"),
+    ("nan-position", "{nan.extxyz}", "nan.extxyz"),
+    ("overlapping-cell", "bulk:Cu:fcc:0.3", "bulk:Cu:fcc:0.3"),
     ("element-the-model-lacks", "bulk:Si:diamond:5.43", "Si"),
 ]
 ROWS += [(f"structure-{name}", ["relax", "{grad.pt}", spec, "--steps", "1"], culprit)

@@ -33,6 +33,12 @@ def read_structure(spec: str):
         atoms = _read_file(spec)
     if len(atoms) == 0:
         raise ValueError(f"structure {spec!r} has no atoms")
+    from ..data.atoms import check_structure
+
+    try:  # the calculator checks again; here the message can name the file or spec
+        check_structure(atoms)
+    except ValueError as error:
+        raise ValueError(f"structure {spec!r}: {error}") from None
     return atoms
 
 
