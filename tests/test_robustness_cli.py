@@ -425,3 +425,32 @@ def test_output_in_a_read_only_directory_is_refused_before_the_work(files, tmp_p
         assert "not writable" in assert_one_line(capsys, code, "--output")
     finally:
         locked.chmod(0o700)
+
+
+def test_stopped_relaxation_keeps_its_latest_structure(files, tmp_path, monkeypatch, capsys):
+    """An error (or Ctrl-C) at the 4th force call: -o gets the structure of the last completed step."""
+    import ase.io
+
+    from mlip.calculators.ase import MLIPCalculator
+
+    calls = []
+    calculate = MLIPCalculator.calculate
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("atoms 0 and 1 are 0.3 Å apart")
+        return calculate(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLIPCalculator, "calculate", failing)
+    from ase.build import bulk
+
+    rattled = bulk("Cu", "fcc", a=3.6, cubic=True)
+    rattled.rattle(0.05, seed=0)
+    ase.io.write(tmp_path / "rattled.extxyz", rattled)
+    output = tmp_path / "relaxed.extxyz"
+    code = main(["relax", files["grad.pt"], str(tmp_path / "rattled.extxyz"), "--fmax", "1e-6", "-o", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and "wrote the latest structure" in err and "0.3 Å apart" in err.strip().splitlines()[-1]
+    assert len(ase.io.read(output)) == 4
+    assert temporary_files(tmp_path) == []

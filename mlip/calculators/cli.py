@@ -183,11 +183,25 @@ def run_relax(args: argparse.Namespace) -> int:
     optimizer = {"FIRE": FIRE, "BFGS": BFGS}[args.optimizer](target, logfile=None)
     energy0 = atoms.get_potential_energy()
     converged = False
+    latest = atoms.copy()  # the structure of the latest step (what -o gets if the run is stopped)
     with tqdm(total=args.steps, desc="relax", unit="step", file=sys.stderr) as bar:
-        for converged in optimizer.irun(fmax=args.fmax, steps=args.steps):
-            fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
-            bar.set_postfix(E=f"{atoms.get_potential_energy():.4f} eV", fmax=f"{fmax:.3g}")
-            bar.update(optimizer.nsteps - bar.n)  # irun also yields once before the first step
+        try:
+            for converged in optimizer.irun(fmax=args.fmax, steps=args.steps):
+                fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
+                bar.set_postfix(E=f"{atoms.get_potential_energy():.4f} eV", fmax=f"{fmax:.3g}")
+                bar.update(optimizer.nsteps - bar.n)  # irun also yields once before the first step
+                latest = atoms.copy()
+        except (Exception, KeyboardInterrupt) as error:
+            # No lost work: Ctrl-C or an error at step 900 still leaves the structure of step 899 (not
+            # after a write error, which the output would meet again).
+            if args.output and optimizer.nsteps > 0 and not isinstance(error, OSError):
+                import ase.io
+
+                with atomic_output(args.output) as tmp:
+                    ase.io.write(tmp, latest, format=output_format)
+                print(f"\nmlip relax: stopped after {optimizer.nsteps} steps; wrote the latest structure "
+                      f"(not relaxed) to {args.output}", file=sys.stderr)
+            raise
     energy = atoms.get_potential_energy()
     n = len(atoms)
     print(f"{'converged' if converged else 'NOT converged'} after {optimizer.nsteps} steps (fmax {args.fmax} eV/Å)")
