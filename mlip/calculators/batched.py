@@ -479,7 +479,10 @@ def has_several_frames(spec: str) -> bool:
 
     if spec.startswith(("bulk:", "molecule:")) or not os.path.isfile(spec):
         return False
-    return len(list(islice(ase.io.iread(spec, index=":"), 2))) > 1  # reads at most two frames
+    try:
+        return len(list(islice(ase.io.iread(spec, index=":"), 2))) > 1  # reads at most two frames
+    except Exception:  # unreadable: the one-structure path reports it, naming the file
+        return False
 
 
 def run_relax_many(args) -> int:
@@ -493,11 +496,16 @@ def run_relax_many(args) -> int:
     import ase.io
     from tqdm import tqdm
 
+    from ..files import atomic_output, check_input, read_atoms
+    from .cli import _output_format
+
     if not args.output:
         raise ValueError("relaxing several structures needs -o/--output (where the relaxed frames go)")
     if args.optimizer != "FIRE":
         raise ValueError(f"batched relaxation uses FIRE; --optimizer {args.optimizer} relaxes one structure only")
-    frames = ase.io.read(args.structure, index=":")
+    frames = read_atoms(args.structure, "structure file", index=":")
+    output_format = _output_format(args.output, "--output", len(frames))
+    check_input(args.model, "model file")
     model = BatchedModel(args.model, device=args.device)
     batch_atoms = args.batch_atoms if args.batch_atoms is not None else BATCH_ATOMS
     finished: Dict[int, Atoms] = {}
@@ -516,7 +524,8 @@ def run_relax_many(args) -> int:
                 bar.set_postfix(converged=sum(a.info["relax_converged"] for a in finished.values()),
                                 failed=len(failed))
     finally:  # an error or Ctrl-C never loses the structures already relaxed
-        ase.io.write(args.output, [finished[i] for i in sorted(finished)])
+        with atomic_output(args.output) as tmp:
+            ase.io.write(tmp, [finished[i] for i in sorted(finished)], format=output_format)
     seconds = time.perf_counter() - start
     converged = sum(a.info["relax_converged"] for a in finished.values())
     print(f"{len(finished)} of {len(frames)} structures relaxed in {seconds:.1f} s "
@@ -685,7 +694,8 @@ def run_md_many(args) -> int:
     import ase.io
     from tqdm import tqdm
 
-    from .cli import read_structure
+    from ..files import check_input, read_atoms
+    from .cli import _output_format, read_structure
 
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
@@ -694,10 +704,13 @@ def run_md_many(args) -> int:
     if has_several_frames(args.structure):
         if args.replicas not in (None, 1):
             raise ValueError("--replicas copies one structure; the structure file has several frames already")
-        structures = ase.io.read(args.structure, index=":")
+        structures = read_atoms(args.structure, "structure file", index=":")
     else:
         structures = [read_structure(args.structure)] * (args.replicas or 1)
     what = "replica" if args.replicas else "frame"
+    if args.traj:
+        _output_format(args.traj, "--traj", len(structures) * (args.steps // args.interval + 1))
+    check_input(args.model, "model file")
     model = BatchedModel(args.model, device=args.device)
     if args.traj and os.path.exists(args.traj):
         os.remove(args.traj)  # frames are appended below: start a fresh file
