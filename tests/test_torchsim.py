@@ -54,3 +54,24 @@ def test_torchsim_optimiser_runs_an_mlip_model(model_file):
                           convergence_fn=ts.generate_force_convergence_fn(1e-3))
     after = model(relaxed)["energy"]
     assert (after < before).all()
+
+
+def test_torchsim_integrator_runs_an_mlip_model(model_file):
+    """torch-sim's batched NVE conserves each system's energy with mlip forces (a few steps)."""
+    structures = different_cells()[:2]
+    model = MLIPModel(model_file)
+    state = ts.io.atoms_to_state(structures, device=model.device, dtype=model.dtype)
+    dt = torch.tensor(0.0005 * ts.units.MetalUnits.time, dtype=model.dtype)  # 0.5 fs (torch-sim: ps)
+    init, step = ts.nve(model=model, dt=dt, kT=torch.tensor(600 * ts.units.MetalUnits.temperature, dtype=model.dtype))
+    md_state = init(state, seed=0)
+
+    def total_energy(s):
+        kinetic = ts.calc_kinetic_energy(momenta=s.momenta, masses=s.masses, system_idx=s.system_idx)
+        return s.energy + kinetic
+
+    before, potential_before = total_energy(md_state), md_state.energy.clone()
+    for _ in range(10):
+        md_state = step(md_state, dt=dt)
+    exchanged = (md_state.energy - potential_before).abs()  # eV moved between potential and kinetic
+    assert (exchanged > 0.5).all()
+    assert ((total_energy(md_state) - before).abs() < 1e-2 * exchanged).all()  # measured: 0.1-0.3 %
