@@ -29,40 +29,19 @@ def deploy_model(
     """Compile ``model`` to TorchScript and write it with its metadata; returns the metadata.
 
     With ``check``, the compiled model must reproduce the eager one on a small random structure
-    containing every species (else nothing is written). Too little free space for the file is an
-    OSError (ENOSPC) naming ``path``, raised before writing: torch's writer aborts the whole process
-    when the disk fills during a save, with no exception to catch and its temporary file left behind.
+    containing every species (else nothing is written). A full disk is an OSError
+    (ENOSPC) naming ``path``, and leaves no file behind (``save_model`` writes from Python).
     """
     scripted = script_model(model)
     metadata = model_metadata(model)
     metadata["training_data_hash"] = training_data_hash
     if check:
         check_scripted(model, scripted)
-    _check_free_space(scripted, path)
     try:
         save_model(scripted, path, metadata)
     except OSError as error:
         raise OSError(error.errno, f"could not write the model file: {error.strerror or error}", os.fspath(path)) from error
     return metadata
-
-
-def _check_free_space(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike]) -> None:
-    """ENOSPC unless the directory of ``path`` has room for the model (its size measured in memory,
-    plus 64 KiB for the metadata and the file system's blocks)."""
-    import errno
-    import io
-    import shutil
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(scripted, buffer)
-    needed = buffer.getbuffer().nbytes + 2**16
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise OSError(errno.ENOSPC, f"no room for the model file: it needs {needed / 2**20:.1f} MiB, "
-                                    f"{directory} has {free / 2**20:.1f} MiB free", os.fspath(path))
 
 
 def _probe_inputs(model: Potential, seed: int = 0):
