@@ -28,6 +28,7 @@ from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import neighbor_list, pair_edges
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
+from ..device import check_device
 from ..models.committee import force_uncertainty
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
@@ -75,7 +76,7 @@ class MLIPCalculator(Calculator):
             thousands of atoms, higher peak RSS; see mlip.allocator).
         """
         super().__init__(**kwargs)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model, self.metadata = resolve_model(model, self.device)
         self.dtype = DTYPES[self.metadata["dtype"]]
         self.r_max = float(self.metadata["r_max"])

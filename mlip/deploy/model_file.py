@@ -40,6 +40,8 @@ import torch
 
 import mlip
 
+from ..device import check_device
+
 FORMAT_NAME = "mlip-torchscript"
 FORMAT_VERSION = 1
 METADATA_FILE = "mlip/metadata.json"
@@ -141,7 +143,11 @@ def check_metadata(metadata: Dict[str, Any], path: str = "model") -> None:
 def load_model(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
 ) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load a deployed model and its metadata; refuse incompatible or corrupt files."""
+    """Load a deployed model and its metadata; refuse incompatible or corrupt files.
+
+    Every tensor of the file is mapped onto ``device`` at load (a file runs on any device, in the
+    dtype it records), also constants kept outside the buffers, which module.to() would not move."""
+    device = check_device(device)
     metadata = read_metadata(path)
     try:
         with warnings.catch_warnings(), torch.jit.optimized_execution(False):
