@@ -128,8 +128,8 @@ def test_training_cuda_matches_cpu(tmp_path, family):
     data = tmp_path / "cu.extxyz"
     ase.io.write(data, emt_copper(n=25), format="extxyz")  # 20 training structures, batches of 4
     histories = {}
-    for device in ("cpu", "cuda"):
-        config = tiny_config(str(data), tmp_path / device, family, dtype="float64", device=device,
+    for k, device in enumerate(("cpu", "cuda")):
+        config = tiny_config(str(data), tmp_path / f"run{k}", family, dtype="float64", device=device,
                              stop={"max_epochs": 4})
         result = train(config)
         assert result.steps == 20
