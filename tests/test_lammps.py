@@ -546,13 +546,14 @@ def test_device_keyword(plugin, tmp_path):
     model = write_toy_model(tmp_path / "toy.pt", layers=1)
     data = write_data(rattled_crystal(seed=11, repeat=(1, 1, 1)), tmp_path / "structure.data")
     output = run_lmp(md_script(data, model, steps=0, thermo="step pe", style="mlip device cpu"), tmp_path, 1)
-    assert "pair_style mlip: pair_style mlip device cpu: rank 0 (node-local 0) on cpu" in output
+    assert "pair_style mlip: device cpu: rank 0 (node-local 0) on cpu" in output
     assert "device must be cpu, cuda, cuda:N or auto; got 'gpu'" in error_of("pair_style mlip device gpu\n")
     assert "device must be cpu, cuda, cuda:N or auto; got ''" in error_of("pair_style mlip device\n")
     if torch.cuda.is_available():
         return  # the rest is about a CPU-only torch; tests/test_gpu.py covers CUDA
     output = run_lmp(md_script(data, model, steps=0, thermo="step pe"), tmp_path, 1)
-    assert f"device auto (torch {torch.__version__.split('+')[0]} is a CPU-only build): rank 0 (node-local 0) on cpu" in output
+    assert (f"pair_style mlip: device auto (torch {torch.__version__.split('+')[0]} is a CPU-only build): "
+            "rank 0 (node-local 0) on cpu") in output
     for style, env in (("mlip device cuda", {}), ("mlip device cuda:0", {}), ("mlip device cpu", {"MLIP_DEVICE": "cuda"})):
         path = tmp_path / "in.cuda"
         path.write_text(md_script(data, model, steps=0, thermo="step pe", style=style))
@@ -560,7 +561,8 @@ def test_device_keyword(plugin, tmp_path):
                                 cwd=tmp_path, env=dict(os.environ, **env), timeout=120)
         text = result.stdout + result.stderr
         assert result.returncode != 0, text[-2000:]
-        assert "needs a CUDA build of torch" in text and "CPU-only build" in text, text[-2000:]
+        asked = f"MLIP_DEVICE={env['MLIP_DEVICE']}" if env else "device " + style.split()[-1]
+        assert f"{asked} needs a CUDA build of torch" in text and "CPU-only build" in text, text[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

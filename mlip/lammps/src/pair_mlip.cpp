@@ -200,14 +200,12 @@ void PairMLIP::coeff(int narg, char **arg)
 // where torch sees a GPU) gives cuda:(node-local rank % GPUs visible to this rank). Collective.
 void PairMLIP::choose_device()
 {
-  std::string request = device_request, source = "pair_style mlip device";
+  std::string request = device_request;
   const char *env = std::getenv("MLIP_DEVICE");
-  if (env && *env) {
-    request = env;
-    source = "MLIP_DEVICE";
-  }
+  if (env && *env) request = env;
+  const std::string asked = (env && *env ? "MLIP_DEVICE=" : "device ") + request;    // for messages
   if (!valid_device(request))
-    error->all(FLERR, "pair_style mlip: {} must be cpu, cuda, cuda:N or auto; got '{}'", source, request);
+    error->all(FLERR, "pair_style mlip: {}: must be cpu, cuda, cuda:N or auto", asked);
 
   // A CUDA build of torch registers its device guard when libc10_cuda loads (the plugin links it
   // whenever it exists: mlip/lammps/build.py); a CPU-only torch has none.
@@ -225,20 +223,19 @@ void PairMLIP::choose_device()
   } else {
     if (!torch_has_cuda)
       error->all(FLERR,
-                 "pair_style mlip: {} {} needs a CUDA build of torch, but the plugin runs with torch "
+                 "pair_style mlip: {} needs a CUDA build of torch, but the plugin runs with torch "
                  "{}, a CPU-only build: install a CUDA torch and run `mlip build-lammps-plugin`, or "
                  "use `device cpu`",
-                 source, request, TORCH_VERSION);
+                 asked, TORCH_VERSION);
     const char *visible = std::getenv("CUDA_VISIBLE_DEVICES");
     if (gpus == 0)
       error->one(FLERR,
-                 "pair_style mlip: {} {}: rank {} (node-local rank {}) finds no GPU (torch sees 0 "
+                 "pair_style mlip: {}: rank {} (node-local rank {}) finds no GPU (torch sees 0 "
                  "CUDA devices; CUDA_VISIBLE_DEVICES='{}')",
-                 source, request, comm->me, local_rank, visible ? visible : "(unset)");
+                 asked, comm->me, local_rank, visible ? visible : "(unset)");
     const int index = request == "cuda" ? local_rank % gpus : std::atoi(request.c_str() + 5);
     if (index >= gpus)
-      error->one(FLERR, "pair_style mlip: {} {}: rank {} sees only {} GPU(s)", source, request,
-                 comm->me, gpus);
+      error->one(FLERR, "pair_style mlip: {}: rank {} sees only {} GPU(s)", asked, comm->me, gpus);
     device = torch::Device(torch::kCUDA, (c10::DeviceIndex) index);
   }
 
@@ -251,8 +248,7 @@ void PairMLIP::choose_device()
     for (int r = 0; r < comm->nprocs; r++)
       ranks += fmt::format("{}rank {} (node-local {}) on {}", r ? ", " : "", r, all[2 * r],
                            all[2 * r + 1] < 0 ? std::string("cpu") : fmt::format("cuda:{}", all[2 * r + 1]));
-    utils::logmesg(lmp, "pair_style mlip: {} {}{}: {}\n", source, env && *env ? env : device_request, why,
-                   ranks);
+    utils::logmesg(lmp, "pair_style mlip: {}{}: {}\n", asked, why, ranks);
   }
 }
 
