@@ -73,3 +73,17 @@ def test_cuda_on_a_cpu_only_torch_is_a_clear_error(tmp_path):
             call()
     with pytest.raises(ValueError, match=r"device='gpu'"):
         MLIPCalculator(str(path), device="gpu")
+
+
+def test_plugin_links_the_cuda_libraries_of_a_cuda_torch(tmp_path, monkeypatch):
+    """A CUDA build of torch registers CUDA only when libtorch_cuda/libc10_cuda load: the plugin
+    links them, past the linker's --as-needed, whenever they exist (and the build key changes)."""
+    from mlip.lammps import build
+
+    (tmp_path / "lib").mkdir()
+    monkeypatch.setattr(build, "_package_dir", lambda name: tmp_path)
+    cpu_only = build.torch_libraries()
+    assert cpu_only == ["-ltorch", "-ltorch_cpu", "-lc10"]
+    for name in ("libtorch_cuda.so", "libc10_cuda.so"):
+        (tmp_path / "lib" / name).write_bytes(b"")
+    assert build.torch_libraries() == cpu_only + ["-Wl,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-Wl,--as-needed"]
