@@ -45,11 +45,12 @@ if [ "${MLIP_GPU_VENV:-0}" != 1 ] && "$PYTHON" -c "import ase, vesin, matscipy, 
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
     echo "using $PYTHON as it is (PYTHONPATH=$REPO)"
 elif [ -d .whl ]; then
-    # A venv of its own over the image's packages (torch, e3nn, ...): a .pth file adds the image's
-    # site-packages after the venv's own, so the carried wheels (mpi4py for the mpich wheel) win.
+    # A venv of its own over the image's packages (torch, e3nn, pip, ...): a .pth file adds the
+    # image's site-packages after the venv's own, so the carried wheels (mpi4py for the mpich
+    # wheel) win. --without-pip: the image's pip serves (a system Python may lack ensurepip).
     VENV=${TMPDIR:-/tmp}/mlip-gpu-venv
     IMAGE_SITE=$("$PYTHON" -c "import site; print(site.getsitepackages()[0])")
-    "$PYTHON" -m venv "$VENV" || { echo "venv failed"; exit 1; }
+    "$PYTHON" -m venv --without-pip "$VENV" || { echo "venv failed"; exit 1; }
     VENV_SITE=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
     echo "$IMAGE_SITE" >"$VENV_SITE/image-packages.pth"
     PY=$VENV/bin/python
