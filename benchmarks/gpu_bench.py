@@ -108,7 +108,8 @@ def md(args):
     run_cases(args, "ASE MD", [
         (f"{family} {dtype} {n} atoms", device, one(family, dtype, n, device))
         for n in args.sizes for family in ("allegro", "nequip") for dtype in ("float32", "float64")
-        for device in args.devices if device != "cpu" or n in (args.cpu_sizes or args.sizes)
+        for device in args.devices
+        if device != "cpu" or (n in (args.cpu_sizes or args.sizes) and dtype in args.cpu_dtypes)
     ])
 
 
@@ -280,6 +281,7 @@ def main():
         s.add_argument("--devices", nargs="+", default=["cuda"])
         s.add_argument("--sizes", nargs="+", type=int, default=[4000, 32000], help="Cu FCC atoms")
         s.add_argument("--cpu-sizes", nargs="+", type=int, help="md: the sizes also timed on the CPU (default all)")
+        s.add_argument("--cpu-dtypes", nargs="+", default=["float32", "float64"], help="md: the dtypes timed on the CPU")
         s.add_argument("--steps", type=int, default=5, help="timed MD steps for the largest size (2x below 5000 atoms)")
         s.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
         s.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mlip-gpu-bench"))
