@@ -51,7 +51,7 @@ def calculator_run(atoms, model, device, domains=False, md_steps=0):
     from mlip import MLIPCalculator
 
     atoms = atoms.copy()
-    options = {"domain_threshold": 0, "domain_atoms": 16} if domains else {}
+    options = {"domain_threshold": 1, "domain_atoms": 16} if domains else {}
     atoms.calc = MLIPCalculator(model, device=device, **options)
     if md_steps:
         atoms.set_velocities(np.random.default_rng(0).normal(scale=0.02, size=(len(atoms), 3)))
