@@ -31,6 +31,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 
@@ -200,10 +201,11 @@ PairMLIP::PairMLIP(LAMMPS *lmp) : Pair(lmp)
   restartinfo = 0;
   one_coeff = 1;
   manybody_flag = 1;
-  // The virial comes from the model (sum over edges, not f.r over atoms), and there is no
-  // per-atom virial or centroid stress.
+  // The virial comes from the model (sum over edges, not f.r over atoms). Per-atom virials
+  // (compute stress/atom, centroid/stress/atom) come from the per-edge gradients: see
+  // forward_with_node_virials().
   no_virial_fdotr_compute = 1;
-  centroidstressflag = CENTROID_NOTAVAIL;
+  centroidstressflag = CENTROID_AVAIL;
 
   // Several torch threads per MPI rank were measured slower than one (NOTES.md section 2):
   // one per rank by default, MLIP_TORCH_THREADS to change it.
@@ -392,6 +394,8 @@ void PairMLIP::load_model(const std::string &path)
                path, first_line(e.what()));
   }
   model.eval();
+  has_edge_gradients = model.hasattr("potential") && model.attr("potential").isModule() &&
+      model.attr("potential").toModule().find_method("energies_and_forces").has_value();
   // Inference only: with frozen weights autograd saves just what forces and the virial need.
   for (auto parameter : model.parameters()) parameter.requires_grad_(false);
 
@@ -556,10 +560,19 @@ void PairMLIP::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
 
-  if (vflag_atom || cvflag_atom)
+  // Per-atom virials need dE/dr_ij of every edge (every rank checks the same flags: error->all).
+  const bool want_node_virials = vflag_atom || cvflag_atom;
+  if (want_node_virials && direct_forces)
     error->all(FLERR,
-               "pair_style mlip does not compute per-atom virials (compute stress/atom, "
-               "centroid/stress/atom): the model gives only the global virial");
+               "pair_style mlip: model {} predicts forces directly (force_head 'direct'): it has no "
+               "virial, so compute stress/atom, centroid/stress/atom and heat/flux are not available",
+               model_path);
+  if (want_node_virials && !has_edge_gradients)
+    error->all(FLERR,
+               "pair_style mlip: model {} has no compiled potential.energies_and_forces (per-edge "
+               "gradients), which compute stress/atom, centroid/stress/atom and heat/flux need; "
+               "re-deploy it with `mlip deploy`",
+               model_path);
   double **x = atom->x;
   double **f = atom->f;
   const int *type = atom->type;
@@ -660,9 +673,10 @@ void PairMLIP::compute(int eflag, int vflag)
                                            torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
                                            (int64_t) nlocal};
     c10::IValue result;
+    torch::Tensor node_virials;    // (nnodes, 9) when per-atom virials are asked for
     try {
       torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-      result = model.forward(inputs);
+      result = want_node_virials ? forward_with_node_virials(inputs, node_virials) : model.forward(inputs);
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
                  nnodes, nedges, first_line(e.what()));
@@ -687,7 +701,7 @@ void PairMLIP::compute(int eflag, int vflag)
       error->one(FLERR, "pair_style mlip: model returned forces of shape {} for {} atoms",
                  std::string(c10::str(forces.sizes())), nnodes);
     std::vector<torch::Tensor> parts{atomic_energies.reshape(-1), forces.reshape(-1)};
-    const bool want_virial = vflag_global && !direct_forces;
+    const bool want_virial = (vflag_global || want_node_virials) && !direct_forces;
     if (want_virial) {
       // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
       const torch::Tensor w = get("virial");
@@ -710,6 +724,9 @@ void PairMLIP::compute(int eflag, int vflag)
         parts.push_back(member_energy.reshape(-1));
       }
     }
+    const int64_t node_virials_at = std::accumulate(parts.begin(), parts.end(), (int64_t) 0,
+                                                    [](int64_t n, const torch::Tensor &t) { return n + t.numel(); });
+    if (want_node_virials) parts.push_back(node_virials.reshape(-1));
     for (auto &part : parts) part = part.to(torch::kFloat64);
     const torch::Tensor host = torch::cat(parts).to(torch::kCPU);
     const double *energy = host.data_ptr<double>();            // nlocal
@@ -736,7 +753,29 @@ void PairMLIP::compute(int eflag, int vflag)
         for (int m = 0; m < M; m++) member_energy_local[m] += me[M * i + m];
     }
 
-    if (want_virial) {
+    if (want_node_virials) {
+      // Node n's share W_n[a][b] (9 per node, row-major) goes to its LAMMPS atom, ghosts too:
+      // compute stress/atom and centroid/stress/atom sum ghosts back to their owners (newton on).
+      const double *w = energy + node_virials_at;
+      for (int n = 0; n < nnodes; n++) {
+        const double *v = w + 9 * n;
+        const int i = atom_of[n];
+        if (vflag_atom) {    // symmetric: xx, yy, zz, xy, xz, yz
+          vatom[i][0] += v[0];
+          vatom[i][1] += v[4];
+          vatom[i][2] += v[8];
+          vatom[i][3] += 0.5 * (v[1] + v[3]);
+          vatom[i][4] += 0.5 * (v[2] + v[6]);
+          vatom[i][5] += 0.5 * (v[5] + v[7]);
+        }
+        if (cvflag_atom) {    // the full tensor: xx, yy, zz, xy, xz, yz, yx, zx, zy
+          const int order[9] = {0, 4, 8, 1, 2, 5, 3, 6, 7};
+          for (int k = 0; k < 9; k++) cvatom[i][k] += v[order[k]];
+        }
+      }
+    }
+
+    if (want_virial && vflag_global) {
       const double *v = energy + after_forces;
       // LAMMPS order xx, yy, zz, xy, xz, yz; symmetrize against round-off.
       virial[0] += v[0];
@@ -758,6 +797,38 @@ void PairMLIP::compute(int eflag, int vflag)
     if (vflag_global)
       for (int k = 0; k < 6; k++) virial[k] = std::numeric_limits<double>::quiet_NaN();
   }
+}
+
+// The forward's outputs (atomic_energies, energy, forces, virial, a committee's member outputs)
+// from the file's compiled potential.energies_and_forces (mlip.models.potential.Potential; the
+// code path of the forward), which also gives g_ij = dE/dr_ij per edge. Per-atom virials: each
+// edge's W_ij = -r_ij (x) g_ij is split in halves between its center and its neighbor
+// (node_virials: (nnodes, 9), row-major 3x3); their sum is the global virial. For a many-body
+// model this split is one convention among several (per-atom virials are not unique); it is
+// the one whose sum, and whose heat flux on 1 and N ranks, is exact.
+c10::IValue PairMLIP::forward_with_node_virials(std::vector<torch::jit::IValue> inputs, torch::Tensor &node_virials)
+{
+  const torch::Tensor edge_index = inputs[2].toTensor();
+  const int64_t nnodes = inputs[0].toTensor().size(0);
+  inputs.push_back(false);    // create_graph
+  inputs.push_back(false);    // paired: LAMMPS' full list is not ordered in pairs
+  torch::jit::Module potential = model.attr("potential").toModule();
+  const auto out = potential.get_method("energies_and_forces")(inputs).toTuple()->elements();
+  const torch::Tensor vectors = out[2].toTensor().detach();
+  const torch::Tensor gradients = out[3].toTensor().detach();
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+  const torch::Tensor atomic_energies = out[0].toTensor().detach();
+  dict.insert("atomic_energies", atomic_energies);
+  dict.insert("energy", atomic_energies.sum());
+  dict.insert("forces", out[1].toTensor().detach());
+  dict.insert("virial", -vectors.t().matmul(gradients));
+  if (out.size() > 4)    // a committee's member outputs (files written before 2026-12 lack them)
+    for (const auto &item : out[4].toGenericDict()) dict.insert(item.key(), item.value());
+  const torch::Tensor halves = (-0.5 * vectors.unsqueeze(2) * gradients.unsqueeze(1)).reshape({-1, 9});
+  node_virials = torch::zeros({nnodes, 9}, halves.options())
+                     .index_add(0, edge_index[0], halves)
+                     .index_add(0, edge_index[1], halves);
+  return dict;
 }
 
 // A direct-force model does not conserve momentum exactly: remove the mean force over the

@@ -57,6 +57,7 @@ class PairMLIP : public Pair {
   void remove_net_force(double **rows, int width, const double *local_sum);
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
+  c10::IValue forward_with_node_virials(std::vector<torch::jit::IValue> inputs, torch::Tensor &node_virials);
 
   torch::jit::Module model;
   std::string model_path;
@@ -71,6 +72,8 @@ class PairMLIP : public Pair {
   double min_distance = 0.3;              // Å: closer atoms are an error (pair_style keyword)
   int message_passing_layers = 1;         // 1: strictly local (Allegro); >1: needs ghost edges
   bool direct_forces = false;             // force_head == "direct": no virial, net force removed here
+  bool has_edge_gradients = false;        // the file's compiled potential.energies_and_forces exists:
+                                          // per-edge dE/dr_ij, hence per-atom virials
   torch::ScalarType dtype = torch::kFloat64;
 
   std::vector<int64_t> type_map;    // LAMMPS type (1-based) -> model type index

@@ -1,0 +1,122 @@
+"""pair_style mlip inside real LAMMPS campaigns: per-atom virials (compute stress/atom,
+centroid/stress/atom, heat/flux), on 1 and 2 MPI ranks, against the model's own edge derivatives.
+
+Per-atom virial convention (pair_mlip.cpp): each edge's W_ij = -r_ij (x) dE/dr_ij is split in
+halves between its center and its neighbor; their sum is the global virial.
+"""
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mlip.data.neighbors import neighbor_list
+from test_lammps import (NO_OVERLAP_CHECK, assert_close, deploy_tiny, plugin, rattled_crystal,  # noqa: F401
+                         run_lmp, thermo_table, write_data)
+
+pytestmark = pytest.mark.lammps
+
+
+def edge_virials_reference(atoms, model_path: str) -> np.ndarray:
+    """(N, 3, 3) per-atom virials from the deployed model's per-edge gradients (periodic graph)."""
+    from mlip.deploy import load_model
+
+    model, metadata = load_model(model_path)
+    edge_index, cell_shifts = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, metadata["r_max"])
+    types = torch.tensor([metadata["type_names"].index(s) for s in atoms.get_chemical_symbols()])
+    scripted = getattr(model, "scripted", model)  # load_model wraps the TorchScript module
+    _, _, vectors, gradients = scripted.potential.energies_and_forces(
+        torch.tensor(atoms.positions), types, torch.tensor(edge_index),
+        torch.tensor(cell_shifts @ atoms.cell.array), len(atoms), False, False)[:4]
+    edge_w = -(vectors.detach().unsqueeze(2) * gradients.detach().unsqueeze(1)).numpy()  # (E, 3, 3)
+    per_atom = np.zeros((len(atoms), 3, 3))
+    np.add.at(per_atom, edge_index[0], 0.5 * edge_w)
+    np.add.at(per_atom, edge_index[1], 0.5 * edge_w)
+    return per_atom
+
+
+def stress_script(data: str, model: str, velocities: bool = False) -> str:
+    """run 0; dumps stress/atom (6) and centroid/stress/atom (9) of every atom, prints the
+    summed stress/atom and the virial pressure (bar) of the box."""
+    return textwrap.dedent(f"""\
+        units metal
+        atom_style atomic
+        atom_modify map array
+        boundary p p p
+        read_data {data}
+        {NO_OVERLAP_CHECK}
+        pair_coeff * * {model} Si O
+        {"velocity all create 300 4 loop geom" if velocities else ""}
+        compute s all stress/atom NULL virial
+        compute cs all centroid/stress/atom NULL virial
+        compute sum all reduce sum c_s[*]
+        compute csum all reduce sum c_cs[*]
+        compute p all pressure NULL virial
+        thermo_style custom step vol c_sum[*] c_csum[*] c_p[*]
+        thermo_modify format float %22.16g
+        dump d all custom 1 peratom.dump id c_s[*] c_cs[*]
+        dump_modify d format float %22.16g sort id
+        run 0
+        """)
+
+
+def read_peratom(path) -> np.ndarray:
+    lines = path.read_text().splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("ITEM: ATOMS")) + 1
+    return np.array([[float(v) for v in line.split()] for line in lines[start:]])
+
+
+@pytest.mark.parametrize("family", ["allegro", "nequip"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_per_atom_virials(plugin, tmp_path, family, ranks):
+    """stress/atom and centroid/stress/atom of each atom == -1/2 sum over its edges of
+    r_ij (x) dE/dr_ij (x nktv2p), and their sums over atoms == the global virial, in a periodic
+    triclinic cell."""
+    nktv2p = 1602176.5
+    model = deploy_tiny(tmp_path / "model.pt", family)
+    atoms = rattled_crystal(seed=3)
+    data = write_data(atoms, tmp_path / "structure.data")
+    row = thermo_table(run_lmp(stress_script(data, model), tmp_path, ranks))[0]
+    volume, summed, centroid_summed, pressure = row[1], row[2:8], row[8:17], row[17:23]
+    # compute stress/atom is -W_i nktv2p (pressure x volume); the box's virial pressure is W/V nktv2p.
+    assert_close(-summed / volume, pressure, 1e-10, "sum of stress/atom vs virial pressure")
+    assert_close(-centroid_summed[:6] / volume, pressure, 1e-10, "sum of centroid/stress/atom vs virial pressure")
+
+    expected = edge_virials_reference(atoms, model) * nktv2p  # (N, 3, 3), W[a][b] = -sum r_a g_b
+    table = read_peratom(tmp_path / "peratom.dump")
+    stress, centroid = -table[:, 1:7], -table[:, 7:16]
+    xx, yy, zz = expected[:, 0, 0], expected[:, 1, 1], expected[:, 2, 2]
+    sym = 0.5 * (expected + expected.transpose(0, 2, 1))
+    assert_close(stress, np.stack([xx, yy, zz, sym[:, 0, 1], sym[:, 0, 2], sym[:, 1, 2]], 1), 1e-9, "stress/atom")
+    full = [expected[:, a, b] for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1))]
+    assert_close(centroid, np.stack(full, 1), 1e-9, "centroid/stress/atom")
+
+
+def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path):
+    """compute heat/flux with centroid/stress/atom over a short NVE run: 2 ranks == 1 rank."""
+    model = deploy_tiny(tmp_path / "model.pt", "nequip")
+    data = write_data(rattled_crystal(seed=4), tmp_path / "structure.data")
+    script = textwrap.dedent(f"""\
+        units metal
+        atom_style atomic
+        atom_modify map array
+        boundary p p p
+        read_data {data}
+        {NO_OVERLAP_CHECK}
+        pair_coeff * * {model} Si O
+        velocity all create 600 7 loop geom
+        compute ke all ke/atom
+        compute pe all pe/atom
+        compute stress all centroid/stress/atom NULL virial
+        compute flux all heat/flux ke pe stress
+        fix nve all nve
+        timestep 0.001
+        thermo_style custom step pe etotal c_flux[*]
+        thermo_modify format float %22.16g
+        thermo 5
+        run 20
+        """)
+    tables = [thermo_table(run_lmp(script, tmp_path, ranks)) for ranks in (1, 2)]
+    assert np.abs(tables[0][:, 3:]).max() > 0.0
+    assert_close(tables[1], tables[0], 1e-9, "thermo with heat flux")
