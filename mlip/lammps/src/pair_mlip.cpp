@@ -47,6 +47,8 @@ const int FORMAT_VERSION = 1;
 // default of mlip's ASE calculator (mlip.data.atoms.DEFAULT_MIN_DISTANCE); `pair_style mlip
 // min_distance D` changes it, 0 turns the check off.
 const double DEFAULT_MIN_DISTANCE = 0.3;
+// 1 eV in kcal/mol (`units real`): e N_A / 4184 J, exact in the 2019 SI (CODATA 2018).
+const double EV_IN_KCAL_PER_MOL = 1.602176634e-19 * 6.02214076e23 / 4184.0;
 
 // torch error messages carry a long C++ backtrace: the first line is what users need.
 std::string first_line(const std::string &text)
@@ -288,18 +290,38 @@ void PairMLIP::coeff(int narg, char **arg)
                "type(s); the model knows {}",
                model_path, elements.size(), join(elements), ntypes, join(type_names));
 
+  // NULL leaves a type to the other pair styles of hybrid/overlay: its atoms are neither centers
+  // nor neighbours of the model's edges (the model sees only its own species).
+  const bool sub_style = force->pair != this;    // under hybrid, force->pair is the hybrid style
   for (int itype = 1; itype <= ntypes; itype++) {
     const std::string &element = elements[itype - 1];
+    if (element == "NULL") {
+      if (!sub_style)
+        error->all(FLERR,
+                   "pair_coeff: atom type {} is NULL, but NULL only leaves a type to another pair "
+                   "style: use `pair_style hybrid/overlay mlip ... <other style>` (then `pair_coeff * * "
+                   "mlip {} ...`), or name an element of the model ({})",
+                   itype, model_path, join(type_names));
+      if (direct_forces)
+        error->all(FLERR,
+                   "pair_coeff: NULL atom types need a gradient-head model: {} predicts forces "
+                   "directly, and its net force cannot be removed from the model's atoms alone",
+                   model_path);
+      type_map[itype] = -1;
+      continue;
+    }
     int index = -1;
     for (int t = 0; t < (int) type_names.size(); t++)
       if (type_names[t] == element) index = t;
     if (index < 0)
-      error->all(FLERR, "pair_coeff: element '{}' (atom type {}) is not known to model {}; it knows: {}",
+      error->all(FLERR,
+                 "pair_coeff: element '{}' (atom type {}) is not known to model {}; it knows: {} "
+                 "(NULL leaves a type to another style of pair_style hybrid/overlay)",
                  element, itype, model_path, join(type_names));
     type_map[itype] = index;
   }
   for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = type_map[i] >= 0 && type_map[j] >= 0;
 }
 
 // The device of this rank: `pair_style mlip device ...`, or MLIP_DEVICE if set. `cuda` (and `auto`
@@ -489,8 +511,16 @@ void PairMLIP::load_model(const std::string &path)
 
 void PairMLIP::init_style()
 {
-  if (strcmp(update->unit_style, "metal") != 0)
-    error->all(FLERR, "pair_style mlip requires `units metal` (eV, Å), the model's units; got `units {}`",
+  // The model speaks eV and Å. Both supported unit styles measure lengths in Å, so positions,
+  // r_max and min_distance pass unchanged; energies, forces and virials are scaled on the way out.
+  if (strcmp(update->unit_style, "metal") == 0)
+    energy_unit = 1.0;
+  else if (strcmp(update->unit_style, "real") == 0)
+    energy_unit = EV_IN_KCAL_PER_MOL;
+  else
+    error->all(FLERR,
+               "pair_style mlip supports `units metal` (eV, Å: the model's units) and `units real` "
+               "(kcal/mol, Å: converted); got `units {}`",
                update->unit_style);
   if (force->newton_pair == 0)
     error->all(FLERR,
@@ -590,9 +620,14 @@ void PairMLIP::compute(int eflag, int vflag)
       for (int c = 0; c < 3 * M; c++) member_forces[i][c] = 0.0;
   }
 
+  // Owned atoms of the model's types (the others are NULL in pair_coeff: other styles' business).
+  int nowned = 0;
+  for (int i = 0; i < nlocal; i++)
+    if (type_map[type[i]] >= 0) nowned++;
+
   // A rank without owned atoms has no energy to compute. It must still join the collective
   // net-force removal of direct models below.
-  if (nlocal > 0) {
+  if (nowned > 0) {
     // The graph: only what the owned atoms' energies depend on. Owned atoms are centers (hop 0);
     // a model with L message-passing layers also needs edges from every atom up to L - 1 hops
     // (edges shorter than r_max) away, and those atoms' neighbors as nodes. LAMMPS' ghost
@@ -604,10 +639,11 @@ void PairMLIP::compute(int eflag, int vflag)
     std::vector<int> node_of(nall, -1);    // LAMMPS atom index -> node index, -1: not in the graph
     std::vector<int> atom_of;              // node index -> LAMMPS atom index; owned atoms first
     atom_of.reserve(nall);
-    for (int i = 0; i < nlocal; i++) {
-      node_of[i] = i;
-      atom_of.push_back(i);
-    }
+    for (int i = 0; i < nlocal; i++)
+      if (type_map[type[i]] >= 0) {
+        node_of[i] = (int) atom_of.size();
+        atom_of.push_back(i);
+      }
     std::vector<int64_t> centers, neighbors;
     centers.reserve((int64_t) nlocal * 48 * message_passing_layers);
     neighbors.reserve((int64_t) nlocal * 48 * message_passing_layers);
@@ -616,13 +652,16 @@ void PairMLIP::compute(int eflag, int vflag)
     const double r_max_sq = r_max * r_max;
     const double min_distance_sq = min_distance * min_distance;
 
-    std::vector<int> frontier(list->ilist, list->ilist + list->inum), next;
+    std::vector<int> frontier, next;
+    for (int ii = 0; ii < list->inum; ii++)
+      if (type_map[type[list->ilist[ii]]] >= 0) frontier.push_back(list->ilist[ii]);
     for (int hop = 0; hop < message_passing_layers; hop++) {
       next.clear();
       for (const int i : frontier) {
         const int *jlist = firstneigh[i];
         for (int jj = 0; jj < numneigh[i]; jj++) {
           const int j = jlist[jj] & NEIGHMASK;
+          if (type_map[type[j]] < 0) continue;
           const double dx = x[j][0] - x[i][0];
           const double dy = x[j][1] - x[i][1];
           const double dz = x[j][2] - x[i][2];
@@ -671,7 +710,7 @@ void PairMLIP::compute(int eflag, int vflag)
     std::vector<torch::jit::IValue> inputs{positions.to(device, dtype), atom_types.to(device),
                                            edge_index.to(device),
                                            torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
-                                           (int64_t) nlocal};
+                                           (int64_t) nowned};
     c10::IValue result;
     torch::Tensor node_virials;    // (nnodes, 9) when per-atom virials are asked for
     try {
@@ -692,9 +731,9 @@ void PairMLIP::compute(int eflag, int vflag)
     // Shapes first (no data needed), then everything the host uses leaves the device in one
     // float64 copy: [atomic energies | forces | virial | member forces | member energies].
     const torch::Tensor atomic_energies = get("atomic_energies");
-    if (atomic_energies.numel() != nlocal)
+    if (atomic_energies.numel() != nowned)
       error->one(FLERR, "pair_style mlip: model returned {} atomic energies for {} owned atoms",
-                 atomic_energies.numel(), nlocal);
+                 atomic_energies.numel(), nowned);
     // Forces on ghosts too: LAMMPS' reverse communication (newton on) adds them to their owners.
     const torch::Tensor forces = get("forces");
     if (forces.dim() != 2 || forces.size(0) != nnodes || forces.size(1) != 3)
@@ -714,12 +753,12 @@ void PairMLIP::compute(int eflag, int vflag)
       have_members = output.contains("member_forces") && output.contains("member_atomic_energies");
       if (have_members) {
         const torch::Tensor member_force = get("member_forces");    // (nnodes, 3, M)
-        const torch::Tensor member_energy = get("member_atomic_energies");    // (nlocal, M)
-        if (member_force.numel() != (int64_t) nnodes * 3 * M || member_energy.numel() != (int64_t) nlocal * M)
+        const torch::Tensor member_energy = get("member_atomic_energies");    // (nowned, M)
+        if (member_force.numel() != (int64_t) nnodes * 3 * M || member_energy.numel() != (int64_t) nowned * M)
           error->one(FLERR, "pair_style mlip: model {} returned member outputs of shapes {} and {} for "
                      "{} members, {} atoms, {} owned", model_path,
                      std::string(c10::str(member_force.sizes())), std::string(c10::str(member_energy.sizes())),
-                     M, nnodes, nlocal);
+                     M, nnodes, nowned);
         parts.push_back(member_force.reshape(-1));
         parts.push_back(member_energy.reshape(-1));
       }
@@ -728,29 +767,31 @@ void PairMLIP::compute(int eflag, int vflag)
                                                     [](int64_t n, const torch::Tensor &t) { return n + t.numel(); });
     if (want_node_virials) parts.push_back(node_virials.reshape(-1));
     for (auto &part : parts) part = part.to(torch::kFloat64);
-    const torch::Tensor host = torch::cat(parts).to(torch::kCPU);
-    const double *energy = host.data_ptr<double>();            // nlocal
-    const double *force = energy + nlocal;                     // 3 per node
-    const int64_t after_forces = nlocal + 3 * (int64_t) nnodes;
+    torch::Tensor host = torch::cat(parts).to(torch::kCPU);
+    // Every part is an energy, a force or a virial: eV -> the LAMMPS unit style's energy.
+    if (energy_unit != 1.0) host.mul_(energy_unit);
+    const double *energy = host.data_ptr<double>();            // nowned: the first nodes
+    const double *force = energy + nowned;                     // 3 per node
+    const int64_t after_forces = nowned + 3 * (int64_t) nnodes;
     const int64_t members_at = after_forces + (want_virial ? 9 : 0);
 
     if (eflag_global)
-      for (int i = 0; i < nlocal; i++) eng_vdwl += energy[i];
+      for (int n = 0; n < nowned; n++) eng_vdwl += energy[n];
     if (eflag_atom)
-      for (int i = 0; i < nlocal; i++) eatom[i] += energy[i];
+      for (int n = 0; n < nowned; n++) eatom[atom_of[n]] += energy[n];
 
     for (int n = 0; n < nnodes; n++)
       for (int k = 0; k < 3; k++) f[atom_of[n]][k] += force[3 * n + k];
-    for (int i = 0; i < nlocal; i++)
-      for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
+    for (int n = 0; n < nowned; n++)
+      for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * n + k];
 
     if (M > 0 && have_members) {
       const double *mf = energy + members_at;                  // 3 M per node
       const double *me = mf + 3 * (int64_t) M * nnodes;        // M per owned atom
       for (int n = 0; n < nnodes; n++)
         for (int c = 0; c < 3 * M; c++) member_forces[atom_of[n]][c] += mf[3 * M * n + c];
-      for (int i = 0; i < nlocal; i++)
-        for (int m = 0; m < M; m++) member_energy_local[m] += me[M * i + m];
+      for (int n = 0; n < nowned; n++)
+        for (int m = 0; m < M; m++) member_energy_local[m] += me[M * n + m];
     }
 
     if (want_node_virials) {

@@ -75,8 +75,11 @@ class PairMLIP : public Pair {
   bool has_edge_gradients = false;        // the file's compiled potential.energies_and_forces exists:
                                           // per-edge dE/dr_ij, hence per-atom virials
   torch::ScalarType dtype = torch::kFloat64;
+  double energy_unit = 1.0;               // 1 eV in the LAMMPS unit style's energy (metal 1, real
+                                          // 23.06 kcal/mol); lengths are Å in both
 
-  std::vector<int64_t> type_map;    // LAMMPS type (1-based) -> model type index
+  std::vector<int64_t> type_map;    // LAMMPS type (1-based) -> model type index, -1: NULL (the
+                                    // type belongs to other styles of pair_style hybrid/overlay)
 
   // Committee files: the spread of the members (same definitions as mlip's ASE calculator).
   int num_members = 0;                    // M models in a committee file, 0 for a single model
