@@ -232,3 +232,36 @@ def test_units_real_is_metal_converted(plugin, tmp_path):
         assert_close(real[key], metal[key] * EV_IN_KCAL_PER_MOL, 1e-12, key)
     text = failure(tmp_path, data, pair, units="si")
     assert "units si" in text and "metal" in text and "real" in text, text[-1500:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Restarts
+
+RUN_TAIL = """fix md all nvt temp 600 600 0.1
+timestep 0.001
+thermo_style custom step temp pe etotal press
+thermo_modify format float %22.16g
+thermo 5
+"""
+
+
+def test_restart_continues_the_run_exactly(plugin, tmp_path):
+    """write_restart, then read_restart + pair_style/pair_coeff again (mlip writes no pair info
+    into restart files): the continued run is the uninterrupted one (1 rank, float64)."""
+    from test_lammps import read_dump, write_toy_model
+
+    model = write_toy_model(tmp_path / "toy.pt", layers=2)
+    data = write_data(rattled_crystal(seed=8), tmp_path / "structure.data")
+    head = f"units metal\natom_style atomic\natom_modify map array\nboundary p p p\nread_data {data}\n"
+    pair = f"{NO_OVERLAP_CHECK}\npair_coeff * * {model} Si O\n"
+    dump = "write_dump all custom {} id xu yu zu vx vy vz fx fy fz modify format float %22.16g\n"
+    whole = head + pair + "velocity all create 600 3 loop geom\n" + RUN_TAIL + "run 40\n" + dump.format("whole.dump")
+    first = (head + pair + "velocity all create 600 3 loop geom\n" + RUN_TAIL + "run 20\n"
+             "write_restart half.restart\n")
+    second = "read_restart half.restart\n" + pair + RUN_TAIL + "run 20\n" + dump.format("continued.dump")
+    uninterrupted = thermo_table(run_lmp(whole, tmp_path, 1))
+    run_lmp(first, tmp_path, 1, name="in.first")
+    continued = thermo_table(run_lmp(second, tmp_path, 1, name="in.second"))
+    assert_close(continued, uninterrupted[-continued.shape[0]:], 1e-10, "thermo after the restart")
+    assert_close(read_dump(tmp_path / "continued.dump"), read_dump(tmp_path / "whole.dump"), 1e-10,
+                 "positions, velocities, forces after 40 steps")
