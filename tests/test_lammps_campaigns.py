@@ -265,3 +265,25 @@ def test_restart_continues_the_run_exactly(plugin, tmp_path):
     assert_close(continued, uninterrupted[-continued.shape[0]:], 1e-10, "thermo after the restart")
     assert_close(read_dump(tmp_path / "continued.dump"), read_dump(tmp_path / "whole.dump"), 1e-10,
                  "positions, velocities, forces after 40 steps")
+
+
+def test_green_kubo_example_runs(plugin, tmp_path):
+    """md_examples/lammps/in.green_kubo, a few steps with a tiny deployed model: it prints a finite
+    conductivity and writes the flux correlation (the pipeline, not physics)."""
+    import pathlib
+    import subprocess
+
+    from test_lammps import LMP
+
+    example = pathlib.Path(__file__).resolve().parents[1] / "md_examples" / "lammps" / "in.green_kubo"
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    short = {"model": model, "n": "2", "equil": "10", "s": "2", "p": "5", "steps": "20"}
+    command = [LMP, "-nocite", "-log", "none", "-in", str(example)]
+    for name, value in short.items():
+        command += ["-var", name, value]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    line = next(line for line in output.splitlines() if line.startswith("Green-Kubo thermal conductivity:"))
+    assert np.isfinite(float(line.split()[3])), line
+    assert (tmp_path / "J0Jt.dat").stat().st_size > 0

@@ -1,7 +1,7 @@
 /* pair_style mlip: evaluates a deployed mlip TorchScript model (Allegro or NequIP) in LAMMPS.
 
    Input script:
-     units metal
+     units metal                             (or real: energies, forces, virials converted from eV)
      newton on                               (the default)
      pair_style mlip [min_distance D] [device cpu|cuda|auto]
                                              min_distance: atoms closer than D Å are an error
@@ -9,7 +9,11 @@
                                              device: default auto (cuda where the plugin's torch
                                              sees a GPU, else cpu); env MLIP_DEVICE overrides,
                                              also cuda:N
-     pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type)
+     pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type; NULL under
+                                             pair_style hybrid/overlay leaves a type to other styles)
+
+   compute stress/atom and centroid/stress/atom (hence heat/flux) work: per-atom virials are half
+   of each edge's -r_ij (x) dE/dr_ij to each of its atoms (PairMLIP::forward_with_node_virials).
 
    A committee file (`mlip deploy A B C -o model.pt`) also gives its members' spread:
      compute unc all pair mlip               c_unc[1] energy spread (eV), c_unc[2] largest and
