@@ -48,7 +48,7 @@ def collate(
         keys.EDGE_SHIFTS: to(edge_shifts, dtype),
     }
     if paired:
-        batch[keys.EDGES_PAIRED] = torch.tensor(True, device=device)
+        batch[keys.EDGES_PAIRED] = torch.tensor(True)  # a flag read on the host: no device synchronisation
     if all(keys.ENERGY in g for g in graphs):
         batch[keys.ENERGY] = to(np.array([g[keys.ENERGY] for g in graphs]), torch.float64)
     if all(keys.FORCES in g for g in graphs):

@@ -35,3 +35,5 @@ STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only
 # --- bookkeeping -------------------------------------------------------------------------------
 HAS_STRESS = "has_stress"  # (B,) bool | the label set carries a stress for this structure
 STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset
+STAND_IN = "stand_in"  # () bool, on the host | distributed training: this rank's stand-in for an empty share of
+#   a global batch (one structure of it, whose loss must count zero; see data.BatchLoader)

@@ -77,9 +77,18 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    # Structures per optimisation step: the global batch, shared among the processes of a distributed
+    # run (torchrun; mlip.train.distributed), so N processes take the same steps as one.
     batch_size: int = 5
+    # Also end a batch before it would exceed this many atoms (a larger structure forms a batch alone):
+    # for data that mix 10- and 1000-atom cells. None: batch_size alone.
+    batch_atoms: Optional[int] = None
+    prefetch: bool = True  # collate the next batch in a background thread while a step runs
     dtype: str = "float32"  # float32 | float64 (energies are always summed in float64)
+    # cpu | cuda | cuda:K; under torchrun `cuda` is the GPU of each process's local rank.
+    # float32 matmuls stay full float32 (torch's default, TF32 off): see README, "Training on GPUs".
     device: str = "cpu"
+    distributed_backend: Optional[str] = None  # under torchrun: gloo | nccl; None: nccl on CUDA, gloo on the CPU
     threads: Optional[int] = 2  # torch intra-op threads; None: leave torch's setting
     seed: int = 0  # model initialisation, batch order of every epoch, train/validation split (data.split_seed)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint, run directory or deployed model file
@@ -97,6 +106,7 @@ CHOICES = {
     ("dtype",): ("float32", "float64"),
     ("model", "head"): ("gradient", "direct"),
     ("model", "family"): ("allegro", "nequip"),
+    ("distributed_backend",): (None, "gloo", "nccl"),
 }
 
 
@@ -119,6 +129,8 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
         raise ConfigError("data.train: give at least one training file")
     if config.batch_size < 1 or config.stop.max_epochs < 0:
         raise ConfigError("batch_size must be >= 1 and stop.max_epochs >= 0")
+    if config.batch_atoms is not None and config.batch_atoms < 1:
+        raise ConfigError(f"batch_atoms must be >= 1 (or null), got {config.batch_atoms}")
     if config.model.head == "direct" and config.loss.stress > 0:
         raise ConfigError("loss.stress > 0 needs model.head: gradient (a direct-force head predicts no stress)")
     return config

@@ -9,12 +9,20 @@ checkpoint holds weights, optimizer, schedule, EMA, RNG states and the position 
 the epoch). A run stopped anywhere and resumed from its last checkpoint takes the same steps as
 an uninterrupted run, so it ends with the same weights (up to floating-point non-associativity if
 the thread count changes).
+
+Under torchrun the same functions run data-parallel (mlip.train.distributed): ``batch_size`` is the
+global batch, each process trains on its share, and a run resumes exactly with any number of
+processes. Rank 0 alone writes files.
+
+On a GPU the step loop does not wait for the device: the loss is summed on the device and read
+(with the check that it is finite) every ``sync_every`` steps, at checkpoints and at epoch ends.
 """
 
 import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -30,7 +38,8 @@ from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkp
                          set_rng_state)
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .data import prepare_data, training_statistics
-from .loss import loss_terms
+from .distributed import Ranks, process_group
+from .loss import TERMS, squared_errors, weighted_loss
 from .metrics import ErrorMetrics
 from .optim import ExponentialMovingAverage, LearningRateSchedule, build_optimizer
 from .plots import plot_learning_curve
@@ -38,6 +47,7 @@ from .plots import plot_learning_curve
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOG_FILE, CONFIG_FILE, CURVE_FILE = "log.jsonl", "config.yaml", "learning_curve.png"
 PLOT_INTERVAL_S = 60.0  # redraw the learning curve at most this often during a run (and at the end)
+GPU_SYNC_EVERY = 20  # steps between reads of the loss on a GPU (on the CPU reading it costs nothing: every step)
 
 
 @dataclass
@@ -54,21 +64,25 @@ class TrainResult:
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
-    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint)."""
+    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint); data-parallel
+    when started by torchrun."""
     if os.path.exists(os.path.join(config.run_dir, LAST)):
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
-    os.makedirs(config.run_dir, exist_ok=True)
-    for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
-        stale = os.path.join(config.run_dir, "data", name)
-        if os.path.exists(stale):
-            os.remove(stale)
     if config.schedule.cosine_epochs is None:
         # Fixed now, so a resumed run with another stop rule keeps the same learning-rate curve.
         config.schedule.cosine_epochs = config.stop.max_epochs
-    with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-    return Trainer(config, on_step=on_step).fit()
+    with process_group(config.device, config.distributed_backend) as ranks:
+        if ranks.main:
+            os.makedirs(config.run_dir, exist_ok=True)
+            for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
+                stale = os.path.join(config.run_dir, "data", name)
+                if os.path.exists(stale):
+                    os.remove(stale)
+            with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
+                yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+        ranks.wait()  # the others must not open a stale conversion before it is gone
+        return Trainer(config, on_step=on_step, ranks=ranks).fit()
 
 
 def resume(
@@ -88,7 +102,8 @@ def resume(
         config.stop.max_minutes = float(max_minutes)
     if progress is not None:
         config.progress = progress
-    return Trainer(config, checkpoint=checkpoint, on_step=on_step).fit()
+    with process_group(config.device, config.distributed_backend) as ranks:
+        return Trainer(config, checkpoint=checkpoint, on_step=on_step, ranks=ranks).fit()
 
 
 def checkpoint_weights(checkpoint: Dict, use_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -141,12 +156,16 @@ class Trainer:
     """One run: data, model, optimizer, schedule, EMA and the position in the run."""
 
     def __init__(self, config: TrainConfig, checkpoint: Optional[Dict] = None,
-                 on_step: Optional[Callable[["Trainer"], None]] = None):
+                 on_step: Optional[Callable[["Trainer"], None]] = None, ranks: Optional[Ranks] = None):
         self.config = config
         self.run_dir = config.run_dir
         self.on_step = on_step
-        self.device = torch.device(config.device)
+        self.ranks = ranks or Ranks(torch.device(config.device))
+        self.device = self.ranks.device
         self.dtype = DTYPES[config.dtype]
+        if config.batch_size < self.ranks.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is smaller than the {self.ranks.world_size} processes: "
+                             "batch_size is the global batch, shared among them; raise it or start fewer processes")
 
         # Fine-tuning takes architecture, statistics and weights from the source checkpoint, so the
         # model starts as exactly the source model (its energy scale and reference energies included).
@@ -160,15 +179,21 @@ class Trainer:
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
-        self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
-                                 source["type_names"] if source else None, progress=config.progress)
+        # Rank 0 converts structure files once; the others then open its files.
+        for turn in (True, False):
+            if self.ranks.main == turn:
+                self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
+                                         source["type_names"] if source else None,
+                                         progress=config.progress and self.ranks.main)
+            self.ranks.wait()
         if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
             raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
                              "trained on (content hash mismatch)")
         if source is not None:
             self.statistics = DatasetStatistics.from_dict(source["statistics"])
-        else:
-            self.statistics = training_statistics(self.data, config.data.isolated_atom_energies)
+        else:  # computed once, by rank 0: every rank builds the same model
+            self.statistics = self.ranks.broadcast(
+                training_statistics(self.data, config.data.isolated_atom_energies) if self.ranks.main else None)
 
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG alone
             torch.manual_seed(config.seed)
@@ -176,10 +201,13 @@ class Trainer:
         if source is not None:
             _load_weights(self.model, checkpoint_weights(source, use_ema=checkpoint is None), resuming=checkpoint is not None)
 
+        shard = (self.ranks.rank, self.ranks.world_size)
         self.train_loader = BatchLoader(self.data.train, config.batch_size, self.data.train_indices, shuffle=True,
-                                        seed=config.seed, dtype=self.dtype, device=self.device)
+                                        seed=config.seed, dtype=self.dtype, device=self.device,
+                                        batch_atoms=config.batch_atoms, shard=shard, prefetch=config.prefetch)
         self.val_loader = BatchLoader(self.data.validation, config.batch_size, self.data.val_indices,
-                                      shuffle=False, dtype=self.dtype, device=self.device)
+                                      shuffle=False, dtype=self.dtype, device=self.device,
+                                      batch_atoms=config.batch_atoms, shard=shard, prefetch=config.prefetch)
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.schedule = LearningRateSchedule(self.optimizer, config.schedule, config.optimizer.lr)
         decay = config.optimizer.ema_decay
@@ -188,13 +216,25 @@ class Trainer:
         # Position in the run: `epoch` epochs done, plus `batch_in_epoch` batches of the next one.
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best, self.best_epoch, self.bad_epochs, self.elapsed_before = math.inf, 0, 0, 0.0
-        self.epoch_loss_sum, self.epoch_batches = 0.0, 0
+        # Sum of the losses of this epoch's steps, on the device; summed over the ranks, it is the
+        # global value (after each _sync_loss rank 0 holds all of it).
+        self.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.epoch_batches = 0
+        self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
         self.resumed = checkpoint is not None
         self.rng = None
         self._start: Optional[float] = None  # perf_counter at the start of fit()
         self._last_val: Dict[str, str] = {}  # validation numbers shown on the progress bar
         if checkpoint is not None:
             self._load_state(checkpoint)
+        self.ddp = None  # the model as DistributedDataParallel sees it: training steps run through it
+        if self.ranks.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Buffers are statistics, equal on every rank: no broadcast before each step. Gradients live
+            # in DDP's communication buckets (no copy into them, no second copy of the gradients).
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                               else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> Dict:
@@ -212,7 +252,7 @@ class Trainer:
             "position": {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                          "seed": self.config.seed},
             "progress": {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                         "elapsed_s": self.elapsed(), "epoch_loss_sum": self.epoch_loss_sum,
+                         "elapsed_s": self.elapsed(), "epoch_loss_sum": float(self.epoch_loss_sum),
                          "epoch_batches": self.epoch_batches},
         }
 
@@ -227,11 +267,16 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = position["epoch"], position["step"], position["batch_in_epoch"]
         self.best, self.best_epoch = float(progress["best"]), int(progress["best_epoch"])
         self.bad_epochs, self.elapsed_before = int(progress["bad_epochs"]), float(progress["elapsed_s"])
-        self.epoch_loss_sum, self.epoch_batches = float(progress["epoch_loss_sum"]), int(progress["epoch_batches"])
+        if self.ranks.main:  # the global sum; the other ranks add their shares of the steps to come
+            self.epoch_loss_sum.fill_(float(progress["epoch_loss_sum"]))
+        self.epoch_batches = int(progress["epoch_batches"])
         self.rng = checkpoint["rng"]
 
     def save(self, name: str = LAST) -> None:
-        save_checkpoint(self.state(), os.path.join(self.run_dir, name))
+        """Every rank calls this (the loss is summed over them); rank 0 writes."""
+        self._sync_loss()
+        if self.ranks.main:
+            save_checkpoint(self.state(), os.path.join(self.run_dir, name))
 
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
@@ -281,26 +326,27 @@ class Trainer:
 
         config = self.config
         every = config.checkpoint_every_steps
-        n_batches = len(self.train_loader)
+        n_batches = self.train_loader.num_batches(self.epoch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{config.stop.max_epochs}",
-                   unit="batch", leave=False, disable=not config.progress, dynamic_ncols=True)
+                   unit="batch", leave=False, disable=not (config.progress and self.ranks.main), dynamic_ncols=True)
         self._throughput = [0.0, 0, 0]  # seconds in steps, structures, atoms (this process, this epoch)
         try:
-            for b, batch in enumerate(self.train_loader.epoch(self.epoch)):
-                if b < self.batch_in_epoch:
-                    continue  # taken before the checkpoint this run resumed from
+            batches = self.train_loader.epoch(self.epoch, start=self.batch_in_epoch)
+            for b, batch in enumerate(batches, start=self.batch_in_epoch):
                 self.schedule.before_step(self.epoch + b / n_batches)
                 start = time.perf_counter()
                 loss = self._train_step(batch)
                 self._throughput[0] += time.perf_counter() - start
-                self._throughput[1] += int(batch[keys.NUM_ATOMS].shape[0])
-                self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
+                if keys.STAND_IN not in batch:
+                    self._throughput[1] += int(batch[keys.NUM_ATOMS].shape[0])
+                    self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
                 self.step += 1
                 self.batch_in_epoch = b + 1
                 self.epoch_loss_sum += loss
                 self.epoch_batches += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
+                if self.step % self.sync_every == 0:
+                    bar.set_postfix(loss=f"{self._sync_loss() / self.epoch_batches:.4g}", **self._last_val, refresh=False)
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.batch_in_epoch < n_batches:
@@ -313,26 +359,59 @@ class Trainer:
             bar.close()
         return True
 
-    def _train_step(self, batch: Dict[str, torch.Tensor]) -> float:
+    def _train_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on the global batch of which ``batch`` is this rank's share; returns
+        this rank's part of the global batch's loss (detached, on the device: not read here)."""
         self.model.train()  # forces with create_graph=True: the force loss reaches the weights
-        prediction = self.model(batch)
-        loss, _ = loss_terms(prediction, batch, self.config.loss)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
-                                     "lower optimizer.lr, enable optimizer.clip_grad_norm or check the labels")
+        prediction = (self.ddp or self.model)(batch)
+        terms = squared_errors(prediction, batch, self.config.loss)
+        if self.ranks.distributed:
+            loss = self._global_batch_loss(terms, stand_in=keys.STAND_IN in batch)
+            # DistributedDataParallel averages the ranks' gradients; the global batch's gradient is their sum.
+            backward = loss * self.ranks.world_size
+        else:
+            loss = backward = weighted_loss(terms, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with warnings.catch_warnings():
+            # DDP compares the strides of a (1, n) weight's gradient, (1, 1), with its bucket's, (n, 1):
+            # the same memory layout (a dimension of size 1 has no stride), flagged as a "performance" issue.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            backward.backward()
         if self.config.optimizer.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.clip_grad_norm)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(loss.detach())
+        return loss.detach()
+
+    def _global_batch_loss(self, terms, stand_in: bool) -> torch.Tensor:
+        """This rank's sums of squared errors divided by the global batch's counts (summed over the
+        ranks: one small collective, on the device). A stand-in batch adds nothing to either."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        counts = torch.stack([terms[name][1].to(torch.float64) if name in terms else zero for name in TERMS])
+        if stand_in:
+            counts = counts * 0.0
+            terms = {name: (squared * 0.0, count) for name, (squared, count) in terms.items()}
+        counts = self.ranks.sum(counts)
+        return weighted_loss(terms, self.config.loss, counts=dict(zip(TERMS, counts)))
+
+    def _sync_loss(self) -> float:
+        """The global sum of this epoch's step losses so far, read on the host (a device
+        synchronisation, and a collective between ranks): every rank calls this at the same steps.
+        Raises if it is not finite, before any checkpoint could keep the damage."""
+        total = self.ranks.sum(self.epoch_loss_sum.clone())
+        self.epoch_loss_sum.copy_(total if self.ranks.main else torch.zeros_like(total))
+        value = float(total)
+        if not math.isfinite(value):
+            raise RuntimeError(f"the loss became {value} by step {self.step} (epoch {self.epoch + 1}): lower "
+                               "optimizer.lr, enable optimizer.clip_grad_norm or check the labels")
+        return value
 
     def _end_epoch(self) -> Dict:
-        train_loss = self.epoch_loss_sum / max(self.epoch_batches, 1)
+        train_loss = self._sync_loss() / max(self.epoch_batches, 1)
         self.epoch += 1
-        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_batches = 0, 0.0, 0
+        self.batch_in_epoch, self.epoch_batches = 0, 0
+        self.epoch_loss_sum.zero_()
         validation = self.validate()
         metric = validation.get(self.config.stop.monitor, train_loss if not validation else None)
         if metric is None:
@@ -340,6 +419,7 @@ class Trainer:
                              f"(measured: {sorted(validation)})")
         row = self._log_row(train_loss, validation)
         seconds, structures, atoms = self._throughput
+        structures, atoms = self.ranks.sum_host([structures, atoms])  # of all ranks, in rank 0's time
         if seconds > 0:  # forward + backward + optimizer step only (no data loading, no validation)
             row["train_structures_per_s"] = round(structures / seconds, 2)
             row["train_atoms_per_s"] = round(atoms / seconds, 1)
@@ -367,10 +447,15 @@ class Trainer:
         metrics = ErrorMetrics()
         self.model.eval()
         with self.ema.applied(self.model) if self.ema else nullcontext():
-            for batch in self.val_loader.epoch(0):
-                prediction = self.model(batch)
-                metrics.update({k: v.detach() for k, v in prediction.items()}, batch)
+            for batch in self.val_loader.epoch(0):  # this rank's shares
+                if keys.STAND_IN not in batch:
+                    prediction = self.model(batch)
+                    metrics.update({k: v.detach() for k, v in prediction.items()}, batch)
         self.model.train()
+        if self.ranks.distributed:  # every rank gets the same sums, added in rank order
+            parts, metrics = self.ranks.gather(metrics), ErrorMetrics()
+            for part in parts:
+                metrics.merge(part)
         summary = metrics.summary()
         weights = self.config.loss
         loss = 0.0
@@ -385,7 +470,8 @@ class Trainer:
 
     def _over_budget(self) -> bool:
         budget = self.config.stop.max_minutes
-        return budget is not None and self.elapsed() >= 60.0 * budget
+        # Clocks differ between ranks: rank 0 decides for all (a collective, only with a budget).
+        return budget is not None and self.ranks.decide(self.elapsed() >= 60.0 * budget)
 
     # --- log, report, plot ----------------------------------------------------------------------
     def _log_row(self, train_loss: Optional[float], validation: Dict[str, float]) -> Dict:
@@ -398,6 +484,8 @@ class Trainer:
         """Rows logged so far; a resumed run forgets rows past its checkpoint (they will be redone)."""
         path = os.path.join(self.run_dir, LOG_FILE)
         rows = []
+        if not self.ranks.main:
+            return rows  # rank 0 alone reads and writes the log
         if self.resumed and os.path.exists(path):
             with open(path) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
@@ -409,11 +497,13 @@ class Trainer:
         return rows
 
     def _append_log(self, row: Dict) -> None:
+        if not self.ranks.main:
+            return
         with open(os.path.join(self.run_dir, LOG_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _report(self, row: Dict) -> None:
-        if not self.config.progress:
+        if not (self.config.progress and self.ranks.main):
             return
         from tqdm import tqdm
 
@@ -428,6 +518,8 @@ class Trainer:
 
     def _plot(self, history: List[Dict]) -> None:
         self._last_plot = time.perf_counter()
+        if not self.ranks.main:
+            return
         plot_learning_curve(history, os.path.join(self.run_dir, CURVE_FILE))
 
 
