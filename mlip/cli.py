@@ -29,7 +29,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if os.environ.get("MLIP_DEBUG"):
             raise
-        print(f"mlip {args.command}: error: {error}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "1")  # set by torchrun: name the process that failed
+        where = f" (rank {os.environ.get('RANK')} of {world})" if world != "1" else ""
+        print(f"mlip {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
 
 
