@@ -62,8 +62,13 @@ def launch(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from .config import load_config
+
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise ValueError("--nproc inside a torchrun job: torchrun already started the processes")
+    if args.config and load_config(args.config).batch_size < args.nproc:  # refused before anything starts
+        raise ValueError(f"{args.config}: batch_size {load_config(args.config).batch_size} is smaller than --nproc "
+                         f"{args.nproc}: batch_size is the global batch, shared among the processes")
     command = ["train", os.path.abspath(args.config)] if args.config else ["train", "--resume", os.path.abspath(args.resume)]
     for flag, value in (("--init-from", args.init_from), ("--max-epochs", args.max_epochs),
                         ("--max-minutes", args.max_minutes), ("--run-dir", args.run_dir)):
@@ -74,6 +79,8 @@ def launch(args) -> int:
     launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "mlip", *command])
     try:
         run(launcher)
-    except ChildFailedError as error:  # torchrun's summary names the rank(s) and exit codes; the errors came above
-        raise RuntimeError(f"{args.nproc} training processes: {error.get_first_failure()[1].message or error}") from None
+    except ChildFailedError as error:  # each process printed its own error above
+        rank, failure = error.get_first_failure()
+        raise RuntimeError(f"the training process of rank {rank} (of {args.nproc}) failed first, with exit code "
+                           f"{failure.exitcode}; torchrun stopped the others") from None
     return 0
