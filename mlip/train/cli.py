@@ -69,14 +69,16 @@ def launch(args) -> int:
     if args.config and load_config(args.config).batch_size < args.nproc:  # refused before anything starts
         raise ValueError(f"{args.config}: batch_size {load_config(args.config).batch_size} is smaller than --nproc "
                          f"{args.nproc}: batch_size is the global batch, shared among the processes")
-    command = ["train", os.path.abspath(args.config)] if args.config else ["train", "--resume", os.path.abspath(args.resume)]
+    command = ["train", os.path.abspath(args.config)] if args.config else ["train", "--resume",
+                                                                           os.path.abspath(args.resume)]
     for flag, value in (("--init-from", args.init_from), ("--max-epochs", args.max_epochs),
                         ("--max-minutes", args.max_minutes), ("--run-dir", args.run_dir)):
         if value is not None:
             command += [flag, os.path.abspath(value) if flag in ("--init-from", "--run-dir") else str(value)]
     if args.no_progress:
         command.append("--no-progress")
-    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "mlip", *command])
+    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc),
+                                             "-m", "mlip", *command])
     try:
         run(launcher)
     except ChildFailedError as error:  # each process printed its own error above

@@ -142,6 +142,6 @@ def rank_device(device: str, local_rank: int, local_world: int) -> torch.device:
     if chosen.index is not None:
         return chosen
     if chosen.type == "cuda" and local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at most "
-                         "that many processes per node")
+        raise ValueError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start "
+                         "at most that many processes per node")
     return torch.device(chosen.type, local_rank)

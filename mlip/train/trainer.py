@@ -346,7 +346,8 @@ class Trainer:
                 self.epoch_batches += 1
                 bar.update(1)
                 if self.step % self.sync_every == 0:
-                    bar.set_postfix(loss=f"{self._sync_loss() / self.epoch_batches:.4g}", **self._last_val, refresh=False)
+                    mean_loss = self._sync_loss() / self.epoch_batches
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", **self._last_val, refresh=False)
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.batch_in_epoch < n_batches:
