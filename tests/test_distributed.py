@@ -102,6 +102,19 @@ def reference(data_file, tmp_path_factory):
     return train(config_from_dict(config_dict(data_file, tmp_path_factory.mktemp("runs") / "one"))).run_dir
 
 
+def assert_each_rank_took_its_share(record, run_dir, first_step):
+    """Each of 2 ranks trained on its share only (recorded by tests/torchrun_entry.py): together,
+    once, the global batches one process takes, from ``first_step`` to the end of epoch 2."""
+    seen = [json.loads((record / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    train_indices, _ = split_indices(31, 0.2, seed=0)
+    loader = BatchLoader(GraphDataset.from_hdf5(os.path.join(run_dir, "data", "train.h5")), 4, train_indices, seed=0)
+    expected = [batch.tolist() for epoch in (0, 1) for batch in loader.global_batches(epoch)][first_step:]
+    assert len(seen[0]) == len(seen[1]) == len(expected) == 14 - first_step
+    for first, second, batch in zip(*seen, expected):
+        assert first and first + (second or []) == batch
+        assert second or len(batch) == 1  # a rank without a share only for the 1-structure batch
+
+
 def write_config(tmp_path, raw):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -118,15 +131,7 @@ def test_two_processes_take_the_steps_of_one(data_file, reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     print(f"2 ranks vs 1: weights differ by {assert_same_run(run, reference):.1e} (relative)")
     assert done.stdout.count("stopped (max_epochs)") == 1  # rank 0 reports
-    # Each rank trained on its share only: together, once, the global batches of one process.
-    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    train_indices, _ = split_indices(31, 0.2, seed=0)
-    loader = BatchLoader(GraphDataset.from_hdf5(run / "data" / "train.h5"), 4, train_indices, seed=0)
-    expected = [batch.tolist() for epoch in (0, 1) for batch in loader.global_batches(epoch)]
-    assert len(seen[0]) == len(seen[1]) == len(expected) == 14
-    for first, second, batch in zip(*seen, expected):
-        assert first and first + (second or []) == batch
-        assert second or len(batch) == 1  # a rank without a share only for the 1-structure batch
+    assert_each_rank_took_its_share(tmp_path, run, first_step=0)
 
     interrupted = tmp_path / "two-interrupted"  # 7 global batches per epoch: step 9 is in epoch 2
     killed = torchrun(2, "train", config, "--run-dir", interrupted, fail="*:9:killed")
@@ -137,8 +142,8 @@ def test_two_processes_take_the_steps_of_one(data_file, reference, tmp_path):
 
 
 def test_resume_with_more_processes(data_file, reference, tmp_path):
-    """Interrupted mid-epoch with 1 rank, resumed with 2 (and 3 ranks resume exactly too: any
-    number, since the global batches do not depend on it)."""
+    """Interrupted mid-epoch with 1 rank, resumed with 2 (any number resumes exactly: the global
+    batches and the position in the run do not depend on it)."""
     run = tmp_path / "one-interrupted"
 
     class Killed(Exception):
@@ -151,9 +156,10 @@ def test_resume_with_more_processes(data_file, reference, tmp_path):
     with pytest.raises(Killed):
         train(config_from_dict(config_dict(data_file, run)), on_step=kill)
     assert load_checkpoint(run)["position"]["step"] == 8
-    resumed = torchrun(2, "train", "--resume", run)
+    resumed = torchrun(2, "train", "--resume", run, record=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run, reference)
+    assert_each_rank_took_its_share(tmp_path, run, first_step=8)
 
 
 def test_failing_rank_ends_the_job_with_its_message(data_file, tmp_path):
