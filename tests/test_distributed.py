@@ -141,6 +141,22 @@ def test_two_processes_take_the_steps_of_one(data_file, reference, tmp_path):
     assert_same_run(interrupted, reference)
 
 
+@pytest.mark.slow  # ~30 s here
+def test_weights_without_gradient(data_file, tmp_path):
+    """Allegro with a direct head has a weight no output depends on (its last layer's tensor
+    features): one process leaves it alone, and so must two (DDP would otherwise wait for its
+    gradient forever, or give it a zero one and Adam state)."""
+    raw = config_dict(data_file, tmp_path / "one", stop={"max_epochs": 1}, loss={"stress": 0.0},
+                      model={"family": "allegro", "head": "direct", "r_max": 4.0, "overrides": TINY["allegro"]})
+    one = train(config_from_dict(raw)).run_dir
+    done = torchrun(2, "train", write_config(tmp_path, {**raw, "run_dir": str(tmp_path / "two")}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (state, weights), (reference_state, reference) = final_weights(tmp_path / "two"), final_weights(one)
+    assert float((weights - reference).norm() / reference.norm()) < 1e-10
+    with_state = len(state["optimizer"]["state"])  # Adam keeps no state for a weight without gradient
+    assert with_state == len(reference_state["optimizer"]["state"]) < len(state["optimizer"]["param_groups"][0]["params"])
+
+
 def test_resume_with_more_processes(data_file, reference, tmp_path):
     """Interrupted mid-epoch with 1 rank, resumed with 2 (any number resumes exactly: the global
     batches and the position in the run do not depend on it)."""

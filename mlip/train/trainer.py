@@ -233,8 +233,12 @@ class Trainer:
 
             # Buffers are statistics, equal on every rank: no broadcast before each step. Gradients live
             # in DDP's communication buckets (no copy into them, no second copy of the gradients).
+            # static_graph: every step uses the same weights, and some never get a gradient (Allegro's
+            # last tensor_linear with a direct head): DDP learns which in the first step, leaves their
+            # gradient None (as one process does) and skips the per-step search for unused weights.
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                               else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
+                                               else None, forward_sync_buffers=False, gradient_as_bucket_view=True,
+                                               static_graph=True)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> Dict:
