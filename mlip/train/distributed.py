@@ -102,6 +102,21 @@ class Ranks:
             dist.barrier(group=self.control)
 
 
+class LossOutputs(torch.nn.Module):
+    """``model`` with only the outputs the loss reads (``labels``). DistributedDataParallel expects a
+    gradient for every weight it can reach from its module's outputs: an output the loss ignores
+    (the energy, with energy weight 0) would leave the weights only it reaches waiting."""
+
+    def __init__(self, model: torch.nn.Module, labels: List[str]):
+        super().__init__()
+        self.model = model
+        self.labels = list(labels)
+
+    def forward(self, batch):
+        prediction = self.model(batch)
+        return {label: prediction[label] for label in self.labels if label in prediction}
+
+
 @contextmanager
 def process_group(device: str, backend: Optional[str] = None) -> Iterator[Ranks]:
     """The ranks of this run, from torchrun's environment, with torch.distributed set up for the

@@ -27,6 +27,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 import yaml
 
@@ -36,10 +37,11 @@ from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import TrainConfig, config_from_dict, config_to_dict
-from .data import prepare_data, training_statistics
-from .distributed import Ranks, process_group
-from .loss import TERMS, squared_errors, weighted_loss
+from .config import TrainConfig, check_device, config_from_dict, config_to_dict
+from .data import check_labels, prepare_data, training_statistics
+from .distributed import LossOutputs, Ranks, process_group
+from .lock import run_directory_lock
+from .loss import TERMS, loss_sums, weighted_loss
 from .metrics import ErrorMetrics
 from .optim import ExponentialMovingAverage, LearningRateSchedule, build_optimizer
 from .plots import plot_learning_curve
@@ -64,25 +66,31 @@ class TrainResult:
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
-    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint); data-parallel
-    when started by torchrun."""
+    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint, or if another
+    process trains there: see mlip.train.lock); data-parallel when started by torchrun."""
+    with process_group(config.device, config.distributed_backend) as ranks:
+        if ranks.main:
+            os.makedirs(config.run_dir, exist_ok=True)
+        with _run_directory_lock(config.run_dir, ranks):
+            return _train(config, on_step, ranks)
+
+
+def _train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]], ranks: Ranks) -> TrainResult:
     if os.path.exists(os.path.join(config.run_dir, LAST)):
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
     if config.schedule.cosine_epochs is None:
         # Fixed now, so a resumed run with another stop rule keeps the same learning-rate curve.
         config.schedule.cosine_epochs = config.stop.max_epochs
-    with process_group(config.device, config.distributed_backend) as ranks:
-        if ranks.main:
-            os.makedirs(config.run_dir, exist_ok=True)
-            for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
-                stale = os.path.join(config.run_dir, "data", name)
-                if os.path.exists(stale):
-                    os.remove(stale)
-            with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
-                yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-        ranks.wait()  # the others must not open a stale conversion before it is gone
-        return Trainer(config, on_step=on_step, ranks=ranks).fit()
+    if ranks.main:
+        for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
+            stale = os.path.join(config.run_dir, "data", name)
+            if os.path.exists(stale):
+                os.remove(stale)
+        with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    ranks.wait()  # the others must not open a stale conversion before it is gone
+    return Trainer(config, on_step=on_step, ranks=ranks).fit()
 
 
 def resume(
@@ -92,8 +100,11 @@ def resume(
     on_step: Optional[Callable[["Trainer"], None]] = None,
     progress: Optional[bool] = None,
 ) -> TrainResult:
-    """Continue the run in ``run_dir`` from its last.pt; only the stop rule may change."""
-    checkpoint = load_checkpoint(os.path.join(run_dir, LAST))
+    """Continue the run in ``run_dir`` from its last.pt; only the stop rule may change. Under
+    torchrun with any number of processes (the run's position does not depend on it)."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory to resume")
+    checkpoint = load_checkpoint(os.path.join(run_dir, LAST))  # replaced atomically: safe to read unlocked
     config = config_from_dict(checkpoint["config"])
     config.run_dir = os.path.abspath(run_dir)  # the directory may have moved since
     if max_epochs is not None:
@@ -103,7 +114,13 @@ def resume(
     if progress is not None:
         config.progress = progress
     with process_group(config.device, config.distributed_backend) as ranks:
-        return Trainer(config, checkpoint=checkpoint, on_step=on_step, ranks=ranks).fit()
+        with _run_directory_lock(run_dir, ranks):
+            return Trainer(config, checkpoint=checkpoint, on_step=on_step, ranks=ranks).fit()
+
+
+def _run_directory_lock(run_dir: str, ranks: Ranks):
+    """Rank 0 holds the run directory for the whole job (the other ranks belong to its run)."""
+    return run_directory_lock(run_dir) if ranks.main else nullcontext()
 
 
 def checkpoint_weights(checkpoint: Dict, use_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -161,7 +178,7 @@ class Trainer:
         self.run_dir = config.run_dir
         self.on_step = on_step
         self.ranks = ranks or Ranks(torch.device(config.device))
-        self.device = self.ranks.device
+        self.device = check_device(str(self.ranks.device))
         self.dtype = DTYPES[config.dtype]
         if config.batch_size < self.ranks.world_size:
             raise ValueError(f"batch_size {config.batch_size} is smaller than the {self.ranks.world_size} processes: "
@@ -186,6 +203,7 @@ class Trainer:
                                          source["type_names"] if source else None,
                                          progress=config.progress and self.ranks.main)
             self.ranks.wait()
+        check_labels(config, self.data)
         if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
             raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
                              "trained on (content hash mismatch)")
@@ -208,6 +226,9 @@ class Trainer:
         self.val_loader = BatchLoader(self.data.validation, config.batch_size, self.data.val_indices,
                                       shuffle=False, dtype=self.dtype, device=self.device,
                                       batch_atoms=config.batch_atoms, shard=shard, prefetch=config.prefetch)
+        # Per weighted loss term, which training structures carry its label (see _fits).
+        self._labelled = [self.data.train.has_label(label) for term, (label, _, _) in TERMS.items()
+                          if getattr(config.loss, term) > 0]
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.schedule = LearningRateSchedule(self.optimizer, config.schedule, config.optimizer.lr)
         decay = config.optimizer.ema_decay
@@ -234,11 +255,14 @@ class Trainer:
             # Buffers are statistics, equal on every rank: no broadcast before each step. Gradients live
             # in DDP's communication buckets (no copy into them, no second copy of the gradients).
             # static_graph: every step uses the same weights, and some never get a gradient (Allegro's
-            # last tensor_linear with a direct head): DDP learns which in the first step, leaves their
-            # gradient None (as one process does) and skips the per-step search for unused weights.
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                               else None, forward_sync_buffers=False, gradient_as_bucket_view=True,
-                                               static_graph=True)
+            # last tensor_linear with a direct head; the energy's with energy weight 0): DDP learns which
+            # in the first step, leaves their gradient None (as one process does) and skips the
+            # per-step search for unused weights. Every rank's loss reaches the same outputs (see
+            # _global_batch_loss), whatever labels its share carries.
+            labels = [label for term, (label, _, _) in TERMS.items() if getattr(config.loss, term) > 0]
+            self.ddp = DistributedDataParallel(LossOutputs(self.model, labels), device_ids=[self.device]
+                                               if self.device.type == "cuda" else None, forward_sync_buffers=False,
+                                               gradient_as_bucket_view=True, static_graph=True)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> Dict:
@@ -335,21 +359,23 @@ class Trainer:
                    unit="batch", leave=False, disable=not (config.progress and self.ranks.main), dynamic_ncols=True)
         self._throughput = [0.0, 0, 0]  # seconds in steps, structures, atoms (this process, this epoch)
         try:
+            global_batches = self.train_loader.global_batches(self.epoch)
             batches = self.train_loader.epoch(self.epoch, start=self.batch_in_epoch)
             for b, batch in enumerate(batches, start=self.batch_in_epoch):
                 self.schedule.before_step(self.epoch + b / n_batches)
                 start = time.perf_counter()
-                loss = self._train_step(batch)
+                loss = self._train_step(batch) if self._fits(global_batches[b]) else None
                 self._throughput[0] += time.perf_counter() - start
                 if keys.STAND_IN not in batch:
                     self._throughput[1] += int(batch[keys.NUM_ATOMS].shape[0])
                     self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
                 self.step += 1
                 self.batch_in_epoch = b + 1
-                self.epoch_loss_sum += loss
-                self.epoch_batches += 1
+                if loss is not None:
+                    self.epoch_loss_sum += loss
+                    self.epoch_batches += 1
                 bar.update(1)
-                if self.step % self.sync_every == 0:
+                if self.step % self.sync_every == 0 and self.epoch_batches:
                     mean_loss = self._sync_loss() / self.epoch_batches
                     bar.set_postfix(loss=f"{mean_loss:.4g}", **self._last_val, refresh=False)
                 if self.on_step is not None:
@@ -369,13 +395,13 @@ class Trainer:
         this rank's part of the global batch's loss (detached, on the device: not read here)."""
         self.model.train()  # forces with create_graph=True: the force loss reaches the weights
         prediction = (self.ddp or self.model)(batch)
-        terms = squared_errors(prediction, batch, self.config.loss)
+        sums = loss_sums(prediction, batch, self.config.loss)
         if self.ranks.distributed:
-            loss = self._global_batch_loss(terms, stand_in=keys.STAND_IN in batch)
+            loss = self._global_batch_loss(prediction, sums, stand_in=keys.STAND_IN in batch)
             # DistributedDataParallel averages the ranks' gradients; the global batch's gradient is their sum.
             backward = loss * self.ranks.world_size
         else:
-            loss = backward = weighted_loss(terms, self.config.loss)
+            loss = backward = weighted_loss(sums, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # DDP compares the strides of a (1, n) weight's gradient, (1, 1), with its bucket's, (n, 1):
@@ -389,16 +415,27 @@ class Trainer:
             self.ema.update(self.model)
         return loss.detach()
 
-    def _global_batch_loss(self, terms, stand_in: bool) -> torch.Tensor:
+    def _fits(self, indices: np.ndarray) -> bool:
+        """Whether the global batch of these structures carries a label of a positive loss weight
+        (else there is nothing to fit: no step). From the dataset's label flags on the host, so every
+        rank answers alike, without a collective or a device read."""
+        return any(bool(has[indices].any()) for has in self._labelled)
+
+    def _global_batch_loss(self, prediction, sums, stand_in: bool) -> torch.Tensor:
         """This rank's sums of squared errors divided by the global batch's counts (summed over the
-        ranks: one small collective, on the device). A stand-in batch adds nothing to either."""
+        ranks: one small collective, on the device). A stand-in batch adds nothing to either. A term
+        whose label this share lacks enters as a zero that still reaches the weights it reaches on
+        the other ranks: DistributedDataParallel waits for a gradient of each of them."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        counts = torch.stack([terms[name][1].to(torch.float64) if name in terms else zero for name in TERMS])
+        for term, (label, _, _) in TERMS.items():
+            if term not in sums and getattr(self.config.loss, term) > 0 and label in prediction:
+                sums[term] = ((prediction[label] * 0.0).sum(), zero)
+        counts = torch.stack([sums[term][1].to(torch.float64) if term in sums else zero for term in TERMS])
         if stand_in:
             counts = counts * 0.0
-            terms = {name: (squared * 0.0, count) for name, (squared, count) in terms.items()}
+            sums = {term: (squared * 0.0, count) for term, (squared, count) in sums.items()}
         counts = self.ranks.sum(counts)
-        return weighted_loss(terms, self.config.loss, counts=dict(zip(TERMS, counts)))
+        return weighted_loss(sums, self.config.loss, counts=dict(zip(TERMS, counts)))
 
     def _sync_loss(self) -> float:
         """The global sum of this epoch's step losses so far, read on the host (a device
