@@ -39,7 +39,9 @@ def collate(
         return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=tensor_dtype)
 
     batch = {
-        keys.POSITIONS: to(np.concatenate([g[keys.POSITIONS] for g in graphs]), dtype),
+        # Each structure relative to its first atom, in float64 before the cast (float32 keeps the
+        # edge vectors of a molecule at x = 1e6 Å; models depend on position differences only).
+        keys.POSITIONS: to(np.concatenate([g[keys.POSITIONS] - g[keys.POSITIONS][:1] for g in graphs]), dtype),
         keys.ATOM_TYPES: to(np.concatenate([g[keys.ATOM_TYPES] for g in graphs]), torch.int64),
         keys.CELL: to(cell, dtype),
         keys.PBC: to(np.stack([g[keys.PBC] for g in graphs]), torch.bool),
