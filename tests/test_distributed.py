@@ -122,7 +122,7 @@ def write_config(tmp_path, raw):
     return path
 
 
-@pytest.mark.slow  # ~50 s here: three starts of two processes; test_resume_with_more_processes covers most of it
+@pytest.mark.slow  # 36-70 s here: two starts of two processes; test_resume_with_more_processes covers most of it
 def test_two_processes_take_the_steps_of_one(data_file, reference, tmp_path):
     """2 ranks x 2 structures == 1 rank x 4 (weights after 14 Adam steps, logged losses and
     validation errors); then interrupted mid-epoch with 2 ranks, resumed with 1."""
@@ -142,7 +142,7 @@ def test_two_processes_take_the_steps_of_one(data_file, reference, tmp_path):
     assert_same_run(interrupted, reference)
 
 
-@pytest.mark.slow  # ~35 s here
+@pytest.mark.slow  # 18-38 s here (quiet or loaded machine)
 def test_mixed_labels_and_weights_without_gradient(tmp_path):
     """Forces on every other structure only, energy weight 0, global batch 2 on 2 ranks: a rank
     whose structure has no force label, and global batches with nothing to fit (skipped on every
