@@ -15,6 +15,7 @@ import torch
 import yaml
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from mlip.cli import main
 from mlip.data import BatchLoader, GraphDataset, collate, keys, split_indices
 from mlip.data.dataset import shares
 from mlip.train import ConfigError, config_from_dict, load_checkpoint, resume, train
@@ -55,9 +56,10 @@ def config_dict(data_file, run_dir, **changes):
     return raw
 
 
-def torchrun(nproc, *args, fail=None, record=None, timeout=240):
+def torchrun(nproc, *args, fail=None, record=None, env=None, timeout=240):
     """`torchrun --nproc-per-node NPROC -m mlip ARGS` (through tests/torchrun_entry.py)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               **(env or {}))
     env.pop("MLIP_TEST_RAISE", None)
     env.pop("MLIP_TEST_RECORD", None)
     if fail:
@@ -203,12 +205,28 @@ def test_failing_rank_ends_the_job_with_its_message(data_file, tmp_path):
     assert seconds < 90
 
 
-def test_batch_smaller_than_the_processes_is_refused(data_file, tmp_path):
+@pytest.mark.slow  # 17-30 s here
+def test_hanging_rank_ends_the_job_after_the_timeout(data_file, tmp_path):
+    """A rank that neither dies nor answers: the others' next collective gives up after
+    MLIP_DIST_TIMEOUT_S, and torchrun ends the hanging one."""
+    config = write_config(tmp_path, config_dict(data_file, tmp_path / "run"))
+    start = time.perf_counter()
+    hung = torchrun(2, "train", config, fail="1:2:hang", env={"MLIP_DIST_TIMEOUT_S": "5"}, timeout=120)
+    assert hung.returncode != 0 and "mlip train (rank 0 of 2): error:" in hung.stderr
+    assert "Timed out" in hung.stderr
+    assert time.perf_counter() - start < 100
+
+
+def test_batch_smaller_than_the_processes_is_refused(data_file, tmp_path, capsys):
     config = config_from_dict(config_dict(data_file, tmp_path / "run", batch_size=1))
     with pytest.raises(ValueError, match="batch_size 1 is smaller than the 2 processes"):
         Trainer(config, ranks=Ranks(torch.device("cpu"), rank=0, world_size=2))
     with pytest.raises(ConfigError, match="batch_atoms"):
         config_from_dict(config_dict(data_file, tmp_path / "run", batch_atoms=0))
+    # `mlip train --nproc` refuses it before starting any process
+    path = write_config(tmp_path, config_dict(data_file, tmp_path / "run", batch_size=1))
+    assert main(["train", str(path), "--nproc", "2"]) == 2
+    assert "batch_size 1 is smaller than --nproc 2" in capsys.readouterr().err
 
 
 # --- the data order: global batches and shares ----------------------------------------------------

@@ -1,13 +1,14 @@
 """`mlip` as torchrun starts it (`python -m mlip`), with a failure injected for tests/test_distributed.py.
 
 MLIP_TEST_RAISE="RANK:STEP:MESSAGE": the process of that rank (* for all) raises RuntimeError(MESSAGE)
-instead of taking optimizer step STEP + 1. MLIP_TEST_RECORD=DIR: each process writes DIR/rank<R>.json,
+instead of taking optimizer step STEP + 1 (MESSAGE "hang": sleeps an hour instead). MLIP_TEST_RECORD=DIR: each process writes DIR/rank<R>.json,
 the structure indices of its batch at each step (null for a stand-in). Unset: plain `mlip`.
 """
 
 import json
 import os
 import sys
+import time
 
 from mlip.data import keys
 
@@ -20,6 +21,8 @@ if os.environ.get("MLIP_TEST_RAISE"):
 
     def failing_step(trainer, batch):
         if rank in ("*", str(trainer.ranks.rank)) and trainer.step == int(step):
+            if message == "hang":
+                time.sleep(3600)
             raise RuntimeError(message)
         return take_step(trainer, batch)
 
