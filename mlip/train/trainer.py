@@ -196,13 +196,16 @@ class Trainer:
         self.model_config = ModelConfig(**source["model_config"]) if source else config.model
         r_max = float(self.model_config.hyperparameters()["r_max"])
 
+        def open_data():
+            return prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
+                                source["type_names"] if source else None, progress=config.progress and self.ranks.main)
+
         # Rank 0 converts structure files once; the others then open its files.
-        for turn in (True, False):
-            if self.ranks.main == turn:
-                self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
-                                         source["type_names"] if source else None,
-                                         progress=config.progress and self.ranks.main)
-            self.ranks.wait()
+        if self.ranks.main:
+            self.data = open_data()
+        self.ranks.wait()
+        if not self.ranks.main:
+            self.data = open_data()
         check_labels(config, self.data)
         if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
             raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
