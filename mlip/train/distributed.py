@@ -131,6 +131,8 @@ def process_group(device: str, backend: Optional[str] = None) -> Iterator[Ranks]
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     own_device = rank_device(device, local_rank, local_world)
     backend = backend or ("nccl" if own_device.type == "cuda" else "gloo")
+    if backend == "nccl" and own_device.type != "cuda":
+        raise ValueError(f"distributed_backend: nccl needs device: cuda (the device is {device}); use gloo on the CPU")
     created = not dist.is_initialized()
     if created:
         if own_device.type == "cuda":
