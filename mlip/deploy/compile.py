@@ -29,14 +29,18 @@ def deploy_model(
     """Compile ``model`` to TorchScript and write it with its metadata; returns the metadata.
 
     With ``check``, the compiled model must reproduce the eager one on a small random structure
-    containing every species (else nothing is written).
+    containing every species (else nothing is written). A full disk is an OSError
+    (ENOSPC) naming ``path``, and leaves no file behind (``save_model`` writes from Python).
     """
     scripted = script_model(model)
     metadata = model_metadata(model)
     metadata["training_data_hash"] = training_data_hash
     if check:
         check_scripted(model, scripted)
-    save_model(scripted, path, metadata)
+    try:
+        save_model(scripted, path, metadata)
+    except OSError as error:
+        raise OSError(error.errno, f"could not write the model file: {error.strerror or error}", os.fspath(path)) from error
     return metadata
 
 

@@ -29,9 +29,9 @@ file: the caller subtracts the mean force over the whole system (it alone sees a
 Metadata (JSON in the archive's extra file ``mlip/metadata.json``): see :data:`REQUIRED_METADATA`.
 """
 
+import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from typing import Any, Dict, Optional, Tuple, Union
@@ -39,6 +39,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 import mlip
+
+from ..files import atomic_output
 
 FORMAT_NAME = "mlip-torchscript"
 FORMAT_VERSION = 1
@@ -78,23 +80,15 @@ def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], 
     missing = sorted(set(REQUIRED_METADATA) - set(metadata))
     if missing:
         raise ValueError(f"metadata lacks {missing}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-        # mkstemp creates the file 0600; a model file is meant to be shared: use the umask's default.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Serialized in memory, written by Python: a full disk is then an OSError naming the file, not
+    # an abort inside torch's C++ writer (which ends the process and leaves its temporary file).
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
