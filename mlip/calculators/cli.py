@@ -3,7 +3,8 @@
     mlip relax model.pt POSCAR --cell -o relaxed.extxyz
     mlip md model.pt bulk:Cu:fcc:3.61:5x5x5 --temperature 300 --steps 1000 --ensemble nvt --traj md.traj
 
-STRUCTURE is any file ase.io.read reads (last frame), or a spec:
+STRUCTURE is any file ase.io.read reads (last frame; for `mlip relax`, a file of several frames is
+relaxed frame by frame, many per model call: mlip/calculators/batched.py), or a spec:
 ``bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]`` (conventional cubic cell where the crystal has one, e.g.
 ``bulk:Si:diamond:5.43:3x3x3``) or ``molecule:NAME`` (ase.build.molecule, no cell).
 """
@@ -99,13 +100,20 @@ def register(commands) -> None:
     )
     relax.add_argument("model", help="deployed model file (mlip deploy)")
     relax.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
-    relax.add_argument("--cell", action="store_true", help="relax the cell too (to zero stress; periodic only)")
+    relax.add_argument("--cell", action="store_true",
+                       help="relax the cell too (to zero stress; periodic only; of several frames, the fully periodic "
+                            "ones)")
     relax.add_argument("--fmax", type=POSITIVE, default=0.01, help="force convergence, eV/Å (default 0.01)")
     relax.add_argument("--steps", type=NON_NEGATIVE_INT, default=1000, help="maximum optimizer steps (default 1000)")
     relax.add_argument("--optimizer", choices=("FIRE", "BFGS"), default="FIRE")
     relax.add_argument("-o", "--output", help="write the relaxed structure (extxyz or any ase.io format; "
                                               "checked before the relaxation, replaced only when complete)")
     relax.add_argument("--device", type=device, default="cpu")
+    relax.add_argument("--batch-atoms", type=POSITIVE_INT, default=None,
+                       help="a file of several frames is relaxed in batches of about this many atoms per model "
+                            "call (default 2000; mlip/calculators/batched.py)")
+    relax.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="several frames: stop at a frame that cannot be evaluated, or skip it (default stop)")
     relax.set_defaults(run=run_relax)
 
     md = commands.add_parser(
@@ -126,6 +134,9 @@ def register(commands) -> None:
     md.add_argument("--interval", type=POSITIVE_INT, default=10, help="steps between written frames (default 10)")
     md.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the initial velocities and the thermostat")
     md.add_argument("--device", type=device, default="cpu")
+    md.add_argument("--replicas", type=POSITIVE_INT, default=None,
+                    help="K independent runs of the structure (seeds SEED..SEED+K-1), one model call per step for all "
+                         "(a file of several frames: one run per frame); nve/nvt")
     md.set_defaults(run=run_md)
 
 
@@ -173,7 +184,10 @@ def run_relax(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..files import atomic_output
+    from .batched import has_several_frames, run_relax_many
 
+    if has_several_frames(args.structure):
+        return run_relax_many(args)
     output_format = _output_format(args.output, "--output") if args.output else None
     atoms = read_structure(args.structure)
     atoms.calc = _calculator(args)
@@ -250,7 +264,10 @@ def run_md(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..files import atomic_output
+    from .batched import has_several_frames, run_md_many
 
+    if args.replicas is not None or has_several_frames(args.structure):
+        return run_md_many(args)
     frames = args.steps // args.interval + 1
     traj_format = _output_format(args.traj, "--traj", frames) if args.traj else None
     atoms = read_structure(args.structure)

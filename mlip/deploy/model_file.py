@@ -184,7 +184,10 @@ def usable_device(device: Union[str, torch.device]) -> torch.device:
 def load_model(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
 ) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load a deployed model and its metadata; refuse incompatible or corrupt files."""
+    """Load a deployed model and its metadata; refuse incompatible or corrupt files.
+
+    Every tensor of the file is mapped onto ``device`` at load (a file runs on any device, in the
+    dtype it records), also constants kept outside the buffers, which module.to() would not move."""
     device = usable_device(device)
     metadata = read_metadata(path)
     try:
