@@ -255,16 +255,16 @@ class Trainer:
         if self.ranks.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            # Buffers are statistics, equal on every rank: no broadcast before each step. Gradients live
-            # in DDP's communication buckets (no copy into them, no second copy of the gradients).
+            # Gradients live in DDP's communication buckets (no copy into them, no second copy).
             # static_graph: every step uses the same weights, and some never get a gradient (Allegro's
             # last tensor_linear with a direct head; the energy's with energy weight 0): DDP learns which
             # in the first step, leaves their gradient None (as one process does) and skips the
             # per-step search for unused weights. Every rank's loss reaches the same outputs (see
-            # _global_batch_loss), whatever labels its share carries.
+            # _global_batch_loss), whatever labels its share carries. (DDP also broadcasts the buffers
+            # before each step: 32 bytes of reference energies for the 3BPA models, equal anyway.)
             labels = [label for term, (label, _, _) in TERMS.items() if getattr(config.loss, term) > 0]
             self.ddp = DistributedDataParallel(LossOutputs(self.model, labels), device_ids=[self.device]
-                                               if self.device.type == "cuda" else None, forward_sync_buffers=False,
+                                               if self.device.type == "cuda" else None,
                                                gradient_as_bucket_view=True, static_graph=True)
 
     # --- checkpoints --------------------------------------------------------------------------
