@@ -296,3 +296,25 @@ def test_loss_is_the_mean_squared_error_bit_for_bit(dataset):
         stress_all = (prediction[keys.STRESS] - batch[keys.STRESS]).square().mean().to(torch.float64)
         before_all = torch.zeros((), dtype=torch.float64) + energy + 2.0 * forces + 10.0 * stress_all
         assert weighted_loss(loss_sums(prediction, fully_labelled, weights), weights).item() == before_all.item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (benchmarks/gpu_check.sh runs this on one)")
+def test_training_steps_do_not_wait_for_the_gpu(data_file, tmp_path):
+    """Forward, loss, backward, clipping, Adam and EMA of a step on a GPU without a host
+    synchronisation: torch's sync debug mode turns any into an error. (The loss is read every
+    GPU_SYNC_EVERY steps, outside these.) Not run where this was written: no GPU."""
+    from test_train import tiny_config
+
+    config = tiny_config(data_file, tmp_path / "run", "nequip", device="cuda", optimizer={"clip_grad_norm": 10.0})
+    trainer = Trainer(config)
+    batches = list(trainer.train_loader.epoch(0))[:4]  # collated (copied to the GPU) before the check
+    trainer._train_step(batches[0])  # first calls: cuBLAS handles, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            trainer.epoch_loss_sum += trainer._train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(float(trainer.epoch_loss_sum))
