@@ -34,7 +34,7 @@ import json
 import os
 import warnings
 import zipfile
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -176,9 +176,20 @@ def usable_device(device: Union[str, torch.device]) -> torch.device:
     except (RuntimeError, AssertionError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}"
+            f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}; "
+            f"available: {available_devices()}"
         ) from None
     return device
+
+
+def available_devices() -> List[str]:
+    """The devices this torch can compute on here, e.g. ['cpu', 'cuda', 'cuda:0']."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        available.append("mps")
+    return available
 
 
 def load_model(
