@@ -111,10 +111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = args.debug or os.environ.get("MLIP_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"mlip {args.command}: interrupted", file=sys.stderr)
+        detail = f": {stop}" if str(stop) else ""  # e.g. where a stopped training run can be resumed
+        print(f"mlip {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as error:
         if debug or not user_error(error):

@@ -21,9 +21,11 @@ On a GPU the step loop does not wait for the device: the loss is summed on the d
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -326,30 +328,66 @@ class Trainer:
         history = self._open_log()
         stop_reason = ""
         try:
-            if not self.resumed:  # the untrained model's errors: the reference point of the learning curve
-                history.append(self._log_row(train_loss=None, validation=self.validate()))
-                self._append_log(history[-1])
-            while not stop_reason:
-                if self.epoch >= config.stop.max_epochs:
-                    stop_reason = "max_epochs"
-                    break
-                if not self._train_epoch():
-                    stop_reason = "max_minutes"  # stopped inside an epoch; last.pt holds the position
-                    break
-                row = self._end_epoch()
-                history.append(row)
-                self._report(row)
-                if config.stop.patience is not None and self.bad_epochs >= config.stop.patience:
-                    stop_reason = "patience"
-                elif self._over_budget():
-                    stop_reason = "max_minutes"
-                if time.perf_counter() - self._last_plot > PLOT_INTERVAL_S:
-                    self._plot(history)
+            with self._stop_requests_at_step_boundaries():
+                if not self.resumed:  # the untrained model's errors: the reference point of the learning curve
+                    history.append(self._log_row(train_loss=None, validation=self.validate()))
+                    self._append_log(history[-1])
+                while not stop_reason:
+                    if self.epoch >= config.stop.max_epochs:
+                        stop_reason = "max_epochs"
+                        break
+                    if not self._train_epoch():
+                        stop_reason = "max_minutes"  # stopped inside an epoch; last.pt holds the position
+                        break
+                    row = self._end_epoch()
+                    history.append(row)
+                    self._report(row)
+                    self._stop_if_requested(saved=True)  # _end_epoch wrote last.pt at this position
+                    if config.stop.patience is not None and self.bad_epochs >= config.stop.patience:
+                        stop_reason = "patience"
+                    elif self._over_budget():
+                        stop_reason = "max_minutes"
+                    if time.perf_counter() - self._last_plot > PLOT_INTERVAL_S:
+                        self._plot(history)
         finally:
             torch.set_num_threads(threads)
         self._plot(history)
         return TrainResult(self.run_dir, self.epoch, self.step, stop_reason, config.stop.monitor, self.best, self.best_epoch,
                            self.elapsed(), history)
+
+    @contextmanager
+    def _stop_requests_at_step_boundaries(self):
+        """Ctrl-C (SIGINT) or SIGTERM (a batch system's time limit) during a single-process run
+        lets the current optimizer step finish, saves last.pt at that exact position and then
+        raises KeyboardInterrupt: `mlip train --resume` continues as if never stopped. A second
+        signal stops at once. (Distributed runs keep the default: their ranks would see the
+        signal at different steps; they resume from the last checkpoint.)"""
+        self._stop_signal = None
+        if self.ranks.distributed or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:  # asked twice: do not wait for the step
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_if_requested(self, saved: bool = False) -> None:
+        """At a step boundary: save the position (unless just ``saved``) and stop if a signal asked."""
+        if getattr(self, "_stop_signal", None) is None:
+            return
+        if not saved:
+            self.save(LAST)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}: "
+                                f"{os.path.join(self.run_dir, LAST)} holds this position; continue with "
+                                f"`mlip train --resume {self.run_dir}`")
 
     def _train_epoch(self) -> bool:
         """Train the rest of the current epoch; False if the wall-clock budget ran out inside it."""
@@ -384,6 +422,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.batch_in_epoch < n_batches:
+                    self._stop_if_requested()
                     over = self._over_budget()
                     if over or (every and self.step % every == 0):
                         self.save(LAST)
