@@ -600,8 +600,9 @@ void PairMLIP::compute(int eflag, int vflag)
   if (want_node_virials && !has_edge_gradients)
     error->all(FLERR,
                "pair_style mlip: model {} has no compiled potential.energies_and_forces (per-edge "
-               "gradients), which compute stress/atom, centroid/stress/atom and heat/flux need; "
-               "re-deploy it with `mlip deploy`",
+               "gradients), which compute stress/atom, centroid/stress/atom and heat/flux need: "
+               "TorchScript files written by `mlip deploy` have it, AOTInductor packages and "
+               "foreign files do not",
                model_path);
   double **x = atom->x;
   double **f = atom->f;
