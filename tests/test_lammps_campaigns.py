@@ -1,8 +1,10 @@
 """pair_style mlip inside real LAMMPS campaigns: per-atom virials (compute stress/atom,
-centroid/stress/atom, heat/flux), on 1 and 2 MPI ranks, against the model's own edge derivatives.
+centroid/stress/atom, heat/flux) on 1 and 2 MPI ranks against the model's own edge derivatives,
+hybrid/overlay and NULL types, units real, restarts, the Green-Kubo example.
 
-Per-atom virial convention (pair_mlip.cpp): each edge's W_ij = -r_ij (x) dE/dr_ij is split in
-halves between its center and its neighbor; their sum is the global virial.
+Per-atom virials (pair_mlip.cpp, edge_virial_shares): each edge's W_ij = -r_ij (x) dE/dr_ij goes
+in halves to its center and its neighbor for stress/atom, wholly to its neighbor for
+centroid/stress/atom (the heat flux of strictly local models); both sum to the global virial.
 """
 
 import textwrap
@@ -18,8 +20,9 @@ from test_lammps import (NO_OVERLAP_CHECK, assert_close, deploy_tiny, plugin, ra
 pytestmark = pytest.mark.lammps
 
 
-def edge_virials_reference(atoms, model_path: str) -> np.ndarray:
-    """(N, 3, 3) per-atom virials from the deployed model's per-edge gradients (periodic graph)."""
+def edge_virials_reference(atoms, model_path: str):
+    """(N, 3, 3) per-atom sums of W_ij = -r_ij (x) dE/dr_ij over the edges each atom is the center
+    of, and over those it is the neighbor of, from the deployed model (periodic graph)."""
     from mlip.deploy import load_model
 
     model, metadata = load_model(model_path)
@@ -30,10 +33,10 @@ def edge_virials_reference(atoms, model_path: str) -> np.ndarray:
         torch.tensor(atoms.positions), types, torch.tensor(edge_index),
         torch.tensor(cell_shifts @ atoms.cell.array), len(atoms), False, False)[:4]
     edge_w = -(vectors.detach().unsqueeze(2) * gradients.detach().unsqueeze(1)).numpy()  # (E, 3, 3)
-    per_atom = np.zeros((len(atoms), 3, 3))
-    np.add.at(per_atom, edge_index[0], 0.5 * edge_w)
-    np.add.at(per_atom, edge_index[1], 0.5 * edge_w)
-    return per_atom
+    as_center, as_neighbor = np.zeros((len(atoms), 3, 3)), np.zeros((len(atoms), 3, 3))
+    np.add.at(as_center, edge_index[0], edge_w)
+    np.add.at(as_neighbor, edge_index[1], edge_w)
+    return as_center, as_neighbor
 
 
 def stress_script(data: str, model: str, velocities: bool = False) -> str:
@@ -70,9 +73,9 @@ def read_peratom(path) -> np.ndarray:
 @pytest.mark.parametrize("family", ["allegro", "nequip"])
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_per_atom_virials(plugin, tmp_path, family, ranks):
-    """stress/atom and centroid/stress/atom of each atom == -1/2 sum over its edges of
-    r_ij (x) dE/dr_ij (x nktv2p), and their sums over atoms == the global virial, in a periodic
-    triclinic cell."""
+    """stress/atom of each atom == -1/2 sum over its edges of r_ij (x) dE/dr_ij (x nktv2p),
+    centroid/stress/atom == -sum over the edges it is the neighbor of, and their sums over atoms ==
+    the global virial, in a periodic triclinic cell."""
     nktv2p = 1602176.5
     model = deploy_tiny(tmp_path / "model.pt", family)
     atoms = rattled_crystal(seed=3)
@@ -83,19 +86,22 @@ def test_per_atom_virials(plugin, tmp_path, family, ranks):
     assert_close(-summed / volume, pressure, 1e-10, "sum of stress/atom vs virial pressure")
     assert_close(-centroid_summed[:6] / volume, pressure, 1e-10, "sum of centroid/stress/atom vs virial pressure")
 
-    expected = edge_virials_reference(atoms, model) * nktv2p  # (N, 3, 3), W[a][b] = -sum r_a g_b
+    as_center, as_neighbor = edge_virials_reference(atoms, model)  # (N, 3, 3), W[a][b] = -sum r_a g_b
+    expected = 0.5 * (as_center + as_neighbor) * nktv2p
     table = read_peratom(tmp_path / "peratom.dump")
     stress, centroid = -table[:, 1:7], -table[:, 7:16]
     xx, yy, zz = expected[:, 0, 0], expected[:, 1, 1], expected[:, 2, 2]
     sym = 0.5 * (expected + expected.transpose(0, 2, 1))
     assert_close(stress, np.stack([xx, yy, zz, sym[:, 0, 1], sym[:, 0, 2], sym[:, 1, 2]], 1), 1e-9, "stress/atom")
-    full = [expected[:, a, b] for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1))]
+    full = [as_neighbor[:, a, b] * nktv2p for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1))]
     assert_close(centroid, np.stack(full, 1), 1e-9, "centroid/stress/atom")
 
 
-def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path):
-    """compute heat/flux with centroid/stress/atom over a short NVE run: 2 ranks == 1 rank."""
-    model = deploy_tiny(tmp_path / "model.pt", "nequip")
+@pytest.mark.parametrize("family", ["allegro", "nequip"])
+def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path, family):
+    """compute heat/flux with centroid/stress/atom over a short NVE run: 2 ranks == 1 rank; a
+    message-passing model is warned about (its per-atom heat-flux virial is approximate)."""
+    model = deploy_tiny(tmp_path / "model.pt", family)
     data = write_data(rattled_crystal(seed=4), tmp_path / "structure.data")
     script = textwrap.dedent(f"""\
         units metal
@@ -117,7 +123,9 @@ def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path):
         thermo 5
         run 20
         """)
-    tables = [thermo_table(run_lmp(script, tmp_path, ranks)) for ranks in (1, 2)]
+    outputs = [run_lmp(script, tmp_path, ranks) for ranks in (1, 2)]
+    assert ("heat/flux) of message-passing model" in outputs[0]) == (family == "nequip"), outputs[0][-2000:]
+    tables = [thermo_table(output) for output in outputs]
     assert np.abs(tables[0][:, 3:]).max() > 0.0
     assert_close(tables[1], tables[0], 1e-9, "thermo with heat flux")
 

@@ -159,6 +159,24 @@ std::string zip_damage(const std::string &bytes)
   return "";
 }
 
+// Per-atom virials from the per-edge gradients g_ij = dE/dr_ij (r_ij = x_j - x_i). Each edge's
+// W_ij = -r_ij (x) g_ij (their sum is the global virial, sum_i x_i (x) F_i) is counted for its
+// center i and for its neighbor j: returns (nnodes, 18), per node [C | N], 3x3 row-major each,
+// C = sum of W over the edges it is the center of, N = over the edges it is the neighbor of.
+// compute stress/atom gets (C + N) / 2 (the pairwise split), centroid/stress/atom gets N: for a
+// strictly local model (E_i depends only on the edges centered at i, as in Allegro) g_ij is
+// dE_i/dr_ij and N is exactly the per-atom virial of the heat flux
+// J = sum_i e_i v_i + sum_i W_i v_i, W_j = -sum_i r_ij (x) dE_i/dr_ij (Fan et al., Phys. Rev. B
+// 92, 094301 (2015)); the pairwise split is not, for many-body models. Message passing mixes
+// several atoms' energies into each g_ij: there N is an approximation (warning in compute()).
+torch::Tensor edge_virial_shares(const torch::Tensor &vectors, const torch::Tensor &gradients,
+                                 const torch::Tensor &edge_index, int64_t nnodes)
+{
+  const torch::Tensor edge_virials = (-vectors.unsqueeze(2) * gradients.unsqueeze(1)).reshape({-1, 9});
+  const torch::Tensor zeros = torch::zeros({nnodes, 9}, edge_virials.options());
+  return torch::cat({zeros.index_add(0, edge_index[0], edge_virials), zeros.index_add(0, edge_index[1], edge_virials)}, 1);
+}
+
 std::string join(const std::vector<std::string> &words)
 {
   std::string out;
@@ -205,7 +223,7 @@ PairMLIP::PairMLIP(LAMMPS *lmp) : Pair(lmp)
   manybody_flag = 1;
   // The virial comes from the model (sum over edges, not f.r over atoms). Per-atom virials
   // (compute stress/atom, centroid/stress/atom) come from the per-edge gradients: see
-  // forward_with_node_virials().
+  // edge_virial_shares().
   no_virial_fdotr_compute = 1;
   centroidstressflag = CENTROID_AVAIL;
 
@@ -485,6 +503,7 @@ void PairMLIP::load_model(const std::string &path)
   memory->destroy(force_uncertainty);
   nmax_members = 0;
   warned_no_member_forces = false;
+  warned_centroid_message_passing = false;
   if (num_members > 0) {
     nextra = 3;
     pvector = new double[nextra]();
@@ -597,6 +616,13 @@ void PairMLIP::compute(int eflag, int vflag)
                "pair_style mlip: model {} predicts forces directly (force_head 'direct'): it has no "
                "virial, so compute stress/atom, centroid/stress/atom and heat/flux are not available",
                model_path);
+  if (cvflag_atom && message_passing_layers > 1 && !warned_centroid_message_passing && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style mlip: centroid/stress/atom (heat/flux) of message-passing model {} ({} "
+                   "layers) is approximate: each edge's dE/dr mixes several atoms' energies; the "
+                   "exact heat flux is that of strictly local models (Allegro)",
+                   model_path, message_passing_layers);
+  if (cvflag_atom) warned_centroid_message_passing = true;
   if (want_node_virials && !has_edge_gradients)
     error->all(FLERR,
                "pair_style mlip: model {} has no compiled potential.energies_and_forces (per-edge "
@@ -713,7 +739,7 @@ void PairMLIP::compute(int eflag, int vflag)
                                            torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
                                            (int64_t) nowned};
     c10::IValue result;
-    torch::Tensor node_virials;    // (nnodes, 9) when per-atom virials are asked for
+    torch::Tensor node_virials;    // (nnodes, 18) when per-atom virials are asked for
     try {
       torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
       result = want_node_virials ? forward_with_node_virials(inputs, node_virials) : model.forward(inputs);
@@ -796,21 +822,22 @@ void PairMLIP::compute(int eflag, int vflag)
     }
 
     if (want_node_virials) {
-      // Node n's share W_n[a][b] (9 per node, row-major) goes to its LAMMPS atom, ghosts too:
-      // compute stress/atom and centroid/stress/atom sum ghosts back to their owners (newton on).
+      // Node n's shares (edge_virial_shares(): as center C, as neighbor N; 3x3 row-major) go to
+      // its LAMMPS atom, ghosts too: compute stress/atom and centroid/stress/atom sum ghosts back
+      // to their owners (newton on).
       const double *w = energy + node_virials_at;
       for (int n = 0; n < nnodes; n++) {
-        const double *v = w + 9 * n;
+        const double *c = w + 18 * n, *v = c + 9;
         const int i = atom_of[n];
-        if (vflag_atom) {    // symmetric: xx, yy, zz, xy, xz, yz
-          vatom[i][0] += v[0];
-          vatom[i][1] += v[4];
-          vatom[i][2] += v[8];
-          vatom[i][3] += 0.5 * (v[1] + v[3]);
-          vatom[i][4] += 0.5 * (v[2] + v[6]);
-          vatom[i][5] += 0.5 * (v[5] + v[7]);
+        if (vflag_atom) {    // (C + N) / 2, symmetric: xx, yy, zz, xy, xz, yz
+          vatom[i][0] += 0.5 * (c[0] + v[0]);
+          vatom[i][1] += 0.5 * (c[4] + v[4]);
+          vatom[i][2] += 0.5 * (c[8] + v[8]);
+          vatom[i][3] += 0.25 * (c[1] + c[3] + v[1] + v[3]);
+          vatom[i][4] += 0.25 * (c[2] + c[6] + v[2] + v[6]);
+          vatom[i][5] += 0.25 * (c[5] + c[7] + v[5] + v[7]);
         }
-        if (cvflag_atom) {    // the full tensor: xx, yy, zz, xy, xz, yz, yx, zx, zy
+        if (cvflag_atom) {    // N, the full tensor: xx, yy, zz, xy, xz, yz, yx, zx, zy
           const int order[9] = {0, 4, 8, 1, 2, 5, 3, 6, 7};
           for (int k = 0; k < 9; k++) cvatom[i][k] += v[order[k]];
         }
@@ -843,11 +870,8 @@ void PairMLIP::compute(int eflag, int vflag)
 
 // The forward's outputs (atomic_energies, energy, forces, virial, a committee's member outputs)
 // from the file's compiled potential.energies_and_forces (mlip.models.potential.Potential; the
-// code path of the forward), which also gives g_ij = dE/dr_ij per edge. Per-atom virials: each
-// edge's W_ij = -r_ij (x) g_ij is split in halves between its center and its neighbor
-// (node_virials: (nnodes, 9), row-major 3x3); their sum is the global virial. For a many-body
-// model this split is one convention among several (per-atom virials are not unique); it is
-// the one whose sum, and whose heat flux on 1 and N ranks, is exact.
+// code path of the forward), which also gives g_ij = dE/dr_ij per edge; node_virials: the
+// per-node shares of edge_virial_shares().
 c10::IValue PairMLIP::forward_with_node_virials(std::vector<torch::jit::IValue> inputs, torch::Tensor &node_virials)
 {
   const torch::Tensor edge_index = inputs[2].toTensor();
@@ -866,10 +890,7 @@ c10::IValue PairMLIP::forward_with_node_virials(std::vector<torch::jit::IValue> 
   dict.insert("virial", -vectors.t().matmul(gradients));
   if (out.size() > 4)    // a committee's member outputs (files written before 2026-12 lack them)
     for (const auto &item : out[4].toGenericDict()) dict.insert(item.key(), item.value());
-  const torch::Tensor halves = (-0.5 * vectors.unsqueeze(2) * gradients.unsqueeze(1)).reshape({-1, 9});
-  node_virials = torch::zeros({nnodes, 9}, halves.options())
-                     .index_add(0, edge_index[0], halves)
-                     .index_add(0, edge_index[1], halves);
+  node_virials = edge_virial_shares(vectors, gradients, edge_index, nnodes);
   return dict;
 }
 

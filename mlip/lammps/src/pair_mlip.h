@@ -12,8 +12,8 @@
      pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type; NULL under
                                              pair_style hybrid/overlay leaves a type to other styles)
 
-   compute stress/atom and centroid/stress/atom (hence heat/flux) work: per-atom virials are half
-   of each edge's -r_ij (x) dE/dr_ij to each of its atoms (PairMLIP::forward_with_node_virials).
+   compute stress/atom and centroid/stress/atom (hence heat/flux) work, from each edge's
+   -r_ij (x) dE/dr_ij: see edge_virial_shares() in pair_mlip.cpp.
 
    A committee file (`mlip deploy A B C -o model.pt`) also gives its members' spread:
      compute unc all pair mlip               c_unc[1] energy spread (eV), c_unc[2] largest and
@@ -93,6 +93,7 @@ class PairMLIP : public Pair {
   double *force_uncertainty = nullptr;    // (nmax,) eV/Å, owned atoms: sqrt(mean_m |F_m - mean F|^2)
   int uncertainty_trigger = 0;            // for `fix pair ... 1`; the spread is computed every step
   bool warned_no_member_forces = false;
+  bool warned_centroid_message_passing = false;    // once per pair_coeff
 };
 
 }    // namespace LAMMPS_NS
