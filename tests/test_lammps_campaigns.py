@@ -39,6 +39,34 @@ def edge_virials_reference(atoms, model_path: str):
     return as_center, as_neighbor
 
 
+def test_centroid_virials_give_the_exact_heat_flux(tmp_path):
+    """For a strictly local model (Allegro) the neighbor shares W_k make the Hardy heat flux exact:
+    d/dt sum_i x_i U_i = sum_k W_k v_k - sum_k x_k (F_k . v_k), in a cluster (no images), with
+    dU_i/dt by central differences along a random velocity field; the half split fails it."""
+    from test_lammps import reference
+
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    atoms = rattled_crystal(seed=11)[:20]
+    atoms.pbc = False
+    velocities = np.random.default_rng(0).normal(size=(len(atoms), 3))
+    step = 1e-5
+    energies = []
+    for sign in (1.0, -1.0):
+        moved = atoms.copy()
+        moved.positions += sign * step * velocities
+        energies.append(reference(moved, model)["atomic_energies"])
+    energy_rates = (energies[0] - energies[1]) / (2 * step)  # dU_i/dt
+    lhs = atoms.positions.T @ energy_rates
+    forces = reference(atoms, model)["forces"]
+    as_center, as_neighbor = edge_virials_reference(atoms, model)
+    power = (forces * velocities).sum(axis=1)
+    exact = np.einsum("kab,kb->a", as_neighbor, velocities) - atoms.positions.T @ power
+    half = np.einsum("kab,kb->a", 0.5 * (as_center + as_neighbor), velocities) - atoms.positions.T @ power
+    assert np.abs(lhs).max() > 1e-3
+    assert_close(exact, lhs, 1e-7, "heat flux from the neighbor shares")
+    assert np.abs(half - lhs).max() > 1e-4 * np.abs(lhs).max(), "the half split should not be exact"
+
+
 def stress_script(data: str, model: str, velocities: bool = False) -> str:
     """run 0; dumps stress/atom (6) and centroid/stress/atom (9) of every atom, prints the
     summed stress/atom and the virial pressure (bar) of the box."""
