@@ -18,6 +18,12 @@ def register(commands) -> None:
     p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="precision of the deployed weights and inputs (default: the model's own)")
+    p.add_argument("--format", choices=("torchscript", "aoti"),
+                   help="torchscript: one TorchScript file (.pt); aoti: an AOTInductor package (.pt2), compiled "
+                        "ahead of time for this torch version (needs a C++ compiler; minutes). "
+                        "Default: aoti if the output name ends in .pt2, else torchscript")
     p.add_argument("--member", type=int, metavar="K",
                    help="of one committee file, write only its member K (1, 2, ...; as `mlip info` lists them), "
                         "e.g. to fine-tune it")
@@ -59,9 +65,21 @@ def run_deploy(args) -> int:
                              f"differ ({listing})")
         model, data_hash = build_committee([model for model, _, _ in sources]), hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
-    deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check)
+    deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check, dtype=args.dtype,
+                 format=_output_format(args.output, args.format))
     print(f"wrote {args.output}: {description}")
     return 0
+
+
+def _output_format(output: str, requested):
+    """--format, or the output's extension (.pt2: AOTInductor); a name that contradicts it is refused."""
+    aoti_name = output.endswith(".pt2")
+    if requested is None:
+        return "aoti" if aoti_name else "torchscript"
+    if aoti_name != (requested == "aoti"):
+        raise ValueError(f"--format {requested} with output {output}: name AOTInductor packages *.pt2 and "
+                         "TorchScript files anything else (e.g. model.pt)")
+    return requested
 
 
 def _committee_member(paths, sources, k: int):
@@ -86,6 +104,7 @@ def _eager_model(path: str, no_ema: bool):
     from .model_file import read_metadata
 
     path = prefer_best(path)
+    _refuse_aoti_source(path)
     if is_model_file(path):
         if no_ema:
             raise ValueError(f"--no-ema needs a training checkpoint: {path} is a model file, which holds only "
@@ -101,6 +120,14 @@ def _eager_model(path: str, no_ema: bool):
             f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
 
 
+def _refuse_aoti_source(path: str) -> None:
+    from .aoti import is_aoti_package
+
+    if is_aoti_package(path):
+        raise ValueError(f"{path} is an AOTInductor package: it holds compiled code, not weights that can be "
+                         "deployed again; deploy from the checkpoint or TorchScript file it was made from")
+
+
 def run_info(args) -> int:
     from .model_file import read_metadata
 
@@ -110,8 +137,9 @@ def run_info(args) -> int:
         return 0
     print(f"{args.model}")
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
-                "mlip_version", "format_version", "training_data_hash"):
-        print(f"  {key:<24} {metadata.get(key)}")
+                "mlip_version", "format", "format_version", "torch_version", "device", "training_data_hash"):
+        if key in metadata or key not in ("torch_version", "device"):  # those two: AOTInductor packages only
+            print(f"  {key:<24} {metadata.get(key)}")
     hyper = dict(metadata.get("hyperparameters", {}))
     members = hyper.pop("members", [])  # a committee: one line per member
     print(f"  {'hyperparameters':<24} " + ", ".join(f"{k}={v}" for k, v in hyper.items()))
