@@ -16,6 +16,7 @@ from mlip.deploy import ModelFileError, deploy_model, load_model, read_metadata
 from mlip.deploy.compile import cast_model
 from mlip.models import build_committee
 from physics import cluster, tiny_model, triclinic_alloy
+from test_lammps import plugin  # noqa: F401  (the session's compiled LAMMPS plugin, for the .pt2 test)
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9}  # relative; float32: compiled code sums in another order
 CASES = [(family, head, dtype) for family in ("allegro", "nequip") for head in ("gradient", "direct")
@@ -212,3 +213,30 @@ def test_float64_deployment_of_a_float32_model(tmp_path):
         numeric.append((-(energies[0] - energies[1]) / (2 * step), double["forces"][atom, axis]))
     numeric = np.array(numeric)
     assert np.abs(numeric[:, 0] - numeric[:, 1]).max() < 1e-6 * np.abs(double["forces"]).max()
+
+
+@pytest.mark.slow
+@pytest.mark.lammps
+def test_lammps_runs_an_aoti_package(plugin, tmp_path):
+    """`pair_coeff * * model.pt2 Si O`: the plugin loads the package through torch's C++ AOTI loader;
+    a message-passing model (ghost centers, num_local < N) gives what ASE gives, and 2 ranks what 1
+    rank gives over MD."""
+    from test_lammps import (assert_close, assert_matches, calculator_results, md_script, rattled_crystal,
+                             read_dump, run_lmp, run_zero, thermo_table, tiny_potential, write_data)
+
+    scripted, package = str(tmp_path / "model.pt"), str(tmp_path / "model.pt2")
+    potential = tiny_potential("nequip", num_layers=2)
+    deploy_model(potential, scripted)
+    deploy_model(potential, package, format="aoti")
+    atoms = rattled_crystal(seed=12)
+    expected = calculator_results(atoms, scripted, stress=True)
+    assert_matches(calculator_results(atoms, package, stress=True), expected, 1e-9)
+    assert_matches(run_zero(atoms, package, tmp_path), expected, 1e-8)
+    data = write_data(atoms, tmp_path / "structure.data")
+    results = []
+    for ranks in (1, 2):
+        output = run_lmp(md_script(data, package, steps=20), tmp_path, ranks)
+        results.append((thermo_table(output), read_dump(tmp_path / "final.dump")))
+    (thermo1, dump1), (thermo2, dump2) = results
+    assert_close(thermo2, thermo1, 1e-9, "thermo")
+    assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")

@@ -29,6 +29,7 @@ Metadata: the same JSON as a TorchScript file, at ``<archive>/extra/mlip/metadat
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, List, Tuple, Union
 
@@ -106,8 +107,13 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".pt2")  # Inductor insists on the .pt2 suffix
     os.close(fd)
     try:
-        aoti_compile_and_package(exported, package_path=tmp,
-                                 inductor_configs={"aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}})
+        with warnings.catch_warnings():  # torch 2.13's own pytree code warns about itself while compiling
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
+                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text},
+                # Kernels take the thread count at run time (torch.set_num_threads, MLIP_TORCH_THREADS
+                # in LAMMPS); by default Inductor compiles in the count torch had at deploy.
+                "cpp.dynamic_threads": True})
         with zipfile.ZipFile(tmp, "a") as archive:
             root = archive.namelist()[0].split("/")[0]
             archive.writestr(f"{root}/extra/mlip/metadata.json", text)

@@ -14,7 +14,6 @@
 #include "utils.h"
 
 #include <ATen/Parallel.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -36,6 +35,7 @@ namespace {
 // Constants of the deployed model file format (mlip/deploy/model_file.py).
 const char *const METADATA_FILE = "mlip/metadata.json";
 const char *const FORMAT_NAME = "mlip-torchscript";
+const char *const AOTI_FORMAT_NAME = "mlip-aoti";    // AOTInductor package (mlip/deploy/aoti.py)
 const int FORMAT_VERSION = 1;
 
 // torch error messages carry a long C++ backtrace: the first line is what users need.
@@ -166,33 +166,26 @@ void PairMLIP::load_model(const std::string &path)
   if (!std::ifstream(path).good())
     error->all(FLERR, "pair_style mlip: model file {} does not exist or is not readable", path);
 
-  std::unordered_map<std::string, std::string> extra_files{{METADATA_FILE, ""}};
+  std::string text;    // the metadata JSON
   try {
-    // Without the graph executor's optimizations (here and at every call): its own autodiff made
-    // a NequIP force call 1.7x slower than eager PyTorch on CPU (torch 2.13); see model_file.py.
-    torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-    model = torch::jit::load(path, torch::kCPU, extra_files);
+    model = mlip::load_deployed_model(path, text);
   } catch (const std::exception &e) {
     error->all(FLERR,
                "pair_style mlip: {} is not a readable mlip model file (corrupt, truncated, or not "
-               "a TorchScript archive written by `mlip deploy`): {}",
-               path, first_line(e.what()));
+               "a model file written by `mlip deploy`): {}",
+               path, e.what());
   }
-  model.eval();
-  // Inference only: with frozen weights autograd saves just what forces and the virial need.
-  for (auto parameter : model.parameters()) parameter.requires_grad_(false);
-
-  const std::string &text = extra_files[METADATA_FILE];
   if (text.empty())
     error->all(FLERR,
-               "pair_style mlip: {} is a TorchScript file but not an mlip model (no {} inside); "
+               "pair_style mlip: {} is a TorchScript/zip file but not an mlip model (no {} inside); "
                "write it with `mlip deploy`",
                path, METADATA_FILE);
 
   std::string units_energy, units_length, force_head, dtype_name;
   try {
     const json metadata = json::parse(text);
-    if (metadata.at("format").get<std::string>() != FORMAT_NAME)
+    const std::string format = metadata.at("format").get<std::string>();
+    if (format != FORMAT_NAME && format != AOTI_FORMAT_NAME)
       error->all(FLERR, "pair_style mlip: {} is not an mlip model file (format '{}')", path,
                  metadata.at("format").dump());
     const int version = metadata.at("format_version").get<int>();
@@ -411,22 +404,18 @@ void PairMLIP::compute(int eflag, int vflag)
     // Periodic images are explicit ghost atoms: no shifts.
     torch::Tensor edge_shifts = torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype));
 
-    std::vector<torch::jit::IValue> inputs{positions.to(dtype), atom_types, edge_index, edge_shifts,
-                                           (int64_t) nlocal};
-    c10::IValue result;
+    mlip::Outputs output;
     try {
-      torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-      result = model.forward(inputs);
+      output = model->forward(positions.to(dtype), atom_types, edge_index, edge_shifts, (int64_t) nlocal);
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
                  nnodes, nedges, first_line(e.what()));
     }
 
-    const auto output = result.toGenericDict();
     auto get = [&](const char *key) -> torch::Tensor {
-      if (!output.contains(key))
+      if (!output.count(key))
         error->one(FLERR, "pair_style mlip: model {} returned no '{}'", model_path, key);
-      return output.at(key).toTensor().to(torch::kFloat64).contiguous();
+      return output.at(key).to(torch::kFloat64).contiguous();
     };
 
     const torch::Tensor atomic_energies = get("atomic_energies");
@@ -452,7 +441,7 @@ void PairMLIP::compute(int eflag, int vflag)
 
     if (M > 0) {
       // Committee files deployed before 2026-12 have member energies but no member forces.
-      have_members = output.contains("member_forces") && output.contains("member_atomic_energies");
+      have_members = output.count("member_forces") && output.count("member_atomic_energies");
       if (have_members) {
         const torch::Tensor member_force = get("member_forces");    // (nnodes, 3, M)
         const torch::Tensor member_energy = get("member_atomic_energies");    // (nlocal, M)

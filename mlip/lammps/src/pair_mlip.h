@@ -20,7 +20,9 @@
 
 #include "pair.h"
 
-#include <torch/script.h>
+#include "mlip_model.h"
+
+#include <memory>
 
 #include <string>
 #include <vector>
@@ -50,7 +52,7 @@ class PairMLIP : public Pair {
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
 
-  torch::jit::Module model;
+  std::unique_ptr<mlip::DeployedModel> model;    // TorchScript file or AOTInductor package
   std::string model_path;
 
   // From the model file's metadata (mlip/metadata.json)
