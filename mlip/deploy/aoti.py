@@ -31,7 +31,7 @@ import os
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -60,9 +60,12 @@ def check_compiler() -> str:
 
 
 def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, os.PathLike],
-                   metadata: Dict[str, Any], device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+                   metadata: Dict[str, Any], device: Union[str, torch.device] = "cpu",
+                   check: Optional[Callable[["AOTIModel"], None]] = None) -> Dict[str, Any]:
     """Export ``deployed`` (a :class:`mlip.models.DeployedPotential`) and write the package at
     ``path`` (atomically: temporary file + rename); returns the package's metadata.
+    ``check`` gets the compiled package, loaded, before it is renamed into place: if it raises,
+    nothing is written.
 
     ``example``: contract inputs (positions, atom_types, edge_index, edge_shifts, num_local) on
     ``device``, with N and E not 0 or 1 (torch specializes those sizes) and 1 < num_local < N
@@ -117,6 +120,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         with zipfile.ZipFile(tmp, "a") as archive:
             root = archive.namelist()[0].split("/")[0]
             archive.writestr(f"{root}/extra/mlip/metadata.json", text)
+        if check is not None:
+            check(load_package(tmp, metadata, device))
         umask = os.umask(0)  # mkstemp creates 0600; a model file is meant to be shared
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

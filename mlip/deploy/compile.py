@@ -48,14 +48,16 @@ def deploy_model(
     metadata = model_metadata(model)
     metadata["training_data_hash"] = training_data_hash
     if format == "aoti":
-        from .aoti import check_compiler, export_package, load_package
+        from .aoti import check_compiler, export_package
 
         check_compiler()  # before the long export
-        model = copy.deepcopy(model).to(device)
-        metadata = export_package(DeployedPotential(model.eval()), _probe_inputs(model, ghosts=2), path, metadata, device)
-        if check:
-            check_compiled(model, load_package(path, metadata, device), path)
-        return metadata
+        model = copy.deepcopy(model).to(device).eval()
+
+        def check_package(compiled):
+            check_compiled(model, compiled, os.fspath(path))
+
+        return export_package(DeployedPotential(model), _probe_inputs(model, ghosts=2), path, metadata, device,
+                              check=check_package if check else None)
     scripted = script_model(model)
     if check:
         check_compiled(model, scripted)
