@@ -145,8 +145,9 @@ def test_package_of_another_torch_or_device_is_refused(deployed, tmp_path):
     rewrite_metadata(package, other, torch_version="2.99.0")
     with pytest.raises(ModelFileError, match=r"torch 2\.99\.0.*this is torch"):
         load_model(other)
-    with pytest.raises(ModelFileError, match="compiled for device 'cpu'"):
-        load_model(package, device="cuda")
+    rewrite_metadata(package, other, device="cuda")
+    with pytest.raises(ModelFileError, match="compiled for device 'cuda'"):
+        load_model(other)
 
 
 def test_corrupt_package_is_refused(deployed, tmp_path):

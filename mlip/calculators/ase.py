@@ -10,13 +10,19 @@ is their mean), energy_uncertainty (eV, their standard deviation) and force_unce
 atom, the spread of the models' forces on it): large where the models disagree, i.e. where the
 structure is unlike the training data.
 
+Threads: one calculator may be shared by several Python threads; calls are serialized by a lock
+(each thread gets the results of its own structure, one at a time). For parallel evaluation give
+each thread its own calculator.
+
 Speed in MD: the neighbor list is built with a skin and reused until an atom has moved more than
 half the skin or the cell changed; each step only filters the candidate edges to r_max on the
 device. Threads: torch's own setting (all cores by default); pass ``threads=N`` or call
 ``torch.set_num_threads(N)`` to change it.
 """
 
+import math
 import os
+import threading
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -26,8 +32,8 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
-from ..data.neighbors import neighbor_list, pair_edges
-from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
+from ..data.neighbors import lattice_images, neighbor_list, pair_edges
+from ..deploy.model_file import DTYPES, accepts_paired_edges, check_model_fields, load_model, usable_device
 from ..models.committee import force_uncertainty
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
@@ -42,6 +48,7 @@ def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[t
         return load_model(model, device=device)
     if isinstance(model, tuple):
         module, metadata = model
+        check_model_fields(metadata, "metadata given with the model")  # as a file's would be
         return module.to(device), metadata
     from ..models import DeployedPotential, Potential, model_metadata
 
@@ -50,7 +57,25 @@ def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[t
     raise TypeError(f"MLIPCalculator takes a model file path, load_model()'s result or a Potential, not {type(model)}")
 
 
+def _number(name: str, value, low: float, integer: bool = False):
+    """``value`` checked to be a finite number (an integer if asked) >= ``low``; the error names it."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+        integer and not float(value).is_integer()
+    ):
+        raise TypeError(f"MLIPCalculator: {name} must be {kind}, got {value!r}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"MLIPCalculator: {name} must be {kind} >= {low}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
 class MLIPCalculator(Calculator):
+    """ASE calculator of a deployed mlip model (see the module docstring).
+
+    Thread safety: a lock serializes calculations and the reading of their results, so one
+    calculator shared by threads gives each thread the results of its own structure.
+    """
+
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(
@@ -63,19 +88,31 @@ class MLIPCalculator(Calculator):
         domain_atoms: int = 4000,
         threads: Optional[int] = None,
         reuse_memory: bool = True,
-        **kwargs,
+        label: Optional[str] = None,
+        atoms=None,
     ):
         """
-        skin: Å added to r_max for the reused neighbor list (0 rebuilds it every call).
-        min_distance: Å; closer atoms raise an error (overlap or wrong units).
-        domain_threshold: systems with more atoms are evaluated by spatial domains of about
-            ``domain_atoms`` owned atoms each (identical results, bounded memory); None disables.
-        threads: if given, sets torch's (process-wide) intra-op thread count.
+        skin: Å (>= 0) added to r_max for the reused neighbor list (0 rebuilds it every call).
+        min_distance: Å (>= 0); closer atoms raise an error (overlap or wrong units); 0 disables
+            it and the cell checks built on it.
+        domain_threshold: systems with more atoms (>= 1) are evaluated by spatial domains of about
+            ``domain_atoms`` (>= 1) owned atoms each (identical results, bounded memory); None disables.
+        threads: if given (>= 1), sets torch's (process-wide) intra-op thread count.
         reuse_memory: let glibc recycle large freed blocks (process-wide; ~2x faster steps for
             thousands of atoms, higher peak RSS; see mlip.allocator).
+        label, atoms: ASE's own Calculator arguments. No other keyword is accepted (a misspelt
+            one is an error, not an ignored "parameter"); the dtype is the model file's.
         """
-        super().__init__(**kwargs)
-        self.device = torch.device(device)
+        self.skin = _number("skin", skin, 0.0)
+        self.min_distance = _number("min_distance", min_distance, 0.0)
+        self.domain_threshold = None if domain_threshold is None else _number(
+            "domain_threshold", domain_threshold, 1, integer=True)
+        self.domain_atoms = _number("domain_atoms", domain_atoms, 1, integer=True)
+        if threads is not None:
+            threads = _number("threads", threads, 1, integer=True)
+        self.device = usable_device(device)
+        super().__init__(label=label, atoms=atoms)
+        self._lock = threading.RLock()
         self.model, self.metadata = resolve_model(model, self.device)
         self.dtype = DTYPES[self.metadata["dtype"]]
         self.r_max = float(self.metadata["r_max"])
@@ -88,12 +125,8 @@ class MLIPCalculator(Calculator):
         if "members" in self.metadata.get("hyperparameters", {}):
             self.implemented_properties = self.implemented_properties + [
                 "committee_energies", keys.ENERGY_UNCERTAINTY, keys.FORCE_UNCERTAINTY]
-        self.skin = float(skin)
-        self.min_distance = float(min_distance)
-        self.domain_threshold = domain_threshold
-        self.domain_atoms = int(domain_atoms)
         if threads is not None:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         if reuse_memory:
             reuse_freed_memory()
         self._neighbors: Optional[Dict[str, Any]] = None
@@ -111,14 +144,24 @@ class MLIPCalculator(Calculator):
             displacement = np.sqrt(((positions - cached["positions"]) ** 2).sum(axis=1).max())
             if 2.0 * displacement <= self.skin:
                 return cached
-        edge_index, cell_shifts = neighbor_list(positions, atoms.cell.array, atoms.pbc, self.r_max + self.skin)
+        # The model sees positions wrapped into the cell and taken relative to the first atom, in
+        # float64 before any cast: a float32 model then forms edge vectors as accurately for a
+        # structure 1e12 lattice vectors (or 1e6 Å) away as near the origin. The offset is frozen
+        # with the list, so an atom crossing the cell boundary while the list is reused keeps
+        # continuous coordinates and the shifts stay valid.
+        cell = atoms.cell.array
+        translations = lattice_images(positions, cell, atoms.pbc) @ cell  # (N, 3) Å, lattice vectors
+        wrapped = positions - translations
+        edge_index, cell_shifts = neighbor_list(wrapped, cell, atoms.pbc, self.r_max + self.skin)
         if self.paired:
             edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
         self._neighbors = {
             "numbers": atoms.numbers.copy(),
             "pbc": atoms.pbc.copy(),
-            "cell": atoms.cell.array.copy(),
+            "cell": cell.copy(),
             "positions": positions.copy(),
+            "translations": translations,
+            "origin": wrapped[:1].copy(),  # (1, 3) Å, or (0, 3) for no atoms
             "edge_index": torch.as_tensor(edge_index, device=self.device),
             "shifts": torch.as_tensor(cell_shifts @ atoms.cell.array, dtype=self.dtype, device=self.device),
             "atom_types": torch.as_tensor(self.type_mapper(atoms.numbers), device=self.device),
@@ -127,7 +170,9 @@ class MLIPCalculator(Calculator):
 
     def _evaluate_whole(self, atoms) -> Dict[str, torch.Tensor]:
         graph = self._candidate_edges(atoms)
-        positions = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
+        # Two float64 subtractions, the large one first: exact for atoms a lattice vector apart.
+        relative = (atoms.positions - graph["translations"]) - graph["origin"]  # (N, 3) Å
+        positions = torch.as_tensor(relative, dtype=self.dtype, device=self.device)
         edge_index, shifts = graph["edge_index"], graph["shifts"]
         if self.skin > 0:
             vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts
@@ -146,7 +191,17 @@ class MLIPCalculator(Calculator):
         return self.model(positions, graph["atom_types"], edge_index, shifts, len(atoms))
 
     # --- ASE interface ----------------------------------------------------------------------------
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        # ASE calculates into self.results, then reads from it: both under the lock, or another
+        # thread's calculation could replace the results in between.
+        with self._lock:
+            return super().get_property(name, atoms, allow_calculation)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        with self._lock:
+            self._calculate(atoms, properties, system_changes)
+
+    def _calculate(self, atoms, properties, system_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         if "stress" in properties:
@@ -159,7 +214,7 @@ class MLIPCalculator(Calculator):
                     f"stress needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()}): "
                     "a non-periodic cell has no volume to divide by"
                 )
-        check_structure(atoms)
+        check_structure(atoms, self.min_distance)
         self.type_mapper(atoms.numbers)  # clear error for unknown elements before anything else
 
         if self.domain_threshold is not None and len(atoms) > self.domain_threshold:
@@ -173,7 +228,7 @@ class MLIPCalculator(Calculator):
         forces = out["forces"].detach().cpu().numpy().astype(np.float64)
         if not self.gradient_head:
             forces = forces - forces.mean(axis=0)  # direct forces: no net force, no drift
-        energy = float(out["energy"])
+        energy = float(out["energy"].detach())
         self.results = {"energy": energy, "free_energy": energy, "energies": energies, "forces": forces}
         if keys.MEMBER_ATOMIC_ENERGIES in out:
             committee_energies = out[keys.MEMBER_ATOMIC_ENERGIES].detach().cpu().numpy().sum(axis=0)  # (M,) eV

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..data.atoms import check_min_distance
-from ..data.neighbors import neighbor_list
+from ..data.neighbors import lattice_images, neighbor_list, periodic_basis
 
 
 def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
@@ -45,9 +45,10 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     "forces" (N, 3) in the model dtype, for a gradient head "virial" (3, 3) and, for a committee,
     "member_atomic_energies" (N, M) float64 and "member_forces" (N, 3, M) in the model dtype.
     """
-    positions = np.asarray(atoms.positions, dtype=np.float64)  # (N, 3) Å
     cell = atoms.cell.array.astype(np.float64)  # (3, 3) rows are lattice vectors
     pbc = atoms.pbc.copy()
+    # (N, 3) Å, wrapped into the cell in float64: small shifts and node positions (float32 models)
+    positions = atoms.positions - lattice_images(atoms.positions, cell, pbc) @ cell
     num_atoms = len(atoms)
     layers = int(calc.metadata["message_passing_layers"])
     if layers < 1:
@@ -66,6 +67,7 @@ def evaluate_by_domains(calc, atoms) -> Dict[str, torch.Tensor]:
     for owned in split_into_domains(positions, cell, pbc, calc.domain_atoms):
         node_atoms, node_shifts, edge_index = _domain_graph(owned, graph, layers, num_atoms)
         node_positions = positions[node_atoms] + node_shifts @ cell  # (n_nodes, 3) explicit images
+        node_positions -= node_positions[0]  # relative to an owned atom, in float64 (as in LAMMPS)
         edge_index_t = torch.as_tensor(edge_index, device=device)
         out = calc.model(
             torch.as_tensor(node_positions, dtype=dtype, device=device),
@@ -118,7 +120,7 @@ def split_into_domains(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
         raise ValueError(f"domain_atoms must be >= 1, got {domain_atoms}")
     wanted = max(1, int(np.ceil(num_atoms / domain_atoms)))
 
-    basis = _partition_basis(cell, pbc)  # (3, 3) rows: periodic lattice vectors, then free unit vectors
+    basis = periodic_basis(cell, pbc)  # (3, 3) rows: periodic lattice vectors, then free unit vectors
     coords = positions @ np.linalg.inv(basis)  # (N, 3): fractional along periodic rows, Å along free ones
     widths = np.empty(3)
     volume = abs(np.linalg.det(basis))
@@ -142,21 +144,6 @@ def split_into_domains(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
     order = np.argsort(box_id, kind="stable")  # stable: atoms stay sorted inside a box
     boundaries = np.flatnonzero(np.diff(box_id[order])) + 1
     return np.split(order, boundaries)
-
-
-def _partition_basis(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """Periodic lattice vectors kept; non-periodic rows replaced by orthonormal vectors
-    perpendicular to the periodic ones (a non-periodic cell row may be zero or arbitrary)."""
-    basis = cell.copy()
-    periodic = cell[pbc]
-    if len(periodic) == 3:
-        return basis
-    if len(periodic):
-        free = np.linalg.svd(periodic)[2][len(periodic):]  # null space of the periodic vectors
-    else:
-        free = np.eye(3)
-    basis[~pbc] = free
-    return basis
 
 
 # --- graphs ----------------------------------------------------------------------------------------

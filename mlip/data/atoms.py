@@ -12,7 +12,7 @@ from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
 
 from . import keys
-from .neighbors import DEFAULT_BACKEND, neighbor_list
+from .neighbors import DEFAULT_BACKEND, lattice_images, neighbor_list
 
 # Two atoms closer than this (Å) are almost certainly a broken input (duplicated atom, wrong
 # units), not physics: refuse them rather than predict a meaningless energy.
@@ -60,19 +60,58 @@ class TypeMapper:
         return cls([chemical_symbols[z] for z in numbers])
 
 
-def check_structure(atoms: Atoms) -> None:
-    """Raise a clear error for input no potential can evaluate meaningfully."""
+# Beyond this (Å) float64 itself resolves positions only to ~2e-3 Å: no edge vector can be trusted.
+MAX_COORDINATE = 1e13
+
+
+def check_structure(atoms: Atoms, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
+    """Raise a clear error for input no potential can evaluate meaningfully, before any neighbor
+    list is built: NaN/inf or absurdly far positions, a NaN/inf or degenerate periodic cell, and
+    (for ``min_distance`` > 0) a cell that forces overlaps: a lattice vector shorter than
+    ``min_distance`` (every atom overlaps its own image) or a number density above that of
+    spheres of diameter ``min_distance`` in the densest packing, sqrt(2) / d^3 (some pair must be
+    closer). Such cells would otherwise cost a neighbor list of millions of images per atom
+    (a 0.1 Å cell with r_max 4 Å: ~10^8 edges) before the overlap check refuses them.
+    """
     positions = atoms.positions
     if not np.isfinite(positions).all():
         bad = np.where(~np.isfinite(positions).all(axis=1))[0]
         raise ValueError(f"positions of atoms {bad[:10].tolist()} are NaN or infinite")
-    if atoms.pbc.any():
-        cell = atoms.cell.array
-        periodic = cell[atoms.pbc]
-        if not np.isfinite(cell).all() or abs(np.linalg.det(periodic @ periodic.T)) < 1e-12:
+    if len(positions) and np.abs(positions).max() > MAX_COORDINATE:
+        bad = np.where(np.abs(positions).max(axis=1) > MAX_COORDINATE)[0]
+        raise ValueError(
+            f"positions of atoms {bad[:10].tolist()} are beyond {MAX_COORDINATE:.0e} Å from the origin, "
+            f"where float64 no longer resolves interatomic distances (wrap them into the cell)"
+        )
+    if not atoms.pbc.any():
+        return
+    cell = atoms.cell.array
+    periodic = cell[atoms.pbc]
+    if not np.isfinite(cell).all():
+        raise ValueError(f"cell has NaN or infinite entries: {cell.tolist()}")
+    if abs(np.linalg.det(periodic @ periodic.T)) < 1e-12:
+        raise ValueError(
+            f"structure is periodic along {atoms.pbc.tolist()} but its cell has zero volume there: "
+            f"{cell.tolist()}"
+        )
+    if min_distance <= 0:
+        return
+    from ase.geometry import minkowski_reduce
+
+    reduced = minkowski_reduce(cell, pbc=atoms.pbc)[0]  # its first periodic row: the shortest lattice vector
+    shortest = float(np.linalg.norm(np.asarray(reduced)[atoms.pbc], axis=1).min())
+    if shortest < min_distance:
+        raise ValueError(
+            f"the periodic cell has a lattice vector only {shortest:.3g} Å long (< min_distance {min_distance} Å): "
+            f"every atom overlaps its own periodic image (cell {cell.tolist()}; wrong units or scale?)"
+        )
+    if atoms.pbc.all():
+        density = len(atoms) / abs(np.linalg.det(cell))
+        if density > np.sqrt(2.0) / min_distance**3:
             raise ValueError(
-                f"structure is periodic along {atoms.pbc.tolist()} but its cell has zero volume there: "
-                f"{cell.tolist()}"
+                f"{len(atoms)} atoms in a cell of {abs(np.linalg.det(cell)):.3g} Å^3 ({density:.3g} atoms/Å^3): "
+                f"denser than spheres {min_distance} Å apart can pack (min_distance), so atoms overlap "
+                f"(wrong units or scale of the cell?)"
             )
 
 
@@ -143,12 +182,15 @@ def atoms_to_graph(
     min_distance: float = DEFAULT_MIN_DISTANCE,
     backend: str = DEFAULT_BACKEND,
 ) -> Dict[str, np.ndarray]:
-    """One structure as a dict of numpy arrays: positions, types, cell, edges (+ labels)."""
-    check_structure(atoms)
+    """One structure as a dict of numpy arrays: positions (wrapped into the cell along periodic
+    directions), types, cell, edges (+ labels)."""
+    check_structure(atoms, min_distance)
     atom_types = type_mapper(atoms.numbers)
     cell = atoms.cell.array.astype(np.float64)
     pbc = atoms.pbc.copy()
-    positions = atoms.positions.astype(np.float64)
+    # Wrapped into the cell (float64): neighbor-list shifts stay small, so that float32 batches
+    # keep the edge vectors of unwrapped trajectories (atoms diffused over many cells) accurate.
+    positions = atoms.positions - lattice_images(atoms.positions, cell, pbc) @ cell
     edge_index, cell_shifts = neighbor_list(positions, cell, pbc, r_max, backend=backend)
     vectors = positions[edge_index[1]] - positions[edge_index[0]] + cell_shifts @ cell
     check_min_distance(np.linalg.norm(vectors, axis=1), edge_index, min_distance)
@@ -170,7 +212,8 @@ def atoms_to_graph(
 
 
 def graph_to_atoms(graph: Dict[str, np.ndarray], type_names: Sequence[str]) -> Atoms:
-    """Inverse of :func:`atoms_to_graph` (labels attached as a SinglePointCalculator)."""
+    """Inverse of :func:`atoms_to_graph`, up to its wrapping of atoms into the cell (labels
+    attached as a SinglePointCalculator)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     symbols = [type_names[t] for t in np.asarray(graph[keys.ATOM_TYPES])]

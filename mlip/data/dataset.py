@@ -74,11 +74,12 @@ class GraphDataset:
         backend: str = DEFAULT_BACKEND,
     ) -> "GraphDataset":
         """In memory, from ase.Atoms or files (see ``iter_structures``: ``file@selection`` works)."""
-        structures = list(iter_structures(structures))
+        sourced = list(iter_sourced_structures(structures))
+        structures = [atoms for _, atoms in sourced]
         mapper = TypeMapper(type_names) if type_names is not None else TypeMapper.from_atoms(structures)
         graphs, config_types = [], []
-        for k, atoms in enumerate(structures):
-            graphs.append(_to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend))
+        for k, (where, atoms) in enumerate(sourced):
+            graphs.append(_to_graph(atoms, k, where, r_max, mapper, label_keys, require, min_distance, backend))
             config_types.append(str(atoms.info.get("config_type", "")))
         return cls(graphs, r_max, mapper.type_names, label_keys, config_types)
 
@@ -163,9 +164,9 @@ def convert_to_hdf5(
     try:
         from tqdm import tqdm
 
-        for k, atoms in enumerate(tqdm(iter_structures(inputs), desc=f"graphs -> {output.name}", unit=" structures",
-                                       disable=not progress, mininterval=1.0)):
-            graph = _to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend)
+        for k, (where, atoms) in enumerate(tqdm(iter_sourced_structures(inputs), desc=f"graphs -> {output.name}",
+                                                unit=" structures", disable=not progress, mininterval=1.0)):
+            graph = _to_graph(atoms, k, where, r_max, mapper, label_keys, require, min_distance, backend)
             writer.append(graph, atoms.info.get("config_type", ""))
         digest = writer.close()
         os.replace(tmp, output)
@@ -247,18 +248,39 @@ def _paths(inputs) -> List[PathLike]:
 def iter_structures(inputs) -> Iterator:
     """ase.Atoms from files (streamed; ASE's ``file@selection`` picks some, e.g. ``data.extxyz@0:900``)
     or from an iterable of Atoms."""
+    for _, atoms in iter_sourced_structures(inputs):
+        yield atoms
+
+
+def iter_sourced_structures(inputs) -> Iterator[Tuple[Optional[str], object]]:
+    """(where, atoms) of :func:`iter_structures`: ``where`` is "FILE, frame I" (I counts the frames
+    of the file, whatever the selection) for structures read from files, None for given Atoms."""
     paths = _paths(inputs)
     if paths:
         import ase.io
+        from ase.io.formats import UnknownFileTypeError
 
         for path in paths:
             file, selection = split_selection(path)
             if not file.exists():
                 raise FileNotFoundError(f"no such structure file: {file}")
+            start, step = selection.start or 0, selection.step or 1
+            count = 0
             with _uncompressed(file) as plain:
-                yield from ase.io.iread(plain, selection, do_not_split_by_at_sign=True)
+                try:
+                    for atoms in ase.io.iread(plain, selection, do_not_split_by_at_sign=True):
+                        # A selection from the end or backwards would need the file's length: count in it.
+                        in_file = start >= 0 and step > 0
+                        frame = f"frame {start + count * step}" if in_file else f"structure {count} of {path}"
+                        count += 1
+                        yield f"{file}, {frame}", atoms
+                except UnknownFileTypeError as error:  # e.g. an empty file: not a traceback
+                    raise ValueError(f"{file}: {error}") from None
+            if count == 0:  # data that silently trains (or evaluates) on nothing
+                raise ValueError(f"{path}: no structures (an empty file, or a selection past its end)")
     else:
-        yield from inputs
+        for atoms in inputs:
+            yield None, atoms
 
 
 def split_selection(path: PathLike) -> Tuple[Path, slice]:
@@ -303,10 +325,12 @@ def _uncompressed(path: Path):
         yield plain
 
 
-def _to_graph(atoms, k, r_max, mapper, label_keys, require, min_distance, backend) -> Graph:
-    """atoms_to_graph, with the failing structure named in the error."""
+def _to_graph(atoms, k, where, r_max, mapper, label_keys, require, min_distance, backend) -> Graph:
+    """atoms_to_graph, with the failing structure named in the error: its file and frame (``where``)
+    and its index ``k`` among all inputs (its index in the graph file)."""
     try:
         return atoms_to_graph(atoms, r_max, mapper, label_keys, require, min_distance, backend)
     except (ValueError, KeyError) as error:
         message = error.args[0] if error.args else str(error)
-        raise type(error)(f"structure {k} ({atoms.get_chemical_formula()}): {message}") from error
+        prefix = f"{where}: " if where else ""
+        raise type(error)(f"{prefix}structure {k} ({atoms.get_chemical_formula()}): {message}") from error

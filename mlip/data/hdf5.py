@@ -23,6 +23,9 @@ has_energy/forces/stress  (B,) bool          which structures carry the label
 config_type               (B,) utf-8 string  ``atoms.info["config_type"]`` or ""
 ========================  =================  =========================================
 
+Whether a structure carries a label is said by ``has_*`` alone: the zero (or NaN) rows of the others
+are placeholders that the reader never returns (a missing force label must not train F = 0).
+
 Attributes: format, format_version, r_max, type_names, label_keys (JSON), min_distance,
 neighbor_backend, num_structures, content_hash (sha256 of every dataset above and of r_max /
 type_names, in a fixed order: equal hashes mean equal training data).

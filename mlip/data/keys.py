@@ -33,5 +33,9 @@ VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV
 STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only)
 
 # --- bookkeeping -------------------------------------------------------------------------------
-HAS_STRESS = "has_stress"  # (B,) bool | the label set carries a stress for this structure
+# A batch carries a label when any of its structures does; these masks say where it exists. Where a
+# mask is False the label holds a placeholder zero that no loss or metric may read.
+HAS_ENERGY = "has_energy"  # (B,) bool | this structure carries an energy label
+HAS_FORCES = "has_forces"  # (N,) bool | this atom carries a force label (its structure does)
+HAS_STRESS = "has_stress"  # (B,) bool | this structure carries a stress label
 STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset

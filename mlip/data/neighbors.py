@@ -55,6 +55,35 @@ def neighbor_list(
     return edge_index, shifts[order].astype(np.int64)
 
 
+def periodic_basis(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """(3, 3) rows: the periodic lattice vectors kept, non-periodic rows replaced by orthonormal
+    vectors perpendicular to the periodic ones (a non-periodic cell row may be zero or arbitrary),
+    so that the result is invertible whenever the periodic vectors are independent."""
+    basis = np.array(cell, dtype=np.float64).reshape(3, 3)
+    periodic = basis[pbc]
+    if len(periodic) == 3:
+        return basis
+    free = np.linalg.svd(periodic)[2][len(periodic):] if len(periodic) else np.eye(3)  # null space
+    basis[~pbc] = free
+    return basis
+
+
+def lattice_images(positions: np.ndarray, cell: np.ndarray, pbc) -> np.ndarray:
+    """(N, 3) int64 ``n`` such that ``positions - n @ cell`` lies inside the cell (fractional
+    coordinates in [0, 1)) along periodic directions; zero along the others.
+
+    Wrapping in float64 before anything is cast to a float32 model keeps edge vectors as accurate
+    for an atom 1e12 lattice vectors away as for one in the cell (its neighbor-list shifts would
+    otherwise be ~1e12 cells and lose every digit in float32).
+    """
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    images = np.zeros((len(positions), 3), dtype=np.int64)
+    if pbc.any() and len(positions):
+        fractional = np.asarray(positions, dtype=np.float64) @ np.linalg.inv(periodic_basis(cell, pbc))
+        images[:, pbc] = np.floor(fractional[:, pbc]).astype(np.int64)
+    return images
+
+
 def pair_edges(edge_index: np.ndarray, cell_shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """A full list (both directions of every pair) reordered as [one direction; the reverses].
 

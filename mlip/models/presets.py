@@ -5,6 +5,8 @@
 density products to each layer (see mlip.models.nequip); every preset is plain NequIP (1).
 """
 
+import math
+
 PRESETS = {
     "allegro": {
         "small": dict(r_max=5.0, l_max=1, num_layers=2, num_scalar=32, num_tensor=32, mlp_hidden=64,
@@ -26,13 +28,33 @@ PRESETS = {
 
 
 def hyperparameters(family: str, preset: str, overrides: dict) -> dict:
+    """The preset's hyperparameters with ``overrides`` applied. A bad name or value raises a
+    ValueError whose message starts with the culprit as a model config key (``preset``,
+    ``overrides.num_layers``...), so the config can name it in full."""
     if family not in PRESETS:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"family: unknown model family {family!r}; choose one of {sorted(PRESETS)}")
     if preset not in PRESETS[family]:
-        raise ValueError(f"unknown preset {preset!r} for {family}; choose one of {sorted(PRESETS[family])}")
+        raise ValueError(f"preset: unknown preset {preset!r} for {family}; choose one of {sorted(PRESETS[family])}")
     params = dict(PRESETS[family][preset])
     unknown = sorted(set(overrides) - set(params))
     if unknown:
-        raise ValueError(f"unknown {family} hyperparameter(s) {unknown}; known: {sorted(params)}")
+        raise ValueError(f"overrides: unknown {family} hyperparameter(s) {unknown}; known: {sorted(params)}")
+    for name, value in overrides.items():
+        _check_value(name, value, params[name])
     params.update(overrides)
     return params
+
+
+def _check_value(name: str, value, default) -> None:
+    """An override must have its preset value's kind: YAML's "2" or 2.5 for a layer count, or 1 for
+    a bool, would otherwise fail deep inside the model, or not at all."""
+    if isinstance(default, bool):
+        ok, rule = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        low = 0 if name == "l_max" else 1
+        ok, rule = isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        rule = "a finite number > 0"
+    if not ok:
+        raise ValueError(f"overrides.{name}: expected {rule}, got {value!r}")

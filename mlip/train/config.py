@@ -6,14 +6,18 @@ default). See ``md_examples/configs/train_allegro_small.yaml`` for a commented e
 """
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+import torch
 import yaml
 
+from ..data import TypeMapper
 from ..models import ModelConfig
+from ..models.presets import hyperparameters
 
 
 @dataclass
@@ -117,11 +121,100 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.keys: unknown label(s) {unknown_labels}; allowed: ['energy', 'forces', 'stress']")
     if not config.data.train:
         raise ConfigError("data.train: give at least one training file")
-    if config.batch_size < 1 or config.stop.max_epochs < 0:
-        raise ConfigError("batch_size must be >= 1 and stop.max_epochs >= 0")
+    _check_ranges(config)
     if config.model.head == "direct" and config.loss.stress > 0:
         raise ConfigError("loss.stress > 0 needs model.head: gradient (a direct-force head predicts no stress)")
+    if config.model.head == "direct" and config.stop.monitor.startswith("stress"):
+        raise ConfigError(f"stop.monitor: {config.stop.monitor!r} needs model.head: gradient (a direct-force head "
+                          "predicts no stress)")
+    if config.data.type_names is not None:
+        try:
+            TypeMapper(config.data.type_names)
+        except ValueError as error:
+            raise ConfigError(f"data.type_names: {error}") from None
     return config
+
+
+def _finite(low, high=math.inf, low_open=False, high_open=True):
+    """A test and its wording for a number in an interval (NaN and infinities always fail)."""
+    def ok(v):
+        return math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return ok, (f"a finite number {'>' if low_open else '>='} {low}" if high == math.inf
+                else f"in {left}{low}, {high}{right}")
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f"an integer >= {low}"
+
+
+# Values out of these ranges would train silently wrong (a negative weight acted as zero, a NaN
+# learning rate gives NaN weights) or fail much later: refused up front, by their dotted key.
+# None (where allowed) means "off" and is not checked.
+RANGES = {
+    ("loss", "energy_per_atom"): _finite(0.0),
+    ("loss", "forces"): _finite(0.0),
+    ("loss", "stress"): _finite(0.0),
+    ("optimizer", "lr"): _finite(0.0, low_open=True),
+    ("optimizer", "weight_decay"): _finite(0.0),
+    ("optimizer", "clip_grad_norm"): _finite(0.0, low_open=True),
+    ("optimizer", "ema_decay"): _finite(0.0, 1.0, low_open=True),
+    ("data", "val_fraction"): _finite(0.0, 1.0),
+    ("data", "split_seed"): _at_least(0),
+    ("schedule", "factor"): _finite(0.0, 1.0, low_open=True),
+    ("schedule", "patience"): _at_least(0),
+    ("schedule", "warmup_epochs"): _finite(0.0),
+    ("schedule", "cosine_epochs"): _at_least(1),
+    ("schedule", "min_lr"): _finite(0.0),
+    ("stop", "max_epochs"): _at_least(0),
+    ("stop", "max_minutes"): _finite(0.0, low_open=True),
+    ("stop", "patience"): _at_least(1),
+    ("model", "r_max"): _finite(0.0, low_open=True),
+    ("batch_size",): _at_least(1),
+    ("threads",): _at_least(1),
+    ("seed",): _at_least(0),
+    ("checkpoint_every_steps",): _at_least(0),
+}
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for path, (ok, rule) in RANGES.items():
+        value = config
+        for name in path:
+            value = getattr(value, name)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{'.'.join(path)}: {value!r} is not {rule}")
+    if not any(getattr(config.loss, term) > 0 for term in ("energy_per_atom", "forces", "stress")):
+        raise ConfigError("loss: every weight is 0, so nothing would be fitted")
+    if config.schedule.min_lr > config.optimizer.lr:
+        raise ConfigError(f"schedule.min_lr: {config.schedule.min_lr} is above optimizer.lr {config.optimizer.lr}")
+    for symbol, energy in (config.data.isolated_atom_energies or {}).items():
+        if not math.isfinite(energy):
+            raise ConfigError(f"data.isolated_atom_energies.{symbol}: {energy!r} is not a finite energy")
+    try:
+        torch.device(config.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {config.device!r} is not a torch device such as 'cpu', 'cuda', 'cuda:1'") from None
+    try:
+        hyperparameters(config.model.family, config.model.preset, config.model.overrides)  # as written
+        config.model.hyperparameters()  # with model.r_max
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` (the config's ``device``), if this machine has it; else a
+    ConfigError saying what it has. Checked when a run starts, not when a config is read: a
+    checkpoint trained on a GPU must still load on a machine without one."""
+    device = torch.device(name)
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        available.append("mps")
+    if device.type == "cpu" or str(device) in available:
+        return device
+    raise ConfigError(f"device: {name!r} is not available on this machine; available: {available}")
 
 
 def load_config(path: Union[str, os.PathLike]) -> TrainConfig:

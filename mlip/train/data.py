@@ -11,10 +11,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..data import (GraphDataset, LabelKeys, TypeMapper, compute_statistics, convert_to_hdf5, iter_structures,
+from ..data import (GraphDataset, LabelKeys, TypeMapper, compute_statistics, convert_to_hdf5, iter_structures, keys,
                     split_indices)
 from ..data.stats import DatasetStatistics
-from .config import DataConfig
+from .config import ConfigError, DataConfig, TrainConfig
+
+# loss term (and prefix of its validation metrics) -> the label it needs
+TERM_LABELS = {"energy_per_atom": keys.ENERGY, "forces": keys.FORCES, "stress": keys.STRESS}
 
 
 @dataclass
@@ -68,6 +71,37 @@ def prepare_data(
     if len(train_indices) == 0:
         raise ValueError("no training structures left after the validation split")
     return TrainingData(train, train_indices, validation, val_indices, type_names, train.content_hash)
+
+
+def check_labels(config: TrainConfig, data: TrainingData) -> None:
+    """Refuse a run that would silently fit or select on nothing: a positive loss weight whose label
+    no training structure carries (e.g. a ``data.keys`` name found in no frame), or a
+    ``stop.monitor`` that the validation structures cannot measure."""
+    def carried(dataset, indices):  # label -> whether any of these structures carries it
+        return {field: bool(dataset.has_label(field)[indices].any()) for field in TERM_LABELS.values()}
+
+    trained = carried(data.train, data.train_indices)
+    for term, field in TERM_LABELS.items():
+        weight = getattr(config.loss, term)
+        if weight > 0 and not trained[field]:
+            name = config.data.keys.get(field, field)
+            raise ConfigError(
+                f"loss.{term}: weight {weight}, but no training structure carries {field} under {name!r} "
+                f"(data.keys.{field}): map the label's name with data.keys.{field}, or set loss.{term}: 0 to train "
+                "without it")
+    if len(data.val_indices) == 0:
+        return  # no validation: the training loss picks best.pt
+    validated = carried(data.validation, data.val_indices)
+    monitor = config.stop.monitor
+    if monitor == "loss":
+        weighted = [field for term, field in TERM_LABELS.items() if getattr(config.loss, term) > 0]
+        if not any(validated[field] for field in weighted):
+            raise ConfigError(f"stop.monitor: 'loss' would be 0 throughout: the validation structures carry none of "
+                              f"the weighted labels {weighted}")
+    else:
+        field = TERM_LABELS[monitor.rsplit("_", 1)[0]]
+        if not validated[field]:
+            raise ConfigError(f"stop.monitor: {monitor!r} needs {field} labels, which no validation structure carries")
 
 
 def training_statistics(data: TrainingData, isolated_atom_energies=None) -> DatasetStatistics:

@@ -76,9 +76,10 @@ def evaluate(
                 member_error = prediction[keys.MEMBER_ENERGIES] - batch[keys.ENERGY].to(torch.float64).unsqueeze(1)
                 uncertainties["member_energy_error"].append(member_error.cpu().numpy())
             if keys.FORCE_UNCERTAINTY in prediction and keys.FORCES in batch:
-                uncertainties["force"].append(prediction[keys.FORCE_UNCERTAINTY].cpu().numpy())
+                has = batch[keys.HAS_FORCES]  # atoms of structures with force labels only
+                uncertainties["force"].append(prediction[keys.FORCE_UNCERTAINTY][has].cpu().numpy())
                 member_error = prediction[keys.MEMBER_FORCES] - batch[keys.FORCES].to(torch.float64).unsqueeze(2)
-                uncertainties["member_force_error"].append(member_error.cpu().numpy())
+                uncertainties["member_force_error"].append(member_error[has].cpu().numpy())
         seconds = time.perf_counter() - start
         report["files"][os.fspath(path)] = {
             "num_structures": len(dataset),
@@ -201,12 +202,14 @@ def _collect(parity, prediction, batch) -> None:
         return t.detach().to("cpu", torch.float64).numpy()
 
     if keys.ENERGY in batch:
-        n = numpy(batch[keys.NUM_ATOMS])
-        parity["energy (eV/atom)"][0].append(numpy(batch[keys.ENERGY]) / n)
-        parity["energy (eV/atom)"][1].append(numpy(prediction[keys.ENERGY]) / n)
+        has = numpy(batch[keys.HAS_ENERGY]).astype(bool)
+        n = numpy(batch[keys.NUM_ATOMS])[has]
+        parity["energy (eV/atom)"][0].append(numpy(batch[keys.ENERGY])[has] / n)
+        parity["energy (eV/atom)"][1].append(numpy(prediction[keys.ENERGY])[has] / n)
     if keys.FORCES in batch:
-        parity["forces (eV/Å)"][0].append(numpy(batch[keys.FORCES]).ravel())
-        parity["forces (eV/Å)"][1].append(numpy(prediction[keys.FORCES]).ravel())
+        has = numpy(batch[keys.HAS_FORCES]).astype(bool)
+        parity["forces (eV/Å)"][0].append(numpy(batch[keys.FORCES])[has].ravel())
+        parity["forces (eV/Å)"][1].append(numpy(prediction[keys.FORCES])[has].ravel())
     if keys.STRESS in batch and keys.STRESS in prediction:
         has = numpy(batch[keys.HAS_STRESS]).astype(bool)
         parity["stress (eV/Å³)"][0].append(numpy(batch[keys.STRESS])[has].ravel())

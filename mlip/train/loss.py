@@ -1,4 +1,10 @@
-"""The training loss: weighted mean squared errors of energy per atom, forces and stress."""
+"""The training loss: weighted mean squared errors of energy per atom, forces and stress.
+
+Each term is the mean over the values that carry a label (masks ``keys.HAS_*``): a structure
+without forces adds nothing to the force term and does not dilute it. ``loss_sums`` gives each
+term before the division, as (sum of squared errors, number of labelled values), so that a
+distributed run can add both over its ranks and divide once: the mean over the global batch.
+"""
 
 from typing import Dict, Tuple
 
@@ -7,31 +13,49 @@ import torch
 from ..data import keys
 from .config import LossConfig
 
+# term -> (label key, mask key, values per masked entry)
+TERMS = {
+    "energy_per_atom": (keys.ENERGY, keys.HAS_ENERGY, 1),
+    "forces": (keys.FORCES, keys.HAS_FORCES, 3),
+    "stress": (keys.STRESS, keys.HAS_STRESS, 9),
+}
+
+
+def loss_sums(
+    prediction: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor], weights: LossConfig
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """term -> (sum of squared errors (), number of labelled values () int64), for the terms with a
+    positive weight whose label the batch carries (the count may be 0 when no structure has it).
+
+    Units of the sums: eV^2/atom^2 (energy per atom), (eV/Å)^2, (eV/Å^3)^2. Energy sums are float64,
+    force and stress sums in the model's dtype (so a fully labelled batch gives exactly the plain
+    mean it always gave). Energy enters per atom so that large and small cells weigh alike.
+    """
+    sums = {}
+    for term, (label, mask_key, width) in TERMS.items():
+        if getattr(weights, term) <= 0 or label not in batch or label not in prediction:
+            continue
+        error = prediction[label] - batch[label]
+        if term == "energy_per_atom":
+            error = error / batch[keys.NUM_ATOMS].to(torch.float64)
+        mask = batch[mask_key].view((-1,) + (1,) * (error.dim() - 1))
+        # where, not indexing: no host sync, same shape, and a placeholder never reaches the sum
+        squared = torch.where(mask, error.square(), torch.zeros((), dtype=error.dtype, device=error.device))
+        sums[term] = (squared.sum(), batch[mask_key].sum() * width)
+    return sums
+
 
 def loss_terms(
     prediction: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor], weights: LossConfig
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Total loss (a differentiable scalar) and its parts (floats, for the log).
-
-    Energy enters per atom so that large and small cells weigh alike and the error is
-    comparable to the force error. Terms whose labels a batch lacks are left out.
-    """
+    """Total loss (a differentiable float64 scalar) and its parts (floats, for the log): each
+    term's sum of squared errors divided by its number of labelled values, weighted. Terms that
+    no structure of the batch carries are left out."""
     total = torch.zeros((), dtype=torch.float64, device=batch[keys.POSITIONS].device)
     parts: Dict[str, float] = {}
-    if weights.energy_per_atom > 0 and keys.ENERGY in batch:
-        num_atoms = batch[keys.NUM_ATOMS].to(torch.float64)
-        error = (prediction[keys.ENERGY] - batch[keys.ENERGY]) / num_atoms
-        term = error.square().mean()
-        total = total + weights.energy_per_atom * term
-        parts["energy_per_atom"] = float(term.detach())
-    if weights.forces > 0 and keys.FORCES in batch:
-        term = (prediction[keys.FORCES] - batch[keys.FORCES]).square().mean().to(torch.float64)
-        total = total + weights.forces * term
-        parts["forces"] = float(term.detach())
-    if weights.stress > 0 and keys.STRESS in batch and keys.STRESS in prediction:
-        has = batch[keys.HAS_STRESS]
-        if bool(has.any()):
-            term = (prediction[keys.STRESS][has] - batch[keys.STRESS][has]).square().mean().to(torch.float64)
-            total = total + weights.stress * term
-            parts["stress"] = float(term.detach())
+    for term, (squared_sum, count) in loss_sums(prediction, batch, weights).items():
+        mean = (squared_sum / count.clamp(min=1)).to(torch.float64)  # 0, not 0/0, when nothing is labelled
+        total = total + getattr(weights, term) * mean
+        if int(count):
+            parts[term] = float(mean.detach())
     return total, parts

@@ -1,7 +1,8 @@
 """Error metrics (MAE, RMSE) accumulated over batches, overall and per group (config type).
 
 Units: energy eV per structure, energy_per_atom eV/atom, forces eV/Å per Cartesian component,
-stress eV/Å^3 per component of the 3x3 tensor (structures with a stress label only).
+stress eV/Å^3 per component of the 3x3 tensor. Only labelled values count (masks keys.HAS_*):
+a structure without forces adds no force error, and no zero either.
 """
 
 from collections import defaultdict
@@ -37,14 +38,17 @@ class ErrorMetrics:
         num_atoms = _numpy(batch[keys.NUM_ATOMS])
         structure_of_atom = _numpy(batch[keys.BATCH]).astype(np.int64)
         errors = {}  # quantity -> (errors, structure of each error)
+        # Only labelled values count (keys.HAS_*): a placeholder zero is not a label.
         if keys.ENERGY in batch:
-            e = _numpy(prediction[keys.ENERGY]) - _numpy(batch[keys.ENERGY])
-            index = np.arange(len(e))
+            has = _numpy(batch[keys.HAS_ENERGY]).astype(bool)
+            e = (_numpy(prediction[keys.ENERGY]) - _numpy(batch[keys.ENERGY]))[has]
+            index = np.flatnonzero(has)
             errors["energy"] = (e, index)
-            errors["energy_per_atom"] = (e / num_atoms, index)
+            errors["energy_per_atom"] = (e / num_atoms[has], index)
         if keys.FORCES in batch:
-            f = _numpy(prediction[keys.FORCES]) - _numpy(batch[keys.FORCES])
-            errors["forces"] = (f, np.repeat(structure_of_atom, 3))
+            has = _numpy(batch[keys.HAS_FORCES]).astype(bool)
+            f = (_numpy(prediction[keys.FORCES]) - _numpy(batch[keys.FORCES]))[has]
+            errors["forces"] = (f, np.repeat(structure_of_atom[has], 3))
         if keys.STRESS in batch and keys.STRESS in prediction:
             has = _numpy(batch[keys.HAS_STRESS]).astype(bool)
             s = (_numpy(prediction[keys.STRESS]) - _numpy(batch[keys.STRESS]))[has]

@@ -28,8 +28,9 @@ from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import TrainConfig, config_from_dict, config_to_dict
-from .data import prepare_data, training_statistics
+from .config import TrainConfig, check_device, config_from_dict, config_to_dict
+from .data import check_labels, prepare_data, training_statistics
+from .lock import run_directory_lock
 from .loss import loss_terms
 from .metrics import ErrorMetrics
 from .optim import ExponentialMovingAverage, LearningRateSchedule, build_optimizer
@@ -54,11 +55,17 @@ class TrainResult:
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]] = None) -> TrainResult:
-    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint)."""
+    """A fresh run in ``config.run_dir`` (refused if it already holds a checkpoint, or if another
+    process trains there: see mlip.train.lock)."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    with run_directory_lock(config.run_dir):
+        return _train(config, on_step)
+
+
+def _train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]]) -> TrainResult:
     if os.path.exists(os.path.join(config.run_dir, LAST)):
         raise ValueError(f"{config.run_dir} already holds a run (last.pt): resume it with `mlip train --resume "
                          f"{config.run_dir}` or choose another run_dir")
-    os.makedirs(config.run_dir, exist_ok=True)
     for name in ("train.h5", "validation.h5"):  # conversions left by an earlier attempt may be stale
         stale = os.path.join(config.run_dir, "data", name)
         if os.path.exists(stale):
@@ -79,6 +86,13 @@ def resume(
     progress: Optional[bool] = None,
 ) -> TrainResult:
     """Continue the run in ``run_dir`` from its last.pt; only the stop rule may change."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such run directory to resume")
+    with run_directory_lock(run_dir):
+        return _resume(run_dir, max_epochs, max_minutes, on_step, progress)
+
+
+def _resume(run_dir, max_epochs, max_minutes, on_step, progress) -> TrainResult:
     checkpoint = load_checkpoint(os.path.join(run_dir, LAST))
     config = config_from_dict(checkpoint["config"])
     config.run_dir = os.path.abspath(run_dir)  # the directory may have moved since
@@ -145,7 +159,7 @@ class Trainer:
         self.config = config
         self.run_dir = config.run_dir
         self.on_step = on_step
-        self.device = torch.device(config.device)
+        self.device = check_device(config.device)
         self.dtype = DTYPES[config.dtype]
 
         # Fine-tuning takes architecture, statistics and weights from the source checkpoint, so the
@@ -162,6 +176,7 @@ class Trainer:
 
         self.data = prepare_data(config.data, r_max, os.path.join(self.run_dir, "data"), config.seed,
                                  source["type_names"] if source else None, progress=config.progress)
+        check_labels(config, self.data)
         if checkpoint is not None and checkpoint["training_data_hash"] != self.data.content_hash:
             raise ValueError(f"the training data in {self.run_dir}/data differs from the one the checkpoint was "
                              "trained on (content hash mismatch)")
@@ -297,10 +312,11 @@ class Trainer:
                 self._throughput[2] += int(batch[keys.POSITIONS].shape[0])
                 self.step += 1
                 self.batch_in_epoch = b + 1
-                self.epoch_loss_sum += loss
-                self.epoch_batches += 1
+                if loss is not None:
+                    self.epoch_loss_sum += loss
+                    self.epoch_batches += 1
+                    bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", **self._last_val, refresh=False)
                 if self.on_step is not None:
                     self.on_step(self)
                 if self.batch_in_epoch < n_batches:
@@ -313,10 +329,14 @@ class Trainer:
             bar.close()
         return True
 
-    def _train_step(self, batch: Dict[str, torch.Tensor]) -> float:
+    def _train_step(self, batch: Dict[str, torch.Tensor]) -> Optional[float]:
+        """One optimizer step; None (and no step) if no structure of the batch carries a label
+        whose loss weight is positive: there is nothing to fit."""
         self.model.train()  # forces with create_graph=True: the force loss reaches the weights
         prediction = self.model(batch)
         loss, _ = loss_terms(prediction, batch, self.config.loss)
+        if not loss.requires_grad:
+            return None
         if not torch.isfinite(loss):
             raise RuntimeError(f"the loss became {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}): "
                                      "lower optimizer.lr, enable optimizer.clip_grad_norm or check the labels")

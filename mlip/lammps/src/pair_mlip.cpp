@@ -4,6 +4,7 @@
 
 #include "atom.h"
 #include "comm.h"
+#include "domain.h"
 #include "error.h"
 #include "force.h"
 #include "json.h"
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <unordered_map>
@@ -37,6 +39,10 @@ const char *const METADATA_FILE = "mlip/metadata.json";
 const char *const FORMAT_NAME = "mlip-torchscript";
 const char *const AOTI_FORMAT_NAME = "mlip-aoti";    // AOTInductor package (mlip/deploy/aoti.py)
 const int FORMAT_VERSION = 1;
+// Atoms closer than this (Å) are refused as overlapping (broken input or wrong units), the
+// default of mlip's ASE calculator (mlip.data.atoms.DEFAULT_MIN_DISTANCE); `pair_style mlip
+// min_distance D` changes it, 0 turns the check off.
+const double DEFAULT_MIN_DISTANCE = 0.3;
 
 // torch error messages carry a long C++ backtrace: the first line is what users need.
 std::string first_line(const std::string &text)
@@ -56,6 +62,95 @@ void reuse_freed_memory()
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 #endif
+}
+
+// --- Integrity of the model file ------------------------------------------------------------
+// torch::jit::load does not check the CRC-32 that a zip archive stores for each member: a model
+// file with a flipped bit in its weights would load and give wrong forces. The checks below read
+// the archive's central directory and recompute each member's CRC-32 (what Python's
+// zipfile.testzip does in mlip.deploy.read_metadata), so every file mlip ever wrote is checked.
+
+// Little-endian unsigned integer of `width` bytes at `at`; 0 past the end (the signature checks
+// below then fail).
+uint64_t read_le(const std::string &bytes, uint64_t at, int width)
+{
+  if (at + width > bytes.size()) return 0;
+  uint64_t value = 0;
+  for (int k = width - 1; k >= 0; k--) value = (value << 8) | (unsigned char) bytes[at + k];
+  return value;
+}
+
+// The zip format's CRC-32 (reflected polynomial 0xEDB88320), one table lookup per byte.
+uint32_t crc32(const char *data, uint64_t size)
+{
+  static const std::vector<uint32_t> table = [] {
+    std::vector<uint32_t> t(256);
+    for (uint32_t n = 0; n < 256; n++) {
+      uint32_t c = n;
+      for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[n] = c;
+    }
+    return t;
+  }();
+  uint32_t c = 0xFFFFFFFFu;
+  for (uint64_t i = 0; i < size; i++) c = table[(c ^ (unsigned char) data[i]) & 0xFFu] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+// What is damaged in the zip archive `bytes`, or "" if every member matches its stored CRC-32.
+std::string zip_damage(const std::string &bytes)
+{
+  const uint64_t size = bytes.size();
+  // The end-of-central-directory record (22 bytes + a comment of at most 65535) ends the file.
+  uint64_t end = size;
+  for (uint64_t back = 22; back <= size && back <= 22 + 65535; back++)
+    if (read_le(bytes, size - back, 4) == 0x06054b50) {
+      end = size - back;
+      break;
+    }
+  if (end == size) return "no zip end-of-central-directory record (not a zip archive, or truncated)";
+  uint64_t entries = read_le(bytes, end + 10, 2);
+  uint64_t directory = read_le(bytes, end + 16, 4);
+  if (entries == 0xFFFF || directory == 0xFFFFFFFF) {    // zip64: a locator precedes the record
+    const uint64_t record = end >= 20 && read_le(bytes, end - 20, 4) == 0x07064b50 ? read_le(bytes, end - 12, 8) : 0;
+    if (read_le(bytes, record, 4) != 0x06064b50) return "zip64 end-of-central-directory record missing";
+    entries = read_le(bytes, record + 32, 8);
+    directory = read_le(bytes, record + 48, 8);
+  }
+  uint64_t at = directory;
+  for (uint64_t e = 0; e < entries; e++) {
+    if (read_le(bytes, at, 4) != 0x02014b50) return "central directory damaged";
+    const uint64_t method = read_le(bytes, at + 10, 2);
+    const uint64_t crc = read_le(bytes, at + 16, 4);
+    uint64_t stored = read_le(bytes, at + 20, 4);
+    uint64_t original = read_le(bytes, at + 24, 4);
+    const uint64_t name_length = read_le(bytes, at + 28, 2);
+    const uint64_t extra_end = at + 46 + name_length + read_le(bytes, at + 30, 2);
+    uint64_t local = read_le(bytes, at + 42, 4);
+    const std::string name = bytes.substr(std::min(at + 46, size), name_length);
+    // zip64 extra field (id 1): 8-byte values for the saturated fields, in this order.
+    for (uint64_t x = at + 46 + name_length; x + 4 <= extra_end; x += 4 + read_le(bytes, x + 2, 2)) {
+      if (read_le(bytes, x, 2) != 1) continue;
+      uint64_t field = x + 4;
+      if (original == 0xFFFFFFFF) {
+        original = read_le(bytes, field, 8);
+        field += 8;
+      }
+      if (stored == 0xFFFFFFFF) {
+        stored = read_le(bytes, field, 8);
+        field += 8;
+      }
+      if (local == 0xFFFFFFFF) local = read_le(bytes, field, 8);
+    }
+    at = extra_end + read_le(bytes, at + 32, 2);
+    if (read_le(bytes, local, 4) != 0x04034b50) return "member '" + name + "': local header damaged";
+    const uint64_t data = local + 30 + read_le(bytes, local + 26, 2) + read_le(bytes, local + 28, 2);
+    if (data + stored > size) return "member '" + name + "' is truncated";
+    // torch stores members uncompressed; a compressed one (not written by torch) is left to torch.
+    if (method == 0 && crc32(bytes.data() + data, stored) != crc)
+      return "member '" + name + "' fails its CRC-32 check";
+  }
+  return "";
 }
 
 std::string join(const std::vector<std::string> &words)
@@ -117,13 +212,22 @@ void PairMLIP::allocate()
 
 /* ---------------------------------------------------------------------- */
 
-void PairMLIP::settings(int narg, char ** /*arg*/)
+// `pair_style mlip [keyword value] ...`; the model comes with pair_coeff.
+void PairMLIP::settings(int narg, char **arg)
 {
-  if (narg != 0)
-    error->all(FLERR,
-               "pair_style mlip takes no arguments (got {}); give the model in "
-               "`pair_coeff * * model.pt <element per atom type>`",
-               narg);
+  min_distance = DEFAULT_MIN_DISTANCE;
+  for (int iarg = 0; iarg < narg; iarg += 2) {
+    const std::string keyword = arg[iarg];
+    if (keyword != "min_distance")
+      error->all(FLERR,
+                 "pair_style mlip: unknown keyword '{}' (keywords: min_distance); the model is "
+                 "given in `pair_coeff * * model.pt <element per atom type>`",
+                 keyword);
+    if (iarg + 1 >= narg) error->all(FLERR, "pair_style mlip: keyword {} needs a value", keyword);
+    min_distance = utils::numeric(FLERR, arg[iarg + 1], false, lmp);
+    if (!(min_distance >= 0.0) || !std::isfinite(min_distance))
+      error->all(FLERR, "pair_style mlip: min_distance must be >= 0 Å, got {}", arg[iarg + 1]);
+  }
 }
 
 void PairMLIP::coeff(int narg, char **arg)
@@ -158,13 +262,25 @@ void PairMLIP::coeff(int narg, char **arg)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
 }
 
-// Loads the TorchScript archive and checks the metadata fields this pair style relies on.
+// Loads the model file (TorchScript archive or AOTInductor package, mlip_model.h) and checks the
+// metadata fields this pair style relies on.
 // Every rank reads the file, so every rank reaches the same error->all().
 void PairMLIP::load_model(const std::string &path)
 {
   model_path = path;
   if (!std::ifstream(path).good())
     error->all(FLERR, "pair_style mlip: model file {} does not exist or is not readable", path);
+
+  {
+    std::ifstream file(path, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    const std::string damage = zip_damage(bytes);
+    if (!damage.empty())
+      error->all(FLERR,
+                 "pair_style mlip: {} is not a readable mlip model file (corrupt, truncated, or not "
+                 "an archive written by `mlip deploy`): {}",
+                 path, damage);
+  }
 
   std::string text;    // the metadata JSON
   try {
@@ -273,6 +389,30 @@ void PairMLIP::init_style()
                "pair_style mlip requires `newton on` (newton pair on): it computes forces on ghost "
                "atoms that LAMMPS must send back to their owners");
 
+  // The overlap policy of mlip's ASE calculator (mlip.data.atoms.check_structure), checked before
+  // LAMMPS builds ghosts and neighbor lists, which for a box of a fraction of an Å would hold
+  // millions of images: a box edge (a lattice vector) shorter than min_distance puts every atom
+  // on its own image; more atoms per volume than spheres min_distance apart can pack
+  // (sqrt(2) / d^3, the densest packing) forces an overlap. Closer pairs in other boxes are
+  // found in compute() from the edge lengths.
+  if (min_distance > 0.0 && domain->xperiodic && domain->yperiodic && domain->zperiodic) {
+    const double edges[3] = {domain->xprd, std::sqrt(domain->xy * domain->xy + domain->yprd * domain->yprd),
+                             std::sqrt(domain->xz * domain->xz + domain->yz * domain->yz + domain->zprd * domain->zprd)};
+    const double shortest = std::min({edges[0], edges[1], edges[2]});
+    if (shortest < min_distance)
+      error->all(FLERR,
+                 "pair_style mlip: the periodic box has an edge only {:.3g} Å long (< min_distance {} Å): "
+                 "every atom overlaps its own periodic image (wrong units or box?)",
+                 shortest, min_distance);
+    const double volume = domain->xprd * domain->yprd * domain->zprd;
+    const double density = (double) atom->natoms / volume;
+    if (density > std::sqrt(2.0) / (min_distance * min_distance * min_distance))
+      error->all(FLERR,
+                 "pair_style mlip: {} atoms in a box of {:.3g} Å^3 ({:.3g} atoms/Å^3): denser than "
+                 "spheres min_distance {} Å apart can pack, so atoms overlap (wrong units or box?)",
+                 atom->natoms, volume, density, min_distance);
+  }
+
   if (direct_forces && comm->me == 0)
     error->warning(FLERR,
                    "pair_style mlip: model {} predicts forces directly (force_head 'direct') and has "
@@ -357,6 +497,7 @@ void PairMLIP::compute(int eflag, int vflag)
     const int *numneigh = list->numneigh;
     int **firstneigh = list->firstneigh;
     const double r_max_sq = r_max * r_max;
+    const double min_distance_sq = min_distance * min_distance;
 
     std::vector<int> frontier(list->ilist, list->ilist + list->inum), next;
     for (int hop = 0; hop < message_passing_layers; hop++) {
@@ -368,7 +509,14 @@ void PairMLIP::compute(int eflag, int vflag)
           const double dx = x[j][0] - x[i][0];
           const double dy = x[j][1] - x[i][1];
           const double dz = x[j][2] - x[i][2];
-          if (dx * dx + dy * dy + dz * dz >= r_max_sq) continue;
+          const double rsq = dx * dx + dy * dy + dz * dz;
+          if (rsq >= r_max_sq) continue;
+          if (rsq < min_distance_sq)
+            error->one(FLERR,
+                       "pair_style mlip: atoms {} and {} (ids) are {:.3g} Å apart (< min_distance {} "
+                       "Å): overlapping atoms or positions in the wrong units? (`pair_style mlip "
+                       "min_distance 0` turns this check off)",
+                       atom->tag[i], atom->tag[j], std::sqrt(rsq), min_distance);
           if (node_of[j] < 0) {    // a ghost reached for the first time: hop + 1 away
             node_of[j] = (int) atom_of.size();
             atom_of.push_back(j);

@@ -3,7 +3,8 @@
    Input script:
      units metal
      newton on                               (the default)
-     pair_style mlip
+     pair_style mlip [min_distance D]        (atoms closer than D Å are an error; default 0.3,
+                                              as in the ASE calculator; 0 turns the check off)
      pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type)
 
    A committee file (`mlip deploy A B C -o model.pt`) also gives its members' spread:
@@ -58,6 +59,7 @@ class PairMLIP : public Pair {
   // From the model file's metadata (mlip/metadata.json)
   std::vector<std::string> type_names;    // the model's species; atom_types index into it
   double r_max = 0.0;                     // cutoff radius, Å
+  double min_distance = 0.3;              // Å: closer atoms are an error (pair_style keyword)
   int message_passing_layers = 1;         // 1: strictly local (Allegro); >1: needs ghost edges
   bool direct_forces = false;             // force_head == "direct": no virial, net force removed here
   torch::ScalarType dtype = torch::kFloat64;
