@@ -217,6 +217,31 @@ def test_float64_deployment_of_a_float32_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_package_compiled_for_two_threads(tmp_path):
+    """Deployed and run with 2 torch threads, a one-species model: Inductor's kernels compiled for
+    2 threads (or for the run-time count) gave it wrong forces and right energies."""
+    from mlip.data.stats import DatasetStatistics
+    from mlip.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    statistics = DatasetStatistics(["Cu"], reference_energies=[-3.5], force_rms=5.0, avg_num_neighbors=20.0)
+    config = ModelConfig("allegro", "small", "gradient", r_max=4.0,
+                         overrides={"num_scalar": 16, "num_tensor": 8, "mlp_hidden": 16, "readout_hidden": 8})
+    model = build_model(config, statistics, torch.float32).eval()
+    torch.set_num_threads(2)
+    try:
+        assert deploy_model(model, tmp_path / "model.pt2", format="aoti")["threads"] == 1  # checked against eager
+        atoms = triclinic_alloy(seed=2)
+        atoms.numbers[:] = 29
+        expected = results(model, atoms, ["energy", "forces", "stress"])
+        got = results(str(tmp_path / "model.pt2"), atoms, ["energy", "forces", "stress"])
+    finally:
+        torch.set_num_threads(1)
+    for name in expected:
+        assert relative_error(got[name], expected[name]) < 1e-4, name
+
+
+@pytest.mark.slow
 @pytest.mark.lammps
 def test_lammps_runs_an_aoti_package(plugin, tmp_path):
     """`pair_coeff * * model.pt2 Si O`: the plugin loads the package through torch's C++ AOTI loader;

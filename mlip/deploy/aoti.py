@@ -20,10 +20,13 @@ Exported signature (what the Python wrapper and the C++ ``AOTIModelPackageLoader
   list (paired lists only let NequIP share work). :class:`AOTIModel` accepts the flag and ignores it.
 - The package holds the weights and code for one device and one torch version; both are in the
   metadata and checked at load (a mismatch fails inside torch's loader with no useful message).
+- CPU kernels are compiled for one thread (metadata "threads"): Inductor's multi-threaded kernels
+  gave wrong forces (see COMPILED_THREADS). Matrix products are calls into ATen, which may still
+  use torch's threads.
 
 Metadata: the same JSON as a TorchScript file, at ``<archive>/extra/mlip/metadata.json``, plus
-"torch_version", "device" and "aoti_outputs"; also in the package's own metadata (key
-``mlip_metadata``) for C++ loaders.
+"torch_version", "device", "threads" and "aoti_outputs"; also in the package's own metadata
+(key ``mlip_metadata``) for C++ loaders.
 """
 
 import json
@@ -36,6 +39,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 PACKAGE_METADATA_KEY = "mlip_metadata"
+# Inductor compiles a thread count into CPU kernels (by default torch's at compile time). Kernels
+# compiled for 2 threads gave wrong forces (torch 2.13, one-species Allegro: 0.78 relative;
+# energies right), and so did its run-time thread count (cpp.dynamic_threads): one thread it is.
+COMPILED_THREADS = 1
 
 
 def is_aoti_package(path: Union[str, os.PathLike]) -> bool:
@@ -78,7 +85,7 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     from .model_file import AOTI_FORMAT_NAME, complete_metadata
 
     device = torch.device(device)
-    check_compiler()
+    check_compiler()  # before the long export
     for parameter in deployed.parameters():  # frozen: the traced graph computes no weight gradients
         parameter.requires_grad_(False)
     num_local = example[4]
@@ -102,7 +109,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
                                    dynamic_shapes=({0: nodes}, {0: nodes}, {1: edges}, {0: edges}, None))
 
     metadata = complete_metadata(dict(metadata, format=AOTI_FORMAT_NAME, torch_version=torch_version(),
-                                      device=device.type, aoti_outputs=output_names), AOTI_FORMAT_NAME)
+                                      device=device.type, threads=COMPILED_THREADS,
+                                      aoti_outputs=output_names), AOTI_FORMAT_NAME)
     text = json.dumps(metadata, indent=1)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -113,10 +121,7 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         with warnings.catch_warnings():  # torch 2.13's own pytree code warns about itself while compiling
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
-                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text},
-                # Kernels take the thread count at run time (torch.set_num_threads, MLIP_TORCH_THREADS
-                # in LAMMPS); by default Inductor compiles in the count torch had at deploy.
-                "cpp.dynamic_threads": True})
+                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}, "cpp.threads": COMPILED_THREADS})
         with zipfile.ZipFile(tmp, "a") as archive:
             root = archive.namelist()[0].split("/")[0]
             archive.writestr(f"{root}/extra/mlip/metadata.json", text)

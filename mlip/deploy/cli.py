@@ -137,8 +137,8 @@ def run_info(args) -> int:
         return 0
     print(f"{args.model}")
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
-                "mlip_version", "format", "format_version", "torch_version", "device", "training_data_hash"):
-        if key in metadata or key not in ("torch_version", "device"):  # those two: AOTInductor packages only
+                "mlip_version", "format", "format_version", "torch_version", "device", "threads", "training_data_hash"):
+        if key in metadata or key not in ("torch_version", "device", "threads"):  # AOTInductor packages only
             print(f"  {key:<24} {metadata.get(key)}")
     hyper = dict(metadata.get("hyperparameters", {}))
     members = hyper.pop("members", [])  # a committee: one line per member

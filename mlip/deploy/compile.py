@@ -48,9 +48,8 @@ def deploy_model(
     metadata = model_metadata(model)
     metadata["training_data_hash"] = training_data_hash
     if format == "aoti":
-        from .aoti import check_compiler, export_package
+        from .aoti import export_package
 
-        check_compiler()  # before the long export
         model = copy.deepcopy(model).to(device).eval()
 
         def check_package(compiled):
