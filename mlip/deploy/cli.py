@@ -4,6 +4,8 @@ import json
 
 
 def register(commands) -> None:
+    from ..cli import POSITIVE_INT, device
+
     p = commands.add_parser("deploy", help="compile a training checkpoint into a TorchScript model file",
                             description="Compile a checkpoint (or a run directory: its best.pt) into a model file "
                                         "for ASE and LAMMPS, with the EMA weights when the run kept them. "
@@ -15,7 +17,9 @@ def register(commands) -> None:
     p.add_argument("checkpoint", nargs="+",
                    help="checkpoint file (best.pt, last.pt), run directory, or model file; several: one committee "
                         "file whose energy is their mean (models trained on the same structures and split)")
-    p.add_argument("-o", "--output", required=True, help="model file to write, e.g. model.pt")
+    p.add_argument("-o", "--output", required=True,
+                   help="model file to write, e.g. model.pt; an existing model file there is replaced (once the new "
+                        "one is complete), anything else (a training checkpoint, one of the inputs) is refused")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
     p.add_argument("--dtype", choices=("float32", "float64"),
@@ -24,7 +28,7 @@ def register(commands) -> None:
                    help="torchscript: one TorchScript file (.pt); aoti: an AOTInductor package (.pt2), compiled "
                         "ahead of time for this torch version (needs a C++ compiler; minutes). "
                         "Default: aoti if the output name ends in .pt2, else torchscript")
-    p.add_argument("--member", type=int, metavar="K",
+    p.add_argument("--member", type=POSITIVE_INT, metavar="K",
                    help="of one committee file, write only its member K (1, 2, ...; as `mlip info` lists them), "
                         "e.g. to fine-tune it")
     p.set_defaults(run=run_deploy)
@@ -42,14 +46,16 @@ def register(commands) -> None:
     p.add_argument("--keys", default="", help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress")
     p.add_argument("--plots", metavar="DIR", help="write parity plots (PNG) into DIR")
     p.add_argument("--json", metavar="FILE", help="write all numbers to FILE (JSON)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(run=run_evaluate)
 
 
 def run_deploy(args) -> int:
     from . import deploy_model
 
+    check_deploy_output(args.output, args.checkpoint)
+    output_format = _output_format(args.output, args.format)
     sources = [_eager_model(path, args.no_ema) for path in args.checkpoint]
     if args.member is not None:
         model, data_hash, description = _committee_member(args.checkpoint, sources, args.member)
@@ -66,9 +72,37 @@ def run_deploy(args) -> int:
         model, data_hash = build_committee([model for model, _, _ in sources]), hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
     deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check, dtype=args.dtype,
-                 format=_output_format(args.output, args.format))
+                 format=output_format)
     print(f"wrote {args.output}: {description}")
     return 0
+
+
+def check_deploy_output(output: str, inputs) -> None:
+    """Refuse, before any work, an output that is one of the inputs or an existing file that is not a
+    model file (a training checkpoint, found by content, whatever its name): deploying must never
+    destroy a run's weights. An existing model file may be replaced."""
+    import os
+
+    from ..files import check_output
+    from ..train.checkpoint import is_model_file
+    from ..train.trainer import prefer_best
+    from .aoti import is_aoti_package
+
+    check_output(output, "--output")
+    target, seen = os.path.realpath(output), set()
+    for path in inputs:
+        resolved = os.path.realpath(prefer_best(path))
+        if target in (resolved, os.path.realpath(path)):
+            raise ValueError(f"--output {output!r} is one of the inputs ({path}): write the model elsewhere")
+        if resolved in seen:  # a committee of a model with itself would report zero uncertainty
+            raise ValueError(f"input {path!r} is given twice ({resolved})")
+        seen.add(resolved)
+    if os.path.exists(output) and not (is_model_file(output) or is_aoti_package(output)):
+        import zipfile
+
+        kind = "a training checkpoint or other torch file" if zipfile.is_zipfile(output) else "not a model file"
+        raise ValueError(f"--output {output!r} exists and is {kind}: refusing to overwrite it "
+                         "(only an existing model file may be replaced)")
 
 
 def _output_format(output: str, requested):
@@ -129,8 +163,10 @@ def _refuse_aoti_source(path: str) -> None:
 
 
 def run_info(args) -> int:
+    from ..files import check_input
     from .model_file import read_metadata
 
+    check_input(args.model, "model file")
     metadata = read_metadata(args.model)
     if args.json:
         print(json.dumps(metadata, indent=1))
@@ -155,16 +191,31 @@ def run_info(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    import os
+
     import torch
 
+    from ..files import atomic_output, check_input, check_output, check_structure_files
     from ..train.evaluate import evaluate, format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = evaluate(args.model, args.data, parse_keys(args.keys), device=args.device, plots_dir=args.plots)
+    label_keys = parse_keys(args.keys)
+    check_input(args.model, "model file")
+    check_structure_files(args.data, "data file")
+    if args.json:
+        check_output(args.json, "--json")
+    if args.plots:  # created now: a path that cannot be a directory fails before the evaluation
+        if os.path.exists(args.plots) and not os.path.isdir(args.plots):
+            raise NotADirectoryError(f"--plots {args.plots!r} exists and is not a directory")
+        try:
+            os.makedirs(args.plots, exist_ok=True)
+        except OSError as error:
+            raise OSError(error.errno, f"--plots directory cannot be created: {error.strerror}", args.plots) from None
+    report = evaluate(args.model, args.data, label_keys, device=args.device, plots_dir=args.plots)
     print(format_table(report))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1)
     return 0
 

@@ -40,6 +40,8 @@ def deploy_model(
         package for ``device``, see :mod:`mlip.deploy.aoti`).
     With ``check``, the compiled model must reproduce the eager one on two small random structures
     of different sizes containing every species (else nothing is written).
+    A full disk is an OSError (ENOSPC) naming ``path``, and leaves no file behind (TorchScript:
+    ``save_model`` writes from Python).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown model file format {format!r}; choose one of {FORMATS}")
@@ -60,7 +62,10 @@ def deploy_model(
     scripted = script_model(model)
     if check:
         check_compiled(model, scripted)
-    save_model(scripted, path, metadata)
+    try:
+        save_model(scripted, path, metadata)
+    except OSError as error:
+        raise OSError(error.errno, f"could not write the model file: {error.strerror or error}", os.fspath(path)) from error
     return metadata
 
 

@@ -29,16 +29,18 @@ file: the caller subtracts the mean force over the whole system (it alone sees a
 Metadata (JSON in the archive's extra file ``mlip/metadata.json``): see :data:`REQUIRED_METADATA`.
 """
 
+import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 import mlip
+
+from ..files import atomic_output
 
 FORMAT_NAME = "mlip-torchscript"
 FORMAT_VERSION = 1
@@ -75,23 +77,15 @@ class ModelFileError(RuntimeError):
 def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], metadata: Dict[str, Any]) -> None:
     """Write atomically (temporary file + rename): a crash never leaves a half-written model."""
     metadata = complete_metadata(metadata, FORMAT_NAME)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-        # mkstemp creates the file 0600; a model file is meant to be shared: use the umask's default.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Serialized in memory, written by Python: a full disk is then an OSError naming the file, not
+    # an abort inside torch's C++ writer (which ends the process and leaves its temporary file).
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def complete_metadata(metadata: Dict[str, Any], format_name: str) -> Dict[str, Any]:
@@ -193,16 +187,31 @@ def usable_device(device: Union[str, torch.device]) -> torch.device:
     except (RuntimeError, AssertionError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}"
+            f"device={str(device)!r} is not usable with this torch {torch.__version__}: {reason}; "
+            f"available: {available_devices()}"
         ) from None
     return device
+
+
+def available_devices() -> List[str]:
+    """The devices this torch can compute on here, e.g. ['cpu', 'cuda', 'cuda:0']."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        available.append("mps")
+    return available
 
 
 def load_model(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
 ) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """Load a deployed model (TorchScript file or AOTInductor package, told apart by content) and
-    its metadata; refuse incompatible or corrupt files."""
+    its metadata; refuse incompatible or corrupt files.
+
+    Every tensor of the file is mapped onto ``device`` at load (a file runs on any device, in the
+    dtype it records), also constants kept outside the buffers, which module.to() would not move.
+    An AOTInductor package runs only on the device it was compiled for."""
     device = usable_device(device)
     metadata = read_metadata(path)
     if metadata["format"] != FORMAT_NAME:

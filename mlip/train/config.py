@@ -206,15 +206,12 @@ def check_device(name: str) -> torch.device:
     """The torch device ``name`` (the config's ``device``), if this machine has it; else a
     ConfigError saying what it has. Checked when a run starts, not when a config is read: a
     checkpoint trained on a GPU must still load on a machine without one."""
-    device = torch.device(name)
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available += ["cuda"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        available.append("mps")
-    if device.type == "cpu" or str(device) in available:
-        return device
-    raise ConfigError(f"device: {name!r} is not available on this machine; available: {available}")
+    from ..deploy.model_file import usable_device
+
+    try:
+        return usable_device(name)
+    except ValueError as error:
+        raise ConfigError(f"device: {name!r} is not available on this machine ({error})") from None
 
 
 def load_config(path: Union[str, os.PathLike]) -> TrainConfig:

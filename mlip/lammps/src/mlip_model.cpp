@@ -27,12 +27,15 @@ std::string first_line(const std::string &text)
 
 class TorchScriptModel : public DeployedModel {
  public:
-  explicit TorchScriptModel(const std::string &path)
+  TorchScriptModel(const std::string &path, const torch::Device &device)
   {
     // Without the graph executor's optimizations (here and at every call): its own autodiff made
     // a NequIP force call 1.7x slower than eager PyTorch on CPU (torch 2.13); see model_file.py.
     torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-    module = torch::jit::load(path, torch::kCPU);
+    // Mapped at load, every tensor of the archive lands on the device: parameters and buffers,
+    // and also tensors kept as plain attributes (the Clebsch-Gordan tables), which a later
+    // module.to(device) would leave on the host. The file itself is device-neutral.
+    module = torch::jit::load(path, device);
     module.eval();
     // Inference only: with frozen weights autograd saves just what forces and the virial need.
     for (auto parameter : module.parameters()) parameter.requires_grad_(false);
@@ -58,7 +61,7 @@ class TorchScriptModel : public DeployedModel {
 // in the order of metadata["aoti_outputs"].
 class AOTIModel : public DeployedModel {
  public:
-  AOTIModel(const std::string &path, const std::string &metadata_text)
+  AOTIModel(const std::string &path, const torch::Device &device, const std::string &metadata_text)
   {
     const auto metadata = LAMMPS_NS::json::parse(metadata_text);
     const std::string built_with = metadata.at("torch_version").get<std::string>();
@@ -67,20 +70,22 @@ class AOTIModel : public DeployedModel {
       throw std::runtime_error("AOTInductor package built with torch " + built_with + ", this plugin runs torch " +
                                running + ": compiled packages only run on the torch version that built them; "
                                "deploy it again (`mlip deploy model.pt -o model.pt2`)");
-    const std::string device = metadata.at("device").get<std::string>();
-    if (device != "cpu")
-      throw std::runtime_error("AOTInductor package compiled for device '" + device +
-                               "'; this pair style runs models on the CPU");
+    const std::string compiled_for = metadata.at("device").get<std::string>();
+    if (compiled_for != c10::DeviceTypeName(device.type(), true))
+      throw std::runtime_error("AOTInductor package compiled for device '" + compiled_for + "', this rank runs on " +
+                               device.str() + ": deploy it again for that device (or choose `pair_style mlip device " +
+                               compiled_for + "`)");
     output_names = metadata.at("aoti_outputs").get<std::vector<std::string>>();
-    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
+    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        path, "model", false, 1, device.has_index() ? device.index() : (c10::DeviceIndex) -1);
   }
 
   Outputs forward(const torch::Tensor &positions, const torch::Tensor &atom_types,
                   const torch::Tensor &edge_index, const torch::Tensor &edge_shifts,
                   int64_t num_local) override
   {
-    std::vector<torch::Tensor> inputs{positions, atom_types, edge_index, edge_shifts,
-                                      torch::tensor(num_local, torch::kInt64)};
+    const auto int64 = torch::TensorOptions().dtype(torch::kInt64).device(positions.device());
+    std::vector<torch::Tensor> inputs{positions, atom_types, edge_index, edge_shifts, torch::tensor(num_local, int64)};
     const auto result = loader->run(inputs);
     if (result.size() != output_names.size())
       throw std::runtime_error("AOTInductor package returned " + std::to_string(result.size()) +
@@ -97,7 +102,8 @@ class AOTIModel : public DeployedModel {
 
 }    // namespace
 
-std::unique_ptr<DeployedModel> load_deployed_model(const std::string &path, std::string &metadata)
+std::unique_ptr<DeployedModel> load_deployed_model(const std::string &path, const torch::Device &device,
+                                                   std::string &metadata)
 {
   bool aoti = false;
   try {
@@ -113,8 +119,8 @@ std::unique_ptr<DeployedModel> load_deployed_model(const std::string &path, std:
     throw std::runtime_error("not a readable zip archive (corrupt or truncated?): " + first_line(e.what()));
   }
   try {
-    if (aoti) return std::make_unique<AOTIModel>(path, metadata);
-    return std::make_unique<TorchScriptModel>(path);
+    if (aoti) return std::make_unique<AOTIModel>(path, device, metadata);
+    return std::make_unique<TorchScriptModel>(path, device);
   } catch (const std::runtime_error &e) {
     throw std::runtime_error(first_line(e.what()));
   } catch (const std::exception &e) {

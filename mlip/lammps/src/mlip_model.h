@@ -27,10 +27,12 @@ class DeployedModel {
                           int64_t num_local) = 0;
 };
 
-// Loads the model at `path` for the CPU and returns it with its metadata JSON text (empty if the
-// archive has none). Throws std::runtime_error with a one-line reason: not a readable archive, or
-// an AOTInductor package built by another torch version or for another device.
-std::unique_ptr<DeployedModel> load_deployed_model(const std::string &path, std::string &metadata);
+// Loads the model at `path` for `device` (inputs are then expected there) and returns it with its
+// metadata JSON text (empty if the archive has none). Throws std::runtime_error with a one-line
+// reason: not a readable archive, or an AOTInductor package built by another torch version or for
+// another device.
+std::unique_ptr<DeployedModel> load_deployed_model(const std::string &path, const torch::Device &device,
+                                                   std::string &metadata);
 
 }    // namespace mlip
 

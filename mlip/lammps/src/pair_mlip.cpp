@@ -15,6 +15,9 @@
 #include "utils.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -160,6 +163,33 @@ std::string join(const std::vector<std::string> &words)
   return out;
 }
 
+// "cpu", "cuda", "cuda:N" or "auto".
+bool valid_device(const std::string &name)
+{
+  if (name == "cpu" || name == "cuda" || name == "auto") return true;
+  return name.size() > 5 && name.compare(0, 5, "cuda:") == 0 &&
+      name.find_first_not_of("0123456789", 5) == std::string::npos;
+}
+
+// This rank's index among the ranks on its node: MPI's shared-memory split of all ranks (MPI-3),
+// else the launcher's variable. GPUs are handed out by it, so ranks on one node spread over them.
+int node_local_rank()
+{
+#if defined(MPI_COMM_TYPE_SHARED)
+  MPI_Comm node;
+  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    int rank = 0;
+    MPI_Comm_rank(node, &rank);
+    MPI_Comm_free(&node);
+    return rank;
+  }
+#endif
+  for (const char *name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                           "SLURM_LOCALID", "PMI_LOCAL_RANK"})
+    if (const char *value = std::getenv(name)) return std::atoi(value);
+  return 0;
+}
+
 }    // namespace
 
 /* ---------------------------------------------------------------------- */
@@ -216,13 +246,21 @@ void PairMLIP::allocate()
 void PairMLIP::settings(int narg, char **arg)
 {
   min_distance = DEFAULT_MIN_DISTANCE;
+  device_request = "auto";
   for (int iarg = 0; iarg < narg; iarg += 2) {
     const std::string keyword = arg[iarg];
-    if (keyword != "min_distance")
+    if (keyword != "min_distance" && keyword != "device")
       error->all(FLERR,
-                 "pair_style mlip: unknown keyword '{}' (keywords: min_distance); the model is "
-                 "given in `pair_coeff * * model.pt <element per atom type>`",
+                 "pair_style mlip: unknown keyword '{}' (keywords: min_distance, device); the model "
+                 "is given in `pair_coeff * * model.pt <element per atom type>`",
                  keyword);
+    if (keyword == "device") {
+      if (iarg + 1 >= narg || !valid_device(arg[iarg + 1]))
+        error->all(FLERR, "pair_style mlip: device must be cpu, cuda, cuda:N or auto; got '{}'",
+                   iarg + 1 < narg ? arg[iarg + 1] : "");
+      device_request = arg[iarg + 1];
+      continue;
+    }
     if (iarg + 1 >= narg) error->all(FLERR, "pair_style mlip: keyword {} needs a value", keyword);
     min_distance = utils::numeric(FLERR, arg[iarg + 1], false, lmp);
     if (!(min_distance >= 0.0) || !std::isfinite(min_distance))
@@ -262,14 +300,71 @@ void PairMLIP::coeff(int narg, char **arg)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
 }
 
-// Loads the model file (TorchScript archive or AOTInductor package, mlip_model.h) and checks the
-// metadata fields this pair style relies on.
-// Every rank reads the file, so every rank reaches the same error->all().
+// The device of this rank: `pair_style mlip device ...`, or MLIP_DEVICE if set. `cuda` (and `auto`
+// where torch sees a GPU) gives cuda:(node-local rank % GPUs visible to this rank). Collective.
+void PairMLIP::choose_device()
+{
+  std::string request = device_request;
+  const char *env = std::getenv("MLIP_DEVICE");
+  if (env && *env) request = env;
+  const std::string asked = (env && *env ? "MLIP_DEVICE=" : "device ") + request;    // for messages
+  if (!valid_device(request))
+    error->all(FLERR, "pair_style mlip: {}: must be cpu, cuda, cuda:N or auto", asked);
+
+  // A CUDA build of torch registers its device guard when libc10_cuda loads (the plugin links it
+  // whenever it exists: mlip/lammps/build.py); a CPU-only torch has none.
+  const bool torch_has_cuda = c10::impl::hasDeviceGuardImpl(c10::DeviceType::CUDA);
+  const int gpus = torch_has_cuda ? (int) torch::cuda::device_count() : 0;
+  const int local_rank = node_local_rank();
+  std::string why;    // how `auto` decided, for the log
+  if (request == "auto") {
+    why = torch_has_cuda ? fmt::format(" (torch sees {} GPU(s))", gpus)
+                         : fmt::format(" (torch {} is a CPU-only build)", TORCH_VERSION);
+    request = gpus > 0 ? "cuda" : "cpu";
+  }
+  if (request == "cpu") {
+    device = torch::kCPU;
+  } else {
+    if (!torch_has_cuda)
+      error->all(FLERR,
+                 "pair_style mlip: {} needs a CUDA build of torch, but the plugin runs with torch "
+                 "{}, a CPU-only build: install a CUDA torch and run `mlip build-lammps-plugin`, or "
+                 "use `device cpu`",
+                 asked, TORCH_VERSION);
+    const char *visible = std::getenv("CUDA_VISIBLE_DEVICES");
+    if (gpus == 0)
+      error->one(FLERR,
+                 "pair_style mlip: {}: rank {} (node-local rank {}) finds no GPU (torch sees 0 "
+                 "CUDA devices; CUDA_VISIBLE_DEVICES='{}')",
+                 asked, comm->me, local_rank, visible ? visible : "(unset)");
+    const int index = request == "cuda" ? local_rank % gpus : std::atoi(request.c_str() + 5);
+    if (index >= gpus)
+      error->one(FLERR, "pair_style mlip: {}: rank {} sees only {} GPU(s)", asked, comm->me, gpus);
+    device = torch::Device(torch::kCUDA, (c10::DeviceIndex) index);
+  }
+
+  // One log line with every rank's device (-1: cpu).
+  const int mine[2] = {local_rank, device.is_cuda() ? (int) device.index() : -1};
+  std::vector<int> all(2 * comm->nprocs);
+  MPI_Gather(mine, 2, MPI_INT, all.data(), 2, MPI_INT, 0, world);
+  if (comm->me == 0) {
+    std::string ranks;
+    for (int r = 0; r < comm->nprocs; r++)
+      ranks += fmt::format("{}rank {} (node-local {}) on {}", r ? ", " : "", r, all[2 * r],
+                           all[2 * r + 1] < 0 ? std::string("cpu") : fmt::format("cuda:{}", all[2 * r + 1]));
+    utils::logmesg(lmp, "pair_style mlip: {}{}: {}\n", asked, why, ranks);
+  }
+}
+
+// Loads the model file (TorchScript archive or AOTInductor package, mlip_model.h) for this rank's
+// device and checks the metadata fields this pair style relies on. Every rank reads the file, so
+// every rank reaches the same error->all().
 void PairMLIP::load_model(const std::string &path)
 {
   model_path = path;
   if (!std::ifstream(path).good())
     error->all(FLERR, "pair_style mlip: model file {} does not exist or is not readable", path);
+  choose_device();
 
   {
     std::ifstream file(path, std::ios::binary);
@@ -284,7 +379,7 @@ void PairMLIP::load_model(const std::string &path)
 
   std::string text;    // the metadata JSON
   try {
-    model = mlip::load_deployed_model(path, text);
+    model = mlip::load_deployed_model(path, device, text);
   } catch (const std::exception &e) {
     error->all(FLERR,
                "pair_style mlip: {} is not a readable mlip model file (corrupt, truncated, or not "
@@ -549,12 +644,13 @@ void PairMLIP::compute(int eflag, int vflag)
       std::memcpy(edge_index[0].data_ptr<int64_t>(), centers.data(), nedges * sizeof(int64_t));
       std::memcpy(edge_index[1].data_ptr<int64_t>(), neighbors.data(), nedges * sizeof(int64_t));
     }
-    // Periodic images are explicit ghost atoms: no shifts.
-    torch::Tensor edge_shifts = torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype));
-
+    // Built on the host, each input moves to the model's device in one copy (none on a CPU).
+    // Periodic images are explicit ghost atoms: no shifts, made zero where they are used.
     mlip::Outputs output;
     try {
-      output = model->forward(positions.to(dtype), atom_types, edge_index, edge_shifts, (int64_t) nlocal);
+      output = model->forward(positions.to(device, dtype), atom_types.to(device), edge_index.to(device),
+                              torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
+                              (int64_t) nlocal);
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
                  nnodes, nedges, first_line(e.what()));
@@ -563,30 +659,29 @@ void PairMLIP::compute(int eflag, int vflag)
     auto get = [&](const char *key) -> torch::Tensor {
       if (!output.count(key))
         error->one(FLERR, "pair_style mlip: model {} returned no '{}'", model_path, key);
-      return output.at(key).to(torch::kFloat64).contiguous();
+      return output.at(key);
     };
 
+    // Shapes first (no data needed), then everything the host uses leaves the device in one
+    // float64 copy: [atomic energies | forces | virial | member forces | member energies].
     const torch::Tensor atomic_energies = get("atomic_energies");
     if (atomic_energies.numel() != nlocal)
       error->one(FLERR, "pair_style mlip: model returned {} atomic energies for {} owned atoms",
                  atomic_energies.numel(), nlocal);
-    const double *energy = atomic_energies.data_ptr<double>();
-    if (eflag_global)
-      for (int i = 0; i < nlocal; i++) eng_vdwl += energy[i];
-    if (eflag_atom)
-      for (int i = 0; i < nlocal; i++) eatom[i] += energy[i];
-
     // Forces on ghosts too: LAMMPS' reverse communication (newton on) adds them to their owners.
     const torch::Tensor forces = get("forces");
     if (forces.dim() != 2 || forces.size(0) != nnodes || forces.size(1) != 3)
       error->one(FLERR, "pair_style mlip: model returned forces of shape {} for {} atoms",
                  std::string(c10::str(forces.sizes())), nnodes);
-    const double *force = forces.data_ptr<double>();
-    for (int n = 0; n < nnodes; n++)
-      for (int k = 0; k < 3; k++) f[atom_of[n]][k] += force[3 * n + k];
-    for (int i = 0; i < nlocal; i++)
-      for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
-
+    std::vector<torch::Tensor> parts{atomic_energies.reshape(-1), forces.reshape(-1)};
+    const bool want_virial = vflag_global && !direct_forces;
+    if (want_virial) {
+      // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
+      const torch::Tensor w = get("virial");
+      if (w.numel() != 9)
+        error->one(FLERR, "pair_style mlip: model returned a virial with {} entries", w.numel());
+      parts.push_back(w.reshape(-1));
+    }
     if (M > 0) {
       // Committee files deployed before 2026-12 have member energies but no member forces.
       have_members = output.count("member_forces") && output.count("member_atomic_energies");
@@ -598,21 +693,38 @@ void PairMLIP::compute(int eflag, int vflag)
                      "{} members, {} atoms, {} owned", model_path,
                      std::string(c10::str(member_force.sizes())), std::string(c10::str(member_energy.sizes())),
                      M, nnodes, nlocal);
-        const double *mf = member_force.data_ptr<double>();
-        for (int n = 0; n < nnodes; n++)
-          for (int c = 0; c < 3 * M; c++) member_forces[atom_of[n]][c] += mf[3 * M * n + c];
-        const double *me = member_energy.data_ptr<double>();
-        for (int i = 0; i < nlocal; i++)
-          for (int m = 0; m < M; m++) member_energy_local[m] += me[M * i + m];
+        parts.push_back(member_force.reshape(-1));
+        parts.push_back(member_energy.reshape(-1));
       }
     }
+    for (auto &part : parts) part = part.to(torch::kFloat64);
+    const torch::Tensor host = torch::cat(parts).to(torch::kCPU);
+    const double *energy = host.data_ptr<double>();            // nlocal
+    const double *force = energy + nlocal;                     // 3 per node
+    const int64_t after_forces = nlocal + 3 * (int64_t) nnodes;
+    const int64_t members_at = after_forces + (want_virial ? 9 : 0);
 
-    if (vflag_global && !direct_forces) {
-      // Each rank's virial covers the edges of its own graph; LAMMPS sums ranks.
-      const torch::Tensor w = get("virial");
-      if (w.numel() != 9)
-        error->one(FLERR, "pair_style mlip: model returned a virial with {} entries", w.numel());
-      const double *v = w.data_ptr<double>();
+    if (eflag_global)
+      for (int i = 0; i < nlocal; i++) eng_vdwl += energy[i];
+    if (eflag_atom)
+      for (int i = 0; i < nlocal; i++) eatom[i] += energy[i];
+
+    for (int n = 0; n < nnodes; n++)
+      for (int k = 0; k < 3; k++) f[atom_of[n]][k] += force[3 * n + k];
+    for (int i = 0; i < nlocal; i++)
+      for (int k = 0; k < 3; k++) model_force_sum[k] += force[3 * i + k];
+
+    if (M > 0 && have_members) {
+      const double *mf = energy + members_at;                  // 3 M per node
+      const double *me = mf + 3 * (int64_t) M * nnodes;        // M per owned atom
+      for (int n = 0; n < nnodes; n++)
+        for (int c = 0; c < 3 * M; c++) member_forces[atom_of[n]][c] += mf[3 * M * n + c];
+      for (int i = 0; i < nlocal; i++)
+        for (int m = 0; m < M; m++) member_energy_local[m] += me[M * i + m];
+    }
+
+    if (want_virial) {
+      const double *v = energy + after_forces;
       // LAMMPS order xx, yy, zz, xy, xz, yz; symmetrize against round-off.
       virial[0] += v[0];
       virial[1] += v[4];

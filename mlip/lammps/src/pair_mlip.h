@@ -3,8 +3,12 @@
    Input script:
      units metal
      newton on                               (the default)
-     pair_style mlip [min_distance D]        (atoms closer than D Å are an error; default 0.3,
-                                              as in the ASE calculator; 0 turns the check off)
+     pair_style mlip [min_distance D] [device cpu|cuda|auto]
+                                             min_distance: atoms closer than D Å are an error
+                                             (default 0.3, as in the ASE calculator; 0: no check);
+                                             device: default auto (cuda where the plugin's torch
+                                             sees a GPU, else cpu); env MLIP_DEVICE overrides,
+                                             also cuda:N
      pair_coeff * * model.pt Si O            (one element name per LAMMPS atom type)
 
    A committee file (`mlip deploy A B C -o model.pt`) also gives its members' spread:
@@ -14,7 +18,9 @@
 
    The model contract is described in mlip/deploy/model_file.py. Each MPI rank evaluates the
    model on its own atoms plus their ghosts, with LAMMPS' full neighbor list and zero edge
-   shifts (periodic images are explicit ghost atoms). */
+   shifts (periodic images are explicit ghost atoms). On a GPU each rank uses
+   cuda:(node-local rank % GPUs visible); the graph is built on the host and each input moves to
+   the device in one copy, the outputs come back in one. */
 
 #ifndef LMP_PAIR_MLIP_H
 #define LMP_PAIR_MLIP_H
@@ -49,12 +55,17 @@ class PairMLIP : public Pair {
  protected:
   void allocate();
   void load_model(const std::string &path);
+  void choose_device();
   void remove_net_force(double **rows, int width, const double *local_sum);
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
 
   std::unique_ptr<mlip::DeployedModel> model;    // TorchScript file or AOTInductor package
   std::string model_path;
+
+  // Where the model runs: `pair_style mlip device ...` (or MLIP_DEVICE), resolved at pair_coeff.
+  std::string device_request = "auto";    // "cpu", "cuda", "cuda:N" or "auto"
+  torch::Device device = torch::kCPU;
 
   // From the model file's metadata (mlip/metadata.json)
   std::vector<std::string> type_names;    // the model's species; atom_types index into it

@@ -1,0 +1,1 @@
+"""Bridges to other simulation engines (optional dependencies, imported on use)."""
