@@ -117,7 +117,7 @@ PY
     echo "$name: $summary"
     record "tests" "$name" "$([ "$GPU" = 1 ] && echo cuda || echo cpu)" "$summary"
 }
-run_tests gpu 240 -m gpu tests/test_gpu.py
+run_tests gpu 240 -m gpu tests/test_gpu.py tests/test_distributed.py
 run_tests devices 120 tests/test_devices.py tests/test_lammps.py -k "device or two_ranks_reproduce_one or errors_are_clear"
 
 stage "timings"

@@ -111,15 +111,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = args.debug or os.environ.get("MLIP_DEBUG", "") not in ("", "0")
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"mlip {args.command}: interrupted", file=sys.stderr)
+        detail = f": {stop}" if str(stop) else ""  # e.g. where a stopped training run can be resumed
+        print(f"mlip {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as error:
         if debug or not user_error(error):
             raise
-        print(f"mlip {args.command}: error: {one_line(error)}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "1")  # set by torchrun: name the process that failed
+        where = f" (rank {os.environ.get('RANK')} of {world})" if world != "1" else ""
+        print(f"mlip {args.command}{where}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -13,16 +13,9 @@ from ase.optimize import FIRE
 from mlip import MLIPCalculator
 from mlip.calculators.batched import BatchedModel, _expm_frechet_adjoint, relax_many
 from mlip.cli import main
+from test_calculator import one_thread  # noqa: F401 (autouse: one torch thread in this module)
 
 SI_MODEL = os.path.join(os.path.dirname(__file__), "..", "potentials", "si-allegro", "model.pt")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def si_structures(count: int, seed: int = 0):

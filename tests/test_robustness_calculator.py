@@ -25,17 +25,9 @@ from mlip import MLIPCalculator
 from mlip.data import TypeMapper, atoms_to_graph, collate
 from mlip.data.atoms import DEFAULT_MIN_DISTANCE
 from mlip.deploy import ModelFileError, read_metadata
-from test_calculator import cluster, strained_triclinic, tiny_model
+from test_calculator import cluster, one_thread, strained_triclinic, tiny_model  # noqa: F401 (one_thread: autouse)
 from test_lammps import (LMP, SPECIES, ToyModel, bad_setup, error_of, plugin, rattled_crystal,  # noqa: F401
                          run_zero, write_data, write_toy_model)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- 1. model file integrity -----------------------------------------------------------------------

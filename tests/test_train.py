@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import ase.io
 import numpy as np
@@ -105,7 +106,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("interruption", ["kill_mid_epoch", "epoch_limit", "wall_clock"])
+@pytest.mark.parametrize("interruption", ["kill_mid_epoch", "epoch_limit", "wall_clock", "sigint", "sigterm"])
 def test_resume_reproduces_uninterrupted_run(data_file, tmp_path, interruption):
     """N epochs straight == k epochs, interrupted, resumed to N (weights, EMA, log)."""
     settings = dict(family="nequip", stop={"max_epochs": 4}, checkpoint_every_steps=2,
@@ -122,6 +123,19 @@ def test_resume_reproduces_uninterrupted_run(data_file, tmp_path, interruption):
             train(interrupted, on_step=kill)
         assert load_checkpoint(tmp_path / "interrupted")["position"] == {
             "epoch": 1, "step": 8, "batch_in_epoch": 2, "seed": 0}
+        result = resume(str(tmp_path / "interrupted"))
+    elif interruption in ("sigint", "sigterm"):  # Ctrl-C or a batch system's time limit at step 9
+        signum = signal.SIGINT if interruption == "sigint" else signal.SIGTERM
+
+        def signal_at_step_9(trainer):
+            if trainer.step == 9:
+                os.kill(os.getpid(), signum)
+
+        with pytest.raises(KeyboardInterrupt, match=f"stopped by {signum.name} at step 9.*--resume"):
+            train(interrupted, on_step=signal_at_step_9)
+        assert load_checkpoint(tmp_path / "interrupted")["position"] == {  # no step lost, none half done
+            "epoch": 1, "step": 9, "batch_in_epoch": 3, "seed": 0}
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
         result = resume(str(tmp_path / "interrupted"))
     elif interruption == "epoch_limit":
         interrupted.stop.max_epochs = 2

@@ -52,7 +52,7 @@ def collate(
         keys.EDGE_SHIFTS: to(edge_shifts, dtype),
     }
     if paired:
-        batch[keys.EDGES_PAIRED] = torch.tensor(True, device=device)
+        batch[keys.EDGES_PAIRED] = torch.tensor(True)  # a flag read on the host: no device synchronisation
     # Each label is kept wherever it exists, with a mask (keys.HAS_*): a mixed batch (single points
     # without forces next to MD frames with them) must not lose the labels its other structures carry.
     has_energy = np.array([keys.ENERGY in g for g in graphs])

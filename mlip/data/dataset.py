@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -190,11 +191,20 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, n
 
 
 class BatchLoader:
-    """Batches of ``batch_size`` structures (variable sizes), collated to torch tensors.
+    """Batches of structures (variable sizes), collated to torch tensors, optionally shared across ranks.
 
-    The order of epoch k is a function of (seed, k) only, so training resumed at epoch k sees the
-    batches it would have seen without interruption. Each batch also carries
-    ``keys.STRUCTURE_INDEX``: the dataset indices of its structures (for per-config-type metrics).
+    The global batches of epoch k are a function of (seed, k, batch_size, batch_atoms) only: a
+    permutation of the structures per (seed, epoch), cut into consecutive batches of at most
+    ``batch_size`` structures and, with ``batch_atoms``, at most that many atoms (a structure larger
+    than ``batch_atoms`` forms a batch alone). So training resumed at epoch k sees the batches it
+    would have seen without interruption, whatever the number of processes.
+
+    ``shard = (rank, world_size)``: this process collates only its share of each global batch, a
+    contiguous run of structures with about 1/world_size of the batch's atoms (:func:`shares`). A rank
+    whose share is empty (a global batch with fewer structures than ranks) gets a stand-in batch of
+    the global batch's first structure, flagged ``keys.STAND_IN``: its loss must count zero.
+    ``prefetch``: collate the next batch in a worker thread while the caller uses the current one.
+    Each batch also carries ``keys.STRUCTURE_INDEX``: the dataset indices of its structures.
     """
 
     def __init__(
@@ -207,34 +217,118 @@ class BatchLoader:
         drop_last: bool = False,
         dtype: torch.dtype = torch.float64,
         device: Optional[torch.device] = None,
+        batch_atoms: Optional[int] = None,
+        shard: Tuple[int, int] = (0, 1),
+        prefetch: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_atoms is not None and batch_atoms < 1:
+            raise ValueError(f"batch_atoms must be at least 1, got {batch_atoms}")
+        rank, world_size = shard
+        if not 0 <= rank < world_size:
+            raise ValueError(f"shard {shard}: rank must be in [0, world_size)")
         self.dataset = dataset
         self.batch_size = int(batch_size)
+        self.batch_atoms = None if batch_atoms is None else int(batch_atoms)
         self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
         self.dtype = dtype
         self.device = device
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
+        """Global batches per epoch (of epoch 0 with ``batch_atoms``: their number varies with the order)."""
+        if self.batch_atoms is not None:
+            return self.num_batches(0)
         full, rest = divmod(len(self.indices), self.batch_size)
         return full + (rest > 0 and not self.drop_last)
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self.global_batches(epoch))
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.indices
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.indices)
 
-    def epoch(self, epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+    def global_batches(self, epoch: int) -> List[np.ndarray]:
+        """Dataset indices of each global batch of ``epoch``, in order."""
         order = self.epoch_order(epoch)
-        for b in range(len(self)):
-            chosen = order[b * self.batch_size:(b + 1) * self.batch_size]
-            batch = collate(self.dataset.get_batch(chosen), dtype=self.dtype, device=self.device)
-            batch[keys.STRUCTURE_INDEX] = torch.as_tensor(chosen, dtype=torch.int64, device=self.device)
-            yield batch
+        if self.batch_atoms is None:
+            batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
+        else:
+            batches = _cut_by_atoms(order, self.dataset.num_atoms[order], self.batch_size, self.batch_atoms)
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size and self.batch_atoms is None:
+            batches.pop()
+        return batches
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+        """This rank's batches of ``epoch``, from global batch ``start`` on (a resumed epoch)."""
+        chosen = [self._share(batch) for batch in self.global_batches(epoch)[start:]]
+        if not self.prefetch:
+            for indices, stand_in in chosen:
+                yield self._collate(indices, stand_in)
+            return
+        # One batch ahead: the worker collates batch k + 1 (HDF5 read, edge pairing, tensors) while
+        # the caller trains on batch k. The order is the list above, whatever the timing.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlip-prefetch") as worker:
+            pending = worker.submit(self._collate, *chosen[0]) if chosen else None
+            for k in range(len(chosen)):
+                batch = pending.result()
+                if k + 1 < len(chosen):
+                    pending = worker.submit(self._collate, *chosen[k + 1])
+                yield batch
+
+    def _share(self, batch: np.ndarray) -> Tuple[np.ndarray, bool]:
+        cuts = shares(self.dataset.num_atoms[batch], self.world_size)
+        mine = batch[cuts[self.rank]:cuts[self.rank + 1]]
+        if len(mine) == 0:
+            return batch[:1], True
+        return mine, False
+
+    def _collate(self, indices: np.ndarray, stand_in: bool) -> Dict[str, torch.Tensor]:
+        batch = collate(self.dataset.get_batch(indices), dtype=self.dtype, device=self.device)
+        batch[keys.STRUCTURE_INDEX] = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
+        if stand_in:
+            batch[keys.STAND_IN] = torch.tensor(True)  # on the host: read without a device synchronisation
+        return batch
+
+
+def shares(num_atoms: np.ndarray, parts: int) -> np.ndarray:
+    """Cut points ``[0, c_1, ..., n]`` of a batch of ``n`` structures into ``parts`` contiguous runs
+    with about equal numbers of atoms; every run holds a structure when ``n >= parts`` (else the
+    first ``n`` runs hold one each and the rest are empty)."""
+    n = len(num_atoms)
+    if n <= parts:
+        return np.minimum(np.arange(parts + 1), n)
+    cumulative = np.concatenate([[0], np.cumsum(num_atoms)])
+    targets = cumulative[-1] * np.arange(1, parts) / parts
+    upper = np.searchsorted(cumulative, targets)  # first cut at or above each target
+    closer_below = targets - cumulative[upper - 1] < cumulative[upper] - targets
+    cuts = np.concatenate([[0], upper - closer_below, [n]])
+    for k in range(1, parts):  # at least one structure per run
+        cuts[k] = max(cuts[k], cuts[k - 1] + 1)
+    for k in range(parts - 1, 0, -1):
+        cuts[k] = min(cuts[k], cuts[k + 1] - 1)
+    return cuts
+
+
+def _cut_by_atoms(order: np.ndarray, num_atoms: np.ndarray, max_structures: int, max_atoms: int) -> List[np.ndarray]:
+    """Consecutive runs of ``order``: a run ends where the next structure would exceed
+    ``max_structures`` structures or ``max_atoms`` atoms."""
+    batches, start, atoms = [], 0, 0
+    for k, n in enumerate(num_atoms.tolist()):
+        if k > start and (k - start == max_structures or atoms + n > max_atoms):
+            batches.append(order[start:k])
+            start, atoms = k, 0
+        atoms += n
+    if len(order) > start:
+        batches.append(order[start:])
+    return batches
 
 
 def _paths(inputs) -> List[PathLike]:

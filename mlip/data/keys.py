@@ -39,3 +39,5 @@ HAS_ENERGY = "has_energy"  # (B,) bool | this structure carries an energy label
 HAS_FORCES = "has_forces"  # (N,) bool | this atom carries a force label (its structure does)
 HAS_STRESS = "has_stress"  # (B,) bool | this structure carries a stress label
 STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset
+STAND_IN = "stand_in"  # () bool, on the host | distributed training: this rank's stand-in for an empty share of
+#   a global batch (one structure of it, whose loss must count zero; see data.BatchLoader)

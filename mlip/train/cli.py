@@ -2,7 +2,7 @@
 
 
 def register(commands) -> None:
-    from ..cli import NON_NEGATIVE_INT, POSITIVE
+    from ..cli import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 
     p = commands.add_parser("train", help="train a potential from a YAML config (or resume a run)",
                             description="Train from CONFIG (see md_examples/configs/train_allegro_small.yaml), "
@@ -15,6 +15,8 @@ def register(commands) -> None:
     p.add_argument("--max-minutes", type=POSITIVE, help="override stop.max_minutes (the run's total wall clock)")
     p.add_argument("--run-dir", help="override run_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--nproc", type=POSITIVE_INT, metavar="N", help="train data-parallel in N processes on this machine "
+                   "(started by torchrun; batch_size is the global batch; device: cuda gives each its own GPU)")
     p.set_defaults(run=run_train)
 
 
@@ -27,6 +29,8 @@ def run_train(args) -> int:
 
     if bool(args.config) == bool(args.resume):
         raise ValueError("give either a CONFIG file or --resume RUN_DIR")
+    if args.nproc is not None and args.nproc > 1:
+        return launch(args)
     if args.resume:
         if args.init_from or args.run_dir:
             raise ValueError("--resume continues a run as it was: --init-from/--run-dir do not apply")
@@ -54,7 +58,43 @@ def run_train(args) -> int:
         if args.no_progress:
             config.progress = False
         result = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports
     print(f"stopped ({result.stop_reason}) after {result.epochs} epochs, {result.steps} steps, "
           f"{result.elapsed_s:.0f} s; best validation {result.monitor} {result.best_metric:.4g} at epoch {result.best_epoch}; "
           f"checkpoints in {result.run_dir}")
+    return 0
+
+
+def launch(args) -> int:
+    """This command again in ``--nproc`` processes, started by torchrun's own launcher
+    (torch.distributed.run) on this machine; several machines: run torchrun yourself (README)."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from .config import load_config
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ValueError("--nproc inside a torchrun job: torchrun already started the processes")
+    if args.config and load_config(args.config).batch_size < args.nproc:  # refused before anything starts
+        raise ValueError(f"{args.config}: batch_size {load_config(args.config).batch_size} is smaller than --nproc "
+                         f"{args.nproc}: batch_size is the global batch, shared among the processes")
+    command = ["train", os.path.abspath(args.config)] if args.config else ["train", "--resume",
+                                                                           os.path.abspath(args.resume)]
+    for flag, value in (("--init-from", args.init_from), ("--max-epochs", args.max_epochs),
+                        ("--max-minutes", args.max_minutes), ("--run-dir", args.run_dir)):
+        if value is not None:
+            command += [flag, os.path.abspath(value) if flag in ("--init-from", "--run-dir") else str(value)]
+    if args.no_progress:
+        command.append("--no-progress")
+    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(args.nproc),
+                                             "-m", "mlip", *command])
+    try:
+        run(launcher)
+    except ChildFailedError as error:  # each process printed its own error above
+        rank, failure = error.get_first_failure()
+        raise RuntimeError(f"the training process of rank {rank} (of {args.nproc}) failed first, with exit code "
+                           f"{failure.exitcode}; torchrun stopped the others") from None
     return 0

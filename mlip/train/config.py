@@ -81,9 +81,18 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    # Structures per optimisation step: the global batch, shared among the processes of a distributed
+    # run (torchrun; mlip.train.distributed), so N processes take the same steps as one.
     batch_size: int = 5
+    # Also end a batch before it would exceed this many atoms (a larger structure forms a batch alone):
+    # for data that mix 10- and 1000-atom cells. None: batch_size alone.
+    batch_atoms: Optional[int] = None
+    prefetch: bool = True  # collate the next batch in a background thread while a step runs
     dtype: str = "float32"  # float32 | float64 (energies are always summed in float64)
+    # cpu | cuda | cuda:K; under torchrun `cuda` is the GPU of each process's local rank.
+    # float32 matmuls stay full float32 (torch's default, TF32 off): see README, "Training on GPUs".
     device: str = "cpu"
+    distributed_backend: Optional[str] = None  # under torchrun: gloo | nccl; None: nccl on CUDA, gloo on the CPU
     threads: Optional[int] = 2  # torch intra-op threads; None: leave torch's setting
     seed: int = 0  # model initialisation, batch order of every epoch, train/validation split (data.split_seed)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint, run directory or deployed model file
@@ -101,6 +110,7 @@ CHOICES = {
     ("dtype",): ("float32", "float64"),
     ("model", "head"): ("gradient", "direct"),
     ("model", "family"): ("allegro", "nequip"),
+    ("distributed_backend",): (None, "gloo", "nccl"),
 }
 
 
@@ -171,6 +181,7 @@ RANGES = {
     ("stop", "patience"): _at_least(1),
     ("model", "r_max"): _finite(0.0, low_open=True),
     ("batch_size",): _at_least(1),
+    ("batch_atoms",): _at_least(1),
     ("threads",): _at_least(1),
     ("seed",): _at_least(0),
     ("checkpoint_every_steps",): _at_least(0),

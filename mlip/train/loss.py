@@ -6,7 +6,7 @@ term before the division, as (sum of squared errors, number of labelled values),
 distributed run can add both over its ranks and divide once: the mean over the global batch.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -43,6 +43,25 @@ def loss_sums(
         squared = torch.where(mask, error.square(), torch.zeros((), dtype=error.dtype, device=error.device))
         sums[term] = (squared.sum(), batch[mask_key].sum() * width)
     return sums
+
+
+def weighted_loss(
+    sums: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+    weights: LossConfig,
+    counts: Optional[Dict[str, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """sum_t weight_t * squared_error_sum_t / count_t (float64) of ``loss_sums``' terms, read
+    nowhere on the host (no device synchronisation). ``counts``: the denominators, by default the
+    batch's own; in data-parallel training the global batch's, summed over the ranks. A term with
+    no labelled value adds 0. The division is in the errors' dtype, then cast, as in loss_terms."""
+    device = next(iter(sums.values()))[0].device if sums else None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for term in (t for t in TERMS if t in sums):  # a fixed order of the additions
+        squared_sum, count = sums[term]
+        count = count if counts is None else counts[term]
+        mean = (squared_sum / count.to(squared_sum.dtype).clamp(min=1)).to(torch.float64)
+        total = total + getattr(weights, term) * mean
+    return total
 
 
 def loss_terms(

@@ -5,8 +5,7 @@ stress eV/Å^3 per component of the 3x3 tensor. Only labelled values count (mask
 a structure without forces adds no force error, and no zero either.
 """
 
-from collections import defaultdict
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,12 +25,20 @@ def _numpy(value) -> np.ndarray:
 class ErrorMetrics:
     def __init__(self):
         # (group, quantity) -> [sum |error|, sum error^2, number of values]
-        self._sums = defaultdict(lambda: np.zeros(3))
+        self._sums: Dict[Tuple[str, str], np.ndarray] = {}
 
     def add(self, quantity: str, errors: np.ndarray, group: str = ALL) -> None:
         errors = np.asarray(errors, dtype=np.float64).reshape(-1)
         if errors.size:
-            self._sums[group, quantity] += (np.abs(errors).sum(), np.square(errors).sum(), errors.size)
+            self._add((group, quantity), (np.abs(errors).sum(), np.square(errors).sum(), errors.size))
+
+    def merge(self, other: "ErrorMetrics") -> None:
+        """Add the errors ``other`` saw (another process's share of a data set)."""
+        for key, sums in other._sums.items():
+            self._add(key, sums)
+
+    def _add(self, key: Tuple[str, str], sums) -> None:
+        self._sums[key] = self._sums.get(key, np.zeros(3)) + sums
 
     def update(self, prediction: Dict, batch: Dict, groups: Optional[Sequence[str]] = None) -> None:
         """Errors of one batch. ``groups``: a name per structure (e.g. config types), or None."""
