@@ -16,20 +16,13 @@ from mlip.deploy import ModelFileError, deploy_model, load_model, read_metadata
 from mlip.deploy.compile import cast_model
 from mlip.models import build_committee
 from physics import cluster, tiny_model, triclinic_alloy
+from test_calculator import one_thread  # noqa: F401 (autouse: one torch thread in this module)
 from test_lammps import plugin  # noqa: F401  (the session's compiled LAMMPS plugin, for the .pt2 test)
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9}  # relative; float32: compiled code sums in another order
 CASES = [(family, head, dtype) for family in ("allegro", "nequip") for head in ("gradient", "direct")
          for dtype in ("float32", "float64")]
 FAST_CASE = ("allegro", "gradient", "float32")  # in the default run; the other compiles (~1-2 min each) are slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained_model(family, head):
