@@ -46,7 +46,7 @@ def parse_args():
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     p.add_argument("--families", nargs="*", default=["allegro", "nequip"], choices=["allegro", "nequip"],
                    help="mlip model families to run")
-    p.add_argument("--mlip-paths", nargs="+", default=["torchscript"], choices=["torchscript", "eager"])
+    p.add_argument("--mlip-paths", nargs="+", default=["torchscript"], choices=["torchscript", "eager", "aoti"])
     p.add_argument("--peer-path", action="append", default=[], metavar="PEER=PATH[,PATH]",
                    help="e.g. nequip=eager,aoti (AOTI compiles once per dtype, 20-300 s); default eager")
     p.add_argument("--peer-malloc", choices=["default", "heap", "both"], default="both",

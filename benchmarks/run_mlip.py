@@ -2,8 +2,9 @@
 
 Run with mlip's own environment, e.g.
     python benchmarks/run_mlip.py --family allegro --atoms 864 --dtype float32 --path torchscript
-Paths: ``eager`` (MLIPCalculator around the Python model) or ``torchscript`` (the file written by
-``mlip.deploy.deploy_model``, what users load with ``MLIPCalculator("model.pt")``). The model is
+Paths: ``eager`` (MLIPCalculator around the Python model), ``torchscript`` (the file written by
+``mlip.deploy.deploy_model``, what users load with ``MLIPCalculator("model.pt")``) or ``aoti``
+(the AOTInductor package, ``MLIPCalculator("model.pt2")``; compiling it takes minutes). The model is
 the ``small`` preset, untrained: speed does not depend on the weights.
 """
 
@@ -38,7 +39,8 @@ def calculator(family: str, args):
     if args.path == "eager":
         return MLIPCalculator(build(family, args.dtype))
     os.makedirs(args.cache_dir, exist_ok=True)
-    path = os.path.abspath(os.path.join(args.cache_dir, f"mlip-{family}-{args.dtype}.pt"))
+    extension = ".pt2" if args.path == "aoti" else ".pt"
+    path = os.path.abspath(os.path.join(args.cache_dir, f"mlip-{family}-{args.dtype}{extension}"))
     # Rebuilt each time so it never runs a stale file, in a child process: users load a file
     # deployed elsewhere, and scripting + the deploy check would add ~170 MB to this process' peak.
     code = f"import run_mlip; run_mlip.deploy({family!r}, {args.dtype!r}, {path!r})"
@@ -49,7 +51,7 @@ def calculator(family: str, args):
 def deploy(family: str, dtype: str, path: str) -> None:
     from mlip.deploy import deploy_model
 
-    deploy_model(build(family, dtype), path)
+    deploy_model(build(family, dtype), path, format="aoti" if path.endswith(".pt2") else "torchscript")
 
 
 def run_md(family: str, args) -> None:
@@ -96,7 +98,7 @@ def main():
     def family_option(parser):
         parser.add_argument("--family", choices=["allegro", "nequip"], default="allegro")
 
-    args = common.md_args(__doc__.splitlines()[0], paths=["eager", "torchscript"], default_path="torchscript",
+    args = common.md_args(__doc__.splitlines()[0], paths=["eager", "torchscript", "aoti"], default_path="torchscript",
                           extra=family_option)
     common.quiet_warnings()
     if args.case == "md":

@@ -22,6 +22,12 @@ def register(commands) -> None:
                         "one is complete), anything else (a training checkpoint, one of the inputs) is refused")
     p.add_argument("--no-ema", action="store_true", help="deploy the raw weights instead of their moving average")
     p.add_argument("--no-check", action="store_true", help="skip the compiled-vs-eager numerical check")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="precision of the deployed weights and inputs (default: the model's own)")
+    p.add_argument("--format", choices=("torchscript", "aoti"),
+                   help="torchscript: one TorchScript file (.pt); aoti: an AOTInductor package (.pt2), compiled "
+                        "ahead of time for this torch version (needs a C++ compiler; minutes). "
+                        "Default: aoti if the output name ends in .pt2, else torchscript")
     p.add_argument("--member", type=POSITIVE_INT, metavar="K",
                    help="of one committee file, write only its member K (1, 2, ...; as `mlip info` lists them), "
                         "e.g. to fine-tune it")
@@ -49,6 +55,7 @@ def run_deploy(args) -> int:
     from . import deploy_model
 
     check_deploy_output(args.output, args.checkpoint)
+    output_format = _output_format(args.output, args.format)
     sources = [_eager_model(path, args.no_ema) for path in args.checkpoint]
     if args.member is not None:
         model, data_hash, description = _committee_member(args.checkpoint, sources, args.member)
@@ -64,7 +71,8 @@ def run_deploy(args) -> int:
                              f"differ ({listing})")
         model, data_hash = build_committee([model for model, _, _ in sources]), hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
-    deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check)
+    deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check, dtype=args.dtype,
+                 format=output_format)
     print(f"wrote {args.output}: {description}")
     return 0
 
@@ -78,6 +86,7 @@ def check_deploy_output(output: str, inputs) -> None:
     from ..files import check_output
     from ..train.checkpoint import is_model_file
     from ..train.trainer import prefer_best
+    from .aoti import is_aoti_package
 
     check_output(output, "--output")
     target, seen = os.path.realpath(output), set()
@@ -88,12 +97,23 @@ def check_deploy_output(output: str, inputs) -> None:
         if resolved in seen:  # a committee of a model with itself would report zero uncertainty
             raise ValueError(f"input {path!r} is given twice ({resolved})")
         seen.add(resolved)
-    if os.path.exists(output) and not is_model_file(output):
+    if os.path.exists(output) and not (is_model_file(output) or is_aoti_package(output)):
         import zipfile
 
         kind = "a training checkpoint or other torch file" if zipfile.is_zipfile(output) else "not a model file"
         raise ValueError(f"--output {output!r} exists and is {kind}: refusing to overwrite it "
                          "(only an existing model file may be replaced)")
+
+
+def _output_format(output: str, requested):
+    """--format, or the output's extension (.pt2: AOTInductor); a name that contradicts it is refused."""
+    aoti_name = output.endswith(".pt2")
+    if requested is None:
+        return "aoti" if aoti_name else "torchscript"
+    if aoti_name != (requested == "aoti"):
+        raise ValueError(f"--format {requested} with output {output}: name AOTInductor packages *.pt2 and "
+                         "TorchScript files anything else (e.g. model.pt)")
+    return requested
 
 
 def _committee_member(paths, sources, k: int):
@@ -118,6 +138,7 @@ def _eager_model(path: str, no_ema: bool):
     from .model_file import read_metadata
 
     path = prefer_best(path)
+    _refuse_aoti_source(path)
     if is_model_file(path):
         if no_ema:
             raise ValueError(f"--no-ema needs a training checkpoint: {path} is a model file, which holds only "
@@ -133,6 +154,14 @@ def _eager_model(path: str, no_ema: bool):
             f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
 
 
+def _refuse_aoti_source(path: str) -> None:
+    from .aoti import is_aoti_package
+
+    if is_aoti_package(path):
+        raise ValueError(f"{path} is an AOTInductor package: it holds compiled code, not weights that can be "
+                         "deployed again; deploy from the checkpoint or TorchScript file it was made from")
+
+
 def run_info(args) -> int:
     from ..files import check_input
     from .model_file import read_metadata
@@ -144,8 +173,9 @@ def run_info(args) -> int:
         return 0
     print(f"{args.model}")
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
-                "mlip_version", "format_version", "training_data_hash"):
-        print(f"  {key:<24} {metadata.get(key)}")
+                "mlip_version", "format", "format_version", "torch_version", "device", "threads", "training_data_hash"):
+        if key in metadata or key not in ("torch_version", "device", "threads"):  # AOTInductor packages only
+            print(f"  {key:<24} {metadata.get(key)}")
     hyper = dict(metadata.get("hyperparameters", {}))
     members = hyper.pop("members", [])  # a committee: one line per member
     print(f"  {'hyperparameters':<24} " + ", ".join(f"{k}={v}" for k, v in hyper.items()))

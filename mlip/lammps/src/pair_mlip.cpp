@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/version.h>
 
 #if defined(__GLIBC__)
@@ -42,6 +41,7 @@ namespace {
 // Constants of the deployed model file format (mlip/deploy/model_file.py).
 const char *const METADATA_FILE = "mlip/metadata.json";
 const char *const FORMAT_NAME = "mlip-torchscript";
+const char *const AOTI_FORMAT_NAME = "mlip-aoti";    // AOTInductor package (mlip/deploy/aoti.py)
 const int FORMAT_VERSION = 1;
 // Atoms closer than this (Å) are refused as overlapping (broken input or wrong units), the
 // default of mlip's ASE calculator (mlip.data.atoms.DEFAULT_MIN_DISTANCE); `pair_style mlip
@@ -398,8 +398,9 @@ void PairMLIP::choose_device()
   }
 }
 
-// Loads the TorchScript archive onto this rank's device and checks the metadata fields this pair
-// style relies on. Every rank reads the file, so every rank reaches the same error->all().
+// Loads the model file (TorchScript archive or AOTInductor package, mlip_model.h) for this rank's
+// device and checks the metadata fields this pair style relies on. Every rank reads the file, so
+// every rank reaches the same error->all().
 void PairMLIP::load_model(const std::string &path)
 {
   model_path = path;
@@ -418,38 +419,27 @@ void PairMLIP::load_model(const std::string &path)
                  path, damage);
   }
 
-  std::unordered_map<std::string, std::string> extra_files{{METADATA_FILE, ""}};
+  std::string text;    // the metadata JSON
   try {
-    // Without the graph executor's optimizations (here and at every call): its own autodiff made
-    // a NequIP force call 1.7x slower than eager PyTorch on CPU (torch 2.13); see model_file.py.
-    torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-    // Mapped at load, every tensor of the archive lands on the device: parameters and buffers,
-    // and also tensors kept as plain attributes (the Clebsch-Gordan tables), which a later
-    // module.to(device) would leave on the host. The file itself is device-neutral.
-    model = torch::jit::load(path, device, extra_files);
+    model = mlip::load_deployed_model(path, device, text);
   } catch (const std::exception &e) {
     error->all(FLERR,
                "pair_style mlip: {} is not a readable mlip model file (corrupt, truncated, or not "
-               "a TorchScript archive written by `mlip deploy`): {}",
-               path, first_line(e.what()));
+               "a model file written by `mlip deploy`): {}",
+               path, e.what());
   }
-  model.eval();
-  has_edge_gradients = model.hasattr("potential") && model.attr("potential").isModule() &&
-      model.attr("potential").toModule().find_method("energies_and_forces").has_value();
-  // Inference only: with frozen weights autograd saves just what forces and the virial need.
-  for (auto parameter : model.parameters()) parameter.requires_grad_(false);
-
-  const std::string &text = extra_files[METADATA_FILE];
+  has_edge_gradients = model->has_edge_gradients();
   if (text.empty())
     error->all(FLERR,
-               "pair_style mlip: {} is a TorchScript file but not an mlip model (no {} inside); "
+               "pair_style mlip: {} is a TorchScript/zip file but not an mlip model (no {} inside); "
                "write it with `mlip deploy`",
                path, METADATA_FILE);
 
   std::string units_energy, units_length, force_head, dtype_name;
   try {
     const json metadata = json::parse(text);
-    if (metadata.at("format").get<std::string>() != FORMAT_NAME)
+    const std::string format = metadata.at("format").get<std::string>();
+    if (format != FORMAT_NAME && format != AOTI_FORMAT_NAME)
       error->all(FLERR, "pair_style mlip: {} is not an mlip model file (format '{}')", path,
                  metadata.at("format").dump());
     const int version = metadata.at("format_version").get<int>();
@@ -734,25 +724,26 @@ void PairMLIP::compute(int eflag, int vflag)
     }
     // Built on the host, each input moves to the model's device in one copy (none on a CPU).
     // Periodic images are explicit ghost atoms: no shifts, made zero where they are used.
-    std::vector<torch::jit::IValue> inputs{positions.to(device, dtype), atom_types.to(device),
-                                           edge_index.to(device),
-                                           torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device)),
-                                           (int64_t) nowned};
-    c10::IValue result;
+    mlip::Outputs output;
     torch::Tensor node_virials;    // (nnodes, 18) when per-atom virials are asked for
     try {
-      torch::jit::GraphOptimizerEnabledGuard no_executor_optimizations(false);
-      result = want_node_virials ? forward_with_node_virials(inputs, node_virials) : model.forward(inputs);
+      const torch::Tensor inputs[4] = {positions.to(device, dtype), atom_types.to(device), edge_index.to(device),
+                                       torch::zeros({nedges, 3}, torch::TensorOptions().dtype(dtype).device(device))};
+      if (want_node_virials) {
+        output = model->forward_with_edge_gradients(inputs[0], inputs[1], inputs[2], inputs[3], (int64_t) nowned);
+        node_virials = edge_virial_shares(output.at("edge_vectors"), output.at("edge_gradients"), inputs[2], nnodes);
+      } else {
+        output = model->forward(inputs[0], inputs[1], inputs[2], inputs[3], (int64_t) nowned);
+      }
     } catch (const std::exception &e) {
       error->one(FLERR, "pair_style mlip: model {} failed on {} atoms, {} edges: {}", model_path,
                  nnodes, nedges, first_line(e.what()));
     }
 
-    const auto output = result.toGenericDict();
     auto get = [&](const char *key) -> torch::Tensor {
-      if (!output.contains(key))
+      if (!output.count(key))
         error->one(FLERR, "pair_style mlip: model {} returned no '{}'", model_path, key);
-      return output.at(key).toTensor();
+      return output.at(key);
     };
 
     // Shapes first (no data needed), then everything the host uses leaves the device in one
@@ -777,7 +768,7 @@ void PairMLIP::compute(int eflag, int vflag)
     }
     if (M > 0) {
       // Committee files deployed before 2026-12 have member energies but no member forces.
-      have_members = output.contains("member_forces") && output.contains("member_atomic_energies");
+      have_members = output.count("member_forces") && output.count("member_atomic_energies");
       if (have_members) {
         const torch::Tensor member_force = get("member_forces");    // (nnodes, 3, M)
         const torch::Tensor member_energy = get("member_atomic_energies");    // (nowned, M)
@@ -866,32 +857,6 @@ void PairMLIP::compute(int eflag, int vflag)
     if (vflag_global)
       for (int k = 0; k < 6; k++) virial[k] = std::numeric_limits<double>::quiet_NaN();
   }
-}
-
-// The forward's outputs (atomic_energies, energy, forces, virial, a committee's member outputs)
-// from the file's compiled potential.energies_and_forces (mlip.models.potential.Potential; the
-// code path of the forward), which also gives g_ij = dE/dr_ij per edge; node_virials: the
-// per-node shares of edge_virial_shares().
-c10::IValue PairMLIP::forward_with_node_virials(std::vector<torch::jit::IValue> inputs, torch::Tensor &node_virials)
-{
-  const torch::Tensor edge_index = inputs[2].toTensor();
-  const int64_t nnodes = inputs[0].toTensor().size(0);
-  inputs.push_back(false);    // create_graph
-  inputs.push_back(false);    // paired: LAMMPS' full list is not ordered in pairs
-  torch::jit::Module potential = model.attr("potential").toModule();
-  const auto out = potential.get_method("energies_and_forces")(inputs).toTuple()->elements();
-  const torch::Tensor vectors = out[2].toTensor().detach();
-  const torch::Tensor gradients = out[3].toTensor().detach();
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
-  const torch::Tensor atomic_energies = out[0].toTensor().detach();
-  dict.insert("atomic_energies", atomic_energies);
-  dict.insert("energy", atomic_energies.sum());
-  dict.insert("forces", out[1].toTensor().detach());
-  dict.insert("virial", -vectors.t().matmul(gradients));
-  if (out.size() > 4)    // a committee's member outputs (files written before 2026-12 lack them)
-    for (const auto &item : out[4].toGenericDict()) dict.insert(item.key(), item.value());
-  node_virials = edge_virial_shares(vectors, gradients, edge_index, nnodes);
-  return dict;
 }
 
 // A direct-force model does not conserve momentum exactly: remove the mean force over the

@@ -31,7 +31,9 @@
 
 #include "pair.h"
 
-#include <torch/script.h>
+#include "mlip_model.h"
+
+#include <memory>
 
 #include <string>
 #include <vector>
@@ -61,9 +63,8 @@ class PairMLIP : public Pair {
   void remove_net_force(double **rows, int width, const double *local_sum);
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
-  c10::IValue forward_with_node_virials(std::vector<torch::jit::IValue> inputs, torch::Tensor &node_virials);
 
-  torch::jit::Module model;
+  std::unique_ptr<mlip::DeployedModel> model;    // TorchScript file or AOTInductor package
   std::string model_path;
 
   // Where the model runs: `pair_style mlip device ...` (or MLIP_DEVICE), resolved at pair_coeff.

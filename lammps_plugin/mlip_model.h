@@ -1,0 +1,1 @@
+../mlip/lammps/src/mlip_model.h
