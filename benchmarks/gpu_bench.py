@@ -183,18 +183,8 @@ def train(args):
             model = run_mlip.build(family, dtype, type_names).to(device).train()
             batches = [collate(graphs[i : i + 4], dtype=getattr(torch, dtype), device=torch.device(device))
                        for i in range(0, len(graphs), 4)]
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-            def step(batch):
-                out = model(batch)
-                n = batch["num_atoms"].to(torch.float64)
-                loss = torch.mean(((out["energy"] - batch["energy"]) / n) ** 2)
-                loss = loss + torch.mean((out["forces"] - batch["forces"]) ** 2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                synchronize(device)
-
+            step = run_mlip.training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                                          lambda: synchronize(device))
             seconds = common.time_train_steps(step, batches)
             return 4 / seconds, "structures/s", {"batch_size": 4, "atoms": len(structures[0])}
         return run

@@ -62,6 +62,23 @@ def run_md(family: str, args) -> None:
     common.emit(f"mlip-{family}", args.path, args.dtype, args.atoms, ms, args.threads)
 
 
+def training_step(model, optimizer, synchronize=lambda: None):
+    """One optimizer step on a batch (energy per atom and force MSE, the peers' loss): the step
+    every training benchmark times; ``synchronize`` waits for a GPU before the clock is read."""
+
+    def step(batch):
+        out = model(batch)
+        n = batch["num_atoms"].to(torch.float64)
+        loss = torch.mean(((out["energy"] - batch["energy"]) / n) ** 2)
+        loss = loss + torch.mean((out["forces"] - batch["forces"]) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize()
+
+    return step
+
+
 def run_train(family: str, args) -> None:
     """Training steps on 3BPA molecules: forward, energy + force MSE, backward, Adam step."""
     from mlip.allocator import reuse_freed_memory
@@ -78,17 +95,7 @@ def run_train(family: str, args) -> None:
     graphs = [atoms_to_graph(a, common.R_MAX, mapper, LabelKeys(), require=("energy", "forces")) for a in structures]
     # Batches are built before timing: data loading is not what is compared.
     batches = [collate(graphs[i : i + args.batch_size], dtype=dtype) for i in range(0, len(graphs), args.batch_size)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(batch):
-        out = model(batch)
-        n = batch["num_atoms"].to(torch.float64)
-        loss = torch.mean(((out["energy"] - batch["energy"]) / n) ** 2)
-        loss = loss + torch.mean((out["forces"] - batch["forces"]) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     seconds = common.time_train_steps(step, batches)
     common.emit_train(f"mlip-{family}", args.path, args.dtype, args.batch_size / seconds, args.threads,
                       batch_size=args.batch_size, atoms=len(structures[0]), dataset="3bpa")

@@ -218,7 +218,10 @@ def run_lmp(script: str, tmp_path, ranks: int, name: str = "in.test") -> str:
     command = [LMP, "-nocite", "-log", "none", "-in", str(path)]
     if ranks > 1:
         command = [MPIRUN, "-np", str(ranks)] + command
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    # One OpenMP thread per rank whatever the caller's OMP_NUM_THREADS (gpu_check.sh sets 2): LAMMPS
+    # counts ranks x threads as "procs" in its "Loop time ... on N procs" line, which tests read.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     return output
