@@ -28,7 +28,6 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -246,7 +245,7 @@ def neighbors(args):
 # --- table -------------------------------------------------------------------------------------------
 def table(args):
     rows = [json.loads(line) for line in open(args.results) if line.strip()]
-    lines = [f"| what | case | device | result |", "|---|---|---|---|"]
+    lines = ["| what | case | device | result |", "|---|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":
             result = f"{r['value']:g} {r['unit']}" if r.get("value") is not None else "ok"

@@ -34,7 +34,7 @@ import json
 import os
 import warnings
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 

@@ -248,6 +248,7 @@ class Trainer:
         self.epoch_batches = 0
         self.sync_every = 1 if self.device.type == "cpu" else GPU_SYNC_EVERY
         self.resumed = checkpoint is not None
+        self._stop_signal: Optional[int] = None  # a SIGINT/SIGTERM waiting for the next step boundary
         self.rng = None
         self._start: Optional[float] = None  # perf_counter at the start of fit()
         self._last_val: Dict[str, str] = {}  # validation numbers shown on the progress bar
@@ -362,7 +363,6 @@ class Trainer:
         raises KeyboardInterrupt: `mlip train --resume` continues as if never stopped. A second
         signal stops at once. (Distributed runs keep the default: their ranks would see the
         signal at different steps; they resume from the last checkpoint.)"""
-        self._stop_signal = None
         if self.ranks.distributed or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -381,7 +381,7 @@ class Trainer:
 
     def _stop_if_requested(self, saved: bool = False) -> None:
         """At a step boundary: save the position (unless just ``saved``) and stop if a signal asked."""
-        if getattr(self, "_stop_signal", None) is None:
+        if self._stop_signal is None:
             return
         if not saved:
             self.save(LAST)
