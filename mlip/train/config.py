@@ -189,10 +189,11 @@ def _property_task(config: TrainConfig, raw: Dict[str, Any]) -> None:
     if config.stop.monitor not in ("loss", "property_mae", "property_rmse"):
         raise ConfigError(f"stop.monitor: {config.stop.monitor!r} is not measured by a property model; "
                           "use loss, property_mae or property_rmse")
-    if config.model.property is not None:
+    head = {"name": config.data.keys["property"], "unit": config.property.unit,
+            "pooling": config.property.pooling, "hidden": list(config.property.hidden)}
+    if config.model.property not in (None, head):  # a saved config holds the head it was given
         raise ConfigError("model.property: set by task: property from the property section and data.keys.property")
-    config.model.property = {"name": config.data.keys["property"], "unit": config.property.unit,
-                             "pooling": config.property.pooling, "hidden": list(config.property.hidden)}
+    config.model.property = head
 
 
 def _finite(low, high=math.inf, low_open=False, high_open=True):
