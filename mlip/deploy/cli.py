@@ -62,8 +62,12 @@ def run_deploy(args) -> int:
     elif len(sources) == 1:
         model, data_hash, description = sources[0]
     else:
-        from ..models import build_committee
+        from ..models import PropertyModel, build_committee
 
+        for path, (model, _, _) in zip(args.checkpoint, sources):
+            if isinstance(model, PropertyModel):
+                raise ValueError(f"{path} is a property model: a committee file averages potentials' energies and "
+                                 "forces; deploy property models one at a time")
         hashes = [data_hash for _, data_hash, _ in sources]
         if len(set(hashes)) > 1:  # a model file may carry no hash (null): then the data cannot be confirmed
             listing = ", ".join(f"{path}: {(h or 'unknown')[:12]}" for path, h in zip(args.checkpoint, hashes))
@@ -149,9 +153,10 @@ def _eager_model(path: str, no_ema: bool):
     checkpoint = load_checkpoint(path)
     use_ema = not no_ema and checkpoint.get("ema") is not None
     model = model_from_checkpoint(checkpoint, use_ema=use_ema)
+    head = model.config.head if model.config.property is None else f"property {model.config.property['name']!r}"
     return (model, checkpoint["training_data_hash"],
             f"{path} (epoch {checkpoint['position']['epoch']}, {'EMA' if use_ema else 'raw'} weights, "
-            f"{model.config.family}/{model.config.head}, types {model.statistics.type_names})")
+            f"{model.config.family}/{head}, types {model.statistics.type_names})")
 
 
 def _refuse_aoti_source(path: str) -> None:

@@ -1,4 +1,7 @@
-"""Eager potential -> one model file with metadata (TorchScript or AOTInductor), checked against the eager model."""
+"""Eager model -> one model file with metadata (TorchScript or AOTInductor), checked against the eager model.
+
+A potential becomes a DeployedPotential (the contract of mlip.deploy.model_file); a property model a
+DeployedProperty (TorchScript only), checked and written by the same functions."""
 
 import copy
 import os
@@ -9,12 +12,18 @@ import numpy as np
 import torch
 
 from ..data import keys
-from ..models import DeployedPotential, Potential, model_metadata
+from ..models import DeployedPotential, DeployedProperty, Potential, PropertyModel, model_metadata
 from .model_file import DTYPES, save_model
 
 
+def file_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The file-level form of an eager model: flat tensors in, dict out (a copy, in eval mode)."""
+    model = copy.deepcopy(model).eval()
+    return DeployedProperty(model) if isinstance(model, PropertyModel) else DeployedPotential(model)
+
+
 def script_model(model: Potential) -> torch.jit.ScriptModule:
-    deployed = DeployedPotential(copy.deepcopy(model).eval())
+    deployed = file_module(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.script(deployed)
@@ -40,11 +49,16 @@ def deploy_model(
         package for ``device``, see :mod:`mlip.deploy.aoti`).
     With ``check``, the compiled model must reproduce the eager one on two small random structures
     of different sizes containing every species (else nothing is written).
+    ``model``: a Potential, or a PropertyModel (TorchScript only: its file predicts one number per
+    structure, see mlip.deploy.model_file).
     A full disk is an OSError (ENOSPC) naming ``path``, and leaves no file behind (TorchScript:
     ``save_model`` writes from Python).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown model file format {format!r}; choose one of {FORMATS}")
+    if format == "aoti" and isinstance(model, PropertyModel):
+        raise ValueError(f"{os.fspath(path)}: property models deploy to TorchScript only (a .pt file), not as "
+                         "AOTInductor packages")
     if dtype is not None:
         model = cast_model(model, dtype)
     metadata = model_metadata(model)
@@ -75,13 +89,16 @@ def cast_model(model: Potential, dtype: str) -> Potential:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     cast = copy.deepcopy(model).to(DTYPES[dtype])
-    cast.reference_energies = cast.reference_energies.to(torch.float64)
+    if isinstance(cast, Potential):
+        cast.reference_energies = cast.reference_energies.to(torch.float64)
     return cast
 
 
 def _probe_inputs(model: Potential, seed: int = 0, cells: int = 3, ghosts: int = 0):
     """A small periodic cluster of cells**3 atoms with every species, as flat contract inputs; the
-    last ``ghosts`` atoms count as ghosts (num_local = N - ghosts)."""
+    last ``ghosts`` atoms count as ghosts (num_local = N - ghosts). For a property model: the
+    inputs of DeployedProperty, the cluster split into two structures (the first ``ghosts`` + 1
+    atoms, the rest), so that batches of several structures are checked too."""
     from ..data.neighbors import neighbor_list
 
     num_types = len(model.statistics.type_names)
@@ -91,22 +108,29 @@ def _probe_inputs(model: Potential, seed: int = 0, cells: int = 3, ghosts: int =
     positions = grid * 1.6 + rng.normal(scale=0.1, size=grid.shape)
     cell = np.eye(3) * 1.6 * cells
     edge_index, cell_shifts = neighbor_list(positions, cell, True, r_max)
-    dtype = next(model.energy_model.parameters()).dtype
-    device = next(model.energy_model.parameters()).device
-    return (
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    inputs = (
         torch.tensor(positions, dtype=dtype, device=device),
         torch.tensor(np.arange(len(positions)) % num_types, device=device),
         torch.tensor(edge_index, device=device),
         torch.tensor(cell_shifts @ cell, dtype=dtype, device=device),
-        len(positions) - ghosts,
     )
+    if not isinstance(model, PropertyModel):
+        return inputs + (len(positions) - ghosts,)
+    # Two structures: edges between them are dropped, so each is a cluster of its own.
+    first = ghosts + 1
+    structure = (torch.arange(len(positions), device=device) >= first).long()
+    within = structure[inputs[2][0]] == structure[inputs[2][1]]
+    num_atoms = torch.tensor([first, len(positions) - first], device=device)
+    return inputs[0], inputs[1], inputs[2][:, within], inputs[3][within], structure, num_atoms
 
 
 def check_compiled(model: Potential, compiled: torch.nn.Module, what: str = "compiled model") -> None:
     """``compiled`` (TorchScript or AOTInductor) reproduces the eager ``model`` on two structures
     of different sizes (a compiled file that specialized on one input size fails the second),
     the second with ghost atoms."""
-    eager_model = DeployedPotential(copy.deepcopy(model).eval())
+    eager_model = file_module(model)
     for inputs in (_probe_inputs(model), _probe_inputs(model, seed=1, cells=2, ghosts=3)):
         eager = eager_model(*inputs)
         try:
@@ -128,5 +152,6 @@ def check_compiled(model: Potential, compiled: torch.nn.Module, what: str = "com
             difference = float((eager[key] - result[key]).abs().max()) / scale
             if difference > tolerance:
                 raise RuntimeError(f"{what} differs from the eager model in {key} by {difference:.2e} (relative)")
-    if keys.FORCES not in result:
-        raise RuntimeError(f"{what} returns no forces")
+    wanted = keys.PROPERTY if isinstance(model, PropertyModel) else keys.FORCES
+    if wanted not in result:
+        raise RuntimeError(f"{what} returns no {wanted}")

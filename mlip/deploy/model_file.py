@@ -26,6 +26,14 @@ owned atoms for message-passing models.
 For a direct-force head the forces of ghosts are zero and the net force is NOT removed in the
 file: the caller subtracts the mean force over the whole system (it alone sees all of it).
 
+A property model's file (metadata "task": "property") has another forward, that of
+mlip.models.property.DeployedProperty: a batch of whole structures in, one number per structure out
+
+    forward(positions (N, 3), atom_types (N,), edge_index (2, E), edge_shifts (E, 3),
+            batch (N,) int64 structure of each atom, num_atoms (B,) int64) -> {"property": (B,) float64}
+
+and no energy, forces or stress: the engines refuse it (:func:`require_potential`).
+
 Metadata (JSON in the archive's extra file ``mlip/metadata.json``): see :data:`REQUIRED_METADATA`.
 """
 
@@ -56,12 +64,15 @@ REQUIRED_METADATA = {
     "type_names": "list of chemical symbols; atom_types index into it",
     "r_max": "cutoff radius, Å",
     "message_passing_layers": "receptive field = this x r_max; ghost depth for domains (1 if strictly local)",
-    "force_head": "'gradient' (conservative, virial available) or 'direct' (forces predicted, no virial)",
+    "force_head": "'gradient' (conservative, virial available), 'direct' (forces predicted, no virial) or 'none' "
+                  "(a property model)",
     "dtype": "'float32' or 'float64': dtype of floating inputs and of forces/virial (energies are float64)",
     "units": "{'energy': 'eV', 'length': 'Å'}",
     "hyperparameters": "dict of the architecture's settings",
     "training_data_hash": "sha256 of the training set, or null",
 }
+# Optional: "task" ('potential' when absent, or 'property': see TASKS), "property" (a property
+# model's head), "statistics" and "model_config" (to rebuild the model: fine-tuning, re-deploying).
 
 # The two containers of one contract: a TorchScript archive, an AOTInductor package (mlip.deploy.aoti).
 AOTI_FORMAT_NAME = "mlip-aoti"
@@ -153,6 +164,10 @@ def check_metadata(metadata: Dict[str, Any], path: str = "model") -> None:
 
 # The metadata every caller computes with (the LAMMPS plugin checks the same ones).
 MODEL_FIELDS = ("dtype", "force_head", "r_max", "message_passing_layers", "type_names")
+# "task" (absent in files written before property models: "potential"): a potential predicts
+# energies, forces and stress (the contract above); a property model one number per structure
+# (mlip.models.property.DeployedProperty, metadata "property": {name, unit, pooling, hidden}).
+TASKS = ("potential", "property")
 
 
 def check_model_fields(metadata: Dict[str, Any], path: str = "model") -> None:
@@ -162,8 +177,15 @@ def check_model_fields(metadata: Dict[str, Any], path: str = "model") -> None:
         raise ModelFileError(f"{path}: metadata lacks {missing}")
     if metadata["dtype"] not in DTYPES:
         raise ModelFileError(f"{path}: unknown dtype {metadata['dtype']!r}")
-    if metadata["force_head"] not in ("gradient", "direct"):
-        raise ModelFileError(f"{path}: unknown force head {metadata['force_head']!r}")
+    task = metadata.get("task", "potential")  # files written before property models have no "task"
+    if task not in TASKS:
+        raise ModelFileError(f"{path}: unknown task {task!r} in its metadata (known: {list(TASKS)})")
+    force_heads = ("none",) if task == "property" else ("gradient", "direct")
+    if metadata["force_head"] not in force_heads:
+        raise ModelFileError(f"{path}: force head {metadata['force_head']!r} does not fit a {task} model "
+                             f"(expected {' or '.join(map(repr, force_heads))})")
+    if task == "property" and not (isinstance(metadata.get("property"), dict) and "name" in metadata["property"]):
+        raise ModelFileError(f"{path}: a property model's metadata lacks its property head (name, unit, pooling)")
     r_max, layers, type_names = metadata["r_max"], metadata["message_passing_layers"], metadata["type_names"]
     if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not 0 < r_max < float("inf"):
         raise ModelFileError(f"{path}: metadata r_max must be a positive number of Å, got {r_max!r}")
@@ -171,6 +193,16 @@ def check_model_fields(metadata: Dict[str, Any], path: str = "model") -> None:
         raise ModelFileError(f"{path}: metadata message_passing_layers must be an integer >= 1, got {layers!r}")
     if not isinstance(type_names, list) or not type_names or not all(isinstance(t, str) for t in type_names):
         raise ModelFileError(f"{path}: metadata type_names must be a non-empty list of symbols, got {type_names!r}")
+
+
+def require_potential(metadata: Dict[str, Any], path: str = "model") -> None:
+    """Engines that need energies, forces or stress (ASE, the batched engines, torch-sim) refuse a
+    property model's file here, by name."""
+    if metadata.get("task", "potential") == "property":
+        head = metadata.get("property", {})
+        unit = f" in {head['unit']}" if head.get("unit") else ""
+        raise ModelFileError(f"{path} is a property model (it predicts {head.get('name')!r}{unit} per structure): "
+                             "it has no energy, forces or stress; use `mlip predict` or `mlip evaluate`")
 
 
 def usable_device(device: Union[str, torch.device]) -> torch.device:

@@ -180,6 +180,30 @@ def _member_errors(errors: np.ndarray) -> Tuple[List[float], float]:
     return rmse.tolist(), float(overlap[pairs].mean())
 
 
+def predict_properties(model: torch.nn.Module, dataset: GraphDataset, dtype: torch.dtype, device="cpu",
+                       batch_atoms: int = BATCH_ATOMS, progress=None) -> np.ndarray:
+    """(B,) float64 predictions of a property model for every structure of ``dataset``, in order.
+
+    ``model``: an eager PropertyModel, or a property model file's module (``load_model``), which
+    takes the flat inputs of DeployedProperty. Structures are packed into calls of about
+    ``batch_atoms`` atoms; ``progress`` (e.g. a tqdm bar) is advanced by the structures of each call.
+    """
+    from ..models.property import DeployedProperty, PropertyModel
+
+    if isinstance(model, PropertyModel):
+        model = DeployedProperty(model)
+    out: List[np.ndarray] = [np.zeros(0)]
+    with torch.no_grad():
+        for indices in _batches(dataset, False, batch_atoms):
+            batch = collate(dataset.get_batch(indices), dtype=dtype, device=device, paired=False)
+            result = model(batch[keys.POSITIONS], batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX],
+                           batch[keys.EDGE_SHIFTS], batch[keys.BATCH], batch[keys.NUM_ATOMS])
+            out.append(result[keys.PROPERTY].to("cpu", torch.float64).numpy())
+            if progress is not None:
+                progress.update(len(indices))
+    return np.concatenate(out)
+
+
 def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
     """Index lists: stress-labelled periodic structures alone, the others packed to ``batch_atoms``."""
     alone = dataset.has_label(keys.STRESS) if gradient_head else np.zeros(len(dataset), dtype=bool)

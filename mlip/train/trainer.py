@@ -635,9 +635,11 @@ def load_finetune_source(path: str) -> Dict:
     if "model_config" not in metadata or "statistics" not in metadata:
         raise CheckpointError(f"{path}: this model file has no model config in its metadata (written by an older "
                               "mlip), so the model cannot be rebuilt from it to fine-tune or re-deploy")
-    potential = torch.jit.load(path, map_location="cpu").potential  # DeployedPotential wraps the Potential
+    # DeployedPotential wraps the Potential (.potential), DeployedProperty the PropertyModel (.model).
+    scripted = torch.jit.load(path, map_location="cpu")
+    model = scripted.model if metadata.get("task") == "property" else scripted.potential
     return {"model_config": metadata["model_config"], "statistics": metadata["statistics"],
-            "type_names": metadata["type_names"], "model": potential.state_dict(), "ema": None}
+            "type_names": metadata["type_names"], "model": model.state_dict(), "ema": None}
 
 
 def prefer_best(path: str) -> str:
