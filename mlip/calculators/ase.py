@@ -33,7 +33,8 @@ from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
 from ..data.neighbors import lattice_images, neighbor_list, pair_edges
-from ..deploy.model_file import DTYPES, accepts_paired_edges, check_model_fields, load_model, usable_device
+from ..deploy.model_file import (DTYPES, accepts_paired_edges, check_model_fields, load_model, require_potential,
+                                 usable_device)
 from ..models.committee import force_uncertainty
 
 ModelLike = Union[str, os.PathLike, Tuple[torch.nn.Module, Dict[str, Any]], torch.nn.Module]
@@ -43,15 +44,21 @@ DEFAULT_DOMAIN_THRESHOLD = 20000
 
 
 def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """A deployed file path, a (module, metadata) pair from load_model, or an eager Potential."""
+    """A deployed file path, a (module, metadata) pair from load_model, or an eager Potential; a
+    property model (file or eager) is refused: it has no energy, forces or stress."""
+    from ..models import DeployedPotential, Potential, PropertyModel, model_metadata
+
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model, device=device)
+        module, metadata = load_model(model, device=device)
+        require_potential(metadata, os.fspath(model))
+        return module, metadata
     if isinstance(model, tuple):
         module, metadata = model
         check_model_fields(metadata, "metadata given with the model")  # as a file's would be
+        require_potential(metadata, "the model given")
         return module.to(device), metadata
-    from ..models import DeployedPotential, Potential, model_metadata
-
+    if isinstance(model, PropertyModel):
+        require_potential(model_metadata(model), "the model given")
     if isinstance(model, Potential):
         return DeployedPotential(model).to(device).eval(), model_metadata(model)
     raise TypeError(f"MLIPCalculator takes a model file path, load_model()'s result or a Potential, not {type(model)}")

@@ -79,6 +79,9 @@ def build_committee(members: List[Potential]) -> Potential:
     members = [single for member in members for single in committee_members(member)]  # committees: their members
     if len(members) < 2:
         raise ValueError(f"a committee needs at least 2 models, got {len(members)}")
+    for k, member in enumerate(members, start=1):
+        if not isinstance(member, Potential):  # e.g. a property model: no energy to average
+            raise ValueError(f"committee model {k} is a {type(member).__name__}, not a potential")
     first = members[0]
     for k, member in enumerate(members[1:], start=2):
         differences = [
