@@ -1,4 +1,5 @@
-"""`mlip deploy`, `mlip info` and `mlip evaluate`: checkpoints -> model files -> errors on data."""
+"""`mlip deploy`, `mlip info`, `mlip evaluate` and `mlip predict`: checkpoints -> model files -> errors on
+data, and a property model's predictions."""
 
 import json
 
@@ -40,15 +41,35 @@ def register(commands) -> None:
 
     p = commands.add_parser("evaluate", help="energy/force/stress errors of a model file on labelled structures",
                             description="MAE and RMSE of energy (per structure and per atom), forces and stress, "
-                                        "per file and per config_type, in meV units on screen, eV units in JSON.")
+                                        "per file and per config_type, in meV units on screen, eV units in JSON. "
+                                        "A property model: MAE, RMSE and R² of its target, in the target's unit.")
     p.add_argument("model", help="model file written by `mlip deploy`")
     p.add_argument("data", nargs="+", help="labelled structure files (extxyz, anything ase.io reads)")
-    p.add_argument("--keys", default="", help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress")
+    p.add_argument("--keys", default="", help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress; "
+                                              "property=NAME: the info key of a property model's target "
+                                              "(default: the one it was trained on)")
     p.add_argument("--plots", metavar="DIR", help="write parity plots (PNG) into DIR")
     p.add_argument("--json", metavar="FILE", help="write all numbers to FILE (JSON)")
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(run=run_evaluate)
+
+    p = commands.add_parser("predict", help="a property model's prediction for every structure of a file",
+                            description="Predict a property model's target for every structure of a file, in "
+                                        "batches, with a progress bar: an extxyz copy of the structures with the "
+                                        "prediction in atoms.info[KEY] (-o), and/or a CSV table (--csv) of index, "
+                                        "prediction and, where structures carry it, the reference value. Without "
+                                        "-o or --csv the table goes to stdout.")
+    p.add_argument("model", help="property model file written by `mlip deploy`")
+    p.add_argument("data", help="structure file (extxyz, anything ase.io reads; file@selection)")
+    p.add_argument("-o", "--output", help="extxyz file to write: the structures with their predictions")
+    p.add_argument("--csv", help="CSV file to write: index, prediction[, reference]")
+    p.add_argument("--key", help="atoms.info key and column of the prediction (default: the target's name + "
+                                 "'_predicted')")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--batch-atoms", type=POSITIVE_INT, default=2000,
+                   help="structures per model call are added up to this many atoms (default 2000)")
+    p.set_defaults(run=run_predict)
 
 
 def run_deploy(args) -> int:
@@ -177,6 +198,11 @@ def run_info(args) -> int:
         print(json.dumps(metadata, indent=1))
         return 0
     print(f"{args.model}")
+    print(f"  {'task':<24} {metadata.get('task', 'potential')}")  # files before property models: potentials
+    head = metadata.get("property")
+    if metadata.get("task") == "property":
+        print(f"  {'property':<24} {head['name']!r} in {head.get('unit') or '(no unit)'}, {head.get('pooling')} "
+              f"(readout hidden {head.get('hidden')})")
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
                 "mlip_version", "format", "format_version", "torch_version", "device", "threads", "training_data_hash"):
         if key in metadata or key not in ("torch_version", "device", "threads"):  # AOTInductor packages only
@@ -187,7 +213,14 @@ def run_info(args) -> int:
     for k, member in enumerate(members, start=1):
         print(f"  {f'committee member {k}':<24} " + ", ".join(f"{name}={v}" for name, v in member.items()))
     statistics = metadata.get("statistics")
-    if statistics:
+    if statistics and metadata.get("task") == "property":
+        extra = statistics.get("extra", {})
+        prefix = "property_per_atom_" if head.get("pooling") == "extensive" else "property_"
+        if prefix + "mean" in extra:
+            per = " per atom" if prefix == "property_per_atom_" else ""
+            print(f"  {'target mean, std' + per:<24} {extra[prefix + 'mean']:.6g}, {extra[prefix + 'std']:.6g} "
+                  f"{head.get('unit', '')}".rstrip())
+    elif statistics:
         references = dict(zip(statistics["type_names"], statistics["reference_energies"]))
         print(f"  {'reference energies (eV)':<24} " + ", ".join(f"{k}: {v:.6g}" for k, v in references.items()))
         print(f"  {'force rms (eV/Å)':<24} {statistics['force_rms']:.4g}")
@@ -225,6 +258,63 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_predict(args) -> int:
+    import csv
+    import io
+    import os
+    import sys
+
+    from ase.io import write
+    from tqdm import tqdm
+
+    from ..data import GraphDataset, LabelKeys, iter_structures, keys
+    from ..files import atomic_output, check_input, check_output, check_structure_files
+    from ..train.evaluate import predict_properties
+    from .model_file import DTYPES, load_model
+
+    check_input(args.model, "model file")
+    check_structure_files([args.data], "data file")
+    for path, argument in ((args.output, "--output"), (args.csv, "--csv")):
+        if path is not None:
+            check_output(path, argument)
+            if os.path.exists(path) and os.path.samefile(path, args.data.split("@")[0]):
+                raise ValueError(f"{argument} {path!r} is the input file: write the predictions elsewhere")
+    model, metadata = load_model(args.model, device=args.device)
+    if metadata.get("task", "potential") != "property":
+        raise ValueError(f"{args.model} is a potential: use mlip evaluate / md / relax")
+    name = metadata["property"]["name"]
+    key = args.key or f"{name}_predicted"
+    structures = list(iter_structures([args.data]))
+    # The target, where a structure carries it, is read too: it goes into the table beside the prediction.
+    dataset = GraphDataset.from_atoms(structures, metadata["r_max"], metadata["type_names"],
+                                      LabelKeys(property=name), require=())
+    with tqdm(total=len(dataset), desc="predict", unit="structure", file=sys.stderr) as bar:
+        predicted = predict_properties(model, dataset, DTYPES[metadata["dtype"]], args.device, args.batch_atoms,
+                                       progress=bar)
+    reference = [dataset[k].get(keys.PROPERTY) for k in range(len(dataset))]
+    if args.output:
+        for atoms, value in zip(structures, predicted):
+            atoms.info[key] = float(value)
+        with atomic_output(args.output) as tmp:
+            write(tmp, structures, format="extxyz")
+    if args.csv or not args.output:
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        with_reference = any(r is not None for r in reference)
+        writer.writerow(["index", key] + ([name] if with_reference else []))
+        for k, value in enumerate(predicted):
+            cells = [k, repr(float(value))]
+            if with_reference:
+                cells.append("" if reference[k] is None else repr(float(reference[k])))
+            writer.writerow(cells)
+        if args.csv:
+            with atomic_output(args.csv) as tmp, open(tmp, "w") as f:
+                f.write(table.getvalue())
+        else:
+            sys.stdout.write(table.getvalue())
+    return 0
+
+
 def parse_keys(text: str):
     """'energy=REF_energy,forces=REF_forces' -> LabelKeys."""
     from ..data import LabelKeys
@@ -232,7 +322,7 @@ def parse_keys(text: str):
     mapping = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
-        if not sep or name not in ("energy", "forces", "stress") or not value:
-            raise ValueError(f"--keys: {item!r} is not LABEL=NAME with LABEL one of energy, forces, stress")
+        if not sep or name not in ("energy", "forces", "stress", "property") or not value:
+            raise ValueError(f"--keys: {item!r} is not LABEL=NAME with LABEL one of energy, forces, stress, property")
         mapping[name] = value
     return LabelKeys(**mapping)

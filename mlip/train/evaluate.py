@@ -7,6 +7,8 @@ evaluated one at a time. For a committee file, the report also says how well the
 spread (the uncertainty the ASE calculator gives) ranks the structures by their energy error, and
 how well their force spread on each atom ranks the atoms by their force error; and each member's own
 errors and how much they correlate, which says what a further member could gain (``_member_errors``).
+A property model's file (metadata "task": "property") is scored on its target instead: MAE, RMSE and
+R² per file and per config type, in the target's unit (``evaluate_property``).
 """
 
 import os
@@ -44,9 +46,12 @@ def evaluate(
     energy and force RMSE ("energy_member_rmse", "force_member_rmse") and the mean correlation of
     the members' errors ("energy_error_correlation", "force_error_correlation", see ``_member_errors``).
     Units: eV, eV/atom, eV/Å (per component), eV/Å^3 (per component).
+    A property model's file: see ``evaluate_property``.
     """
     device = torch.device(device)
     model, metadata = load_model(model_path, device=device)
+    if metadata.get("task") == "property":
+        return evaluate_property(model, metadata, model_path, files, label_keys, device, plots_dir, batch_atoms)
     dtype = DTYPES[metadata["dtype"]]
     gradient_head = metadata["force_head"] == "gradient"
     paired = accepts_paired_edges(model)
@@ -93,7 +98,7 @@ def evaluate(
             report["files"][os.fspath(path)]["committee"] = _uncertainty_report(
                 {what: np.concatenate(values) for what, values in uncertainties.items() if values})
         if plots_dir:
-            name = os.path.splitext(os.path.basename(os.fspath(path)))[0].replace(".extxyz", "").replace(".xyz", "")
+            name = _file_stem(path)
             from .plots import plot_parity
 
             pairs = {label: (np.concatenate(r) if r else np.zeros(0), np.concatenate(p) if p else np.zeros(0))
@@ -101,6 +106,50 @@ def evaluate(
             plot_parity(pairs, os.path.join(plots_dir, f"parity_{name}.png"), title=os.path.basename(path))
     report[ALL] = overall.summary()
     return report
+
+
+def evaluate_property(model, metadata: Dict, model_path: str, files: Sequence[str], label_keys: LabelKeys,
+                      device, plots_dir: Optional[str], batch_atoms: int) -> Dict:
+    """A property model file (``load_model``'s result) scored on labelled structure files: every
+    structure must carry the target, under the info key the model was trained on (``label_keys.property``
+    to read another). Returns {"model", "task": "property", "property" (the info key), "unit",
+    "files": {path: {"all": scores, "config_types": {name: scores}, "num_structures", "num_atoms",
+    "seconds"}}, "all": scores over every file}; scores are MAE, RMSE, R² and count (cv.scores), in the unit."""
+    from .cv import scores
+
+    name, unit = label_keys.property or metadata["property"]["name"], metadata["property"].get("unit", "")
+    report = {"model": os.fspath(model_path), "task": "property", "property": name, "unit": unit, "files": {}}
+    everything: List[List[np.ndarray]] = [[], []]
+    for path in files:
+        start = time.perf_counter()
+        dataset = GraphDataset.from_atoms(path, metadata["r_max"], metadata["type_names"], LabelKeys(property=name),
+                                          require=(keys.PROPERTY,))
+        predicted = predict_properties(model, dataset, DTYPES[metadata["dtype"]], device, batch_atoms)
+        reference = np.array([float(dataset[k][keys.PROPERTY]) for k in range(len(dataset))])
+        groups = np.array([str(c) for c in dataset.config_types])
+        report["files"][os.fspath(path)] = {
+            "num_structures": len(dataset),
+            "num_atoms": int(dataset.num_atoms.sum()),
+            "seconds": round(time.perf_counter() - start, 3),
+            ALL: scores(reference, predicted),
+            "config_types": {g: scores(reference[groups == g], predicted[groups == g])
+                             for g in sorted(set(groups))} if set(groups) != {""} else {},
+        }
+        everything[0].append(reference)
+        everything[1].append(predicted)
+        if plots_dir:
+            from .plots import plot_parity
+
+            label = f"{name} ({unit})" if unit else name
+            plot_parity({label: (reference, predicted)}, os.path.join(plots_dir, f"parity_{_file_stem(path)}.png"),
+                        title=os.path.basename(path))
+    report[ALL] = scores(np.concatenate(everything[0]), np.concatenate(everything[1]))
+    return report
+
+
+def _file_stem(path) -> str:
+    """'data/test.extxyz' -> 'test' (names of the parity plots)."""
+    return os.path.splitext(os.path.basename(os.fspath(path)))[0].replace(".extxyz", "").replace(".xyz", "")
 
 
 def predict(model, batch: Dict[str, torch.Tensor], gradient_head: bool) -> Dict[str, torch.Tensor]:
@@ -241,7 +290,10 @@ def _collect(parity, prediction, batch) -> None:
 
 
 def format_table(report: Dict) -> str:
-    """A fixed-width table in meV units: one row per file and per config type."""
+    """A fixed-width table in meV units: one row per file and per config type (a property model's:
+    MAE, RMSE and R² in the target's unit)."""
+    if report.get("task") == "property":
+        return _property_table(report)
     columns = [("energy", "E meV"), ("energy_per_atom", "E/atom meV"), ("forces", "F meV/Å"),
                ("stress", "S meV/Å³")]
     header = f"{'data':<34} {'N':>6} " + " ".join(f"{label + ' MAE':>15} {'RMSE':>9}" for _, label in columns)
@@ -275,4 +327,22 @@ def format_table(report: Dict) -> str:
     if len(report["files"]) > 1:
         total = sum(r["num_structures"] for r in report["files"].values())
         lines.append(row("all files", report[ALL], total))
+    return "\n".join(lines)
+
+
+def _property_table(report: Dict) -> str:
+    unit = f" {report['unit']}" if report["unit"] else ""
+    header = f"{'data':<34} {'N':>6} {'MAE' + unit:>15} {'RMSE' + unit:>15} {'R²':>8}"
+    lines = [f"property {report['property']!r}", header, "-" * len(header)]
+
+    def row(name, summary):
+        return (f"{name[-34:]:<34} {summary['count']:>6} {summary['mae']:>15.4g} {summary['rmse']:>15.4g} "
+                f"{summary['r2']:>8.4f}")
+
+    for path, result in report["files"].items():
+        lines.append(row(os.path.basename(path), result[ALL]))
+        for group, summary in result["config_types"].items():
+            lines.append(row(f"  {group or '(none)'}", summary))
+    if len(report["files"]) > 1:
+        lines.append(row("all files", report[ALL]))
     return "\n".join(lines)
