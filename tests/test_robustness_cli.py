@@ -137,6 +137,16 @@ ROWS = [
     ("evaluate-device-cuda", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--device", "cuda"], "--device",
      NEEDS_NO_CUDA),
     ("evaluate-device-garbage", ["evaluate", "{grad.pt}", "{labelled.extxyz}", "--device", "gpu0"], "--device"),
+    # predict (before the model is asked whether it is a property model)
+    ("predict-model-missing", ["predict", "{missing.xyz}", "{labelled.extxyz}"], "missing.xyz"),
+    ("predict-model-not-a-model", ["predict", "{garbage.xyz}", "{labelled.extxyz}"], "garbage.xyz"),
+    ("predict-data-garbage", ["predict", "{grad.pt}", "{garbage.xyz}"], "garbage.xyz"),
+    ("predict-data-missing", ["predict", "{grad.pt}", "{missing.xyz}"], "missing.xyz"),
+    ("predict-output-dir-missing", ["predict", "{grad.pt}", "{labelled.extxyz}", "-o", "{missing_dir/out.extxyz}"],
+     "missing_dir"),
+    ("predict-csv-directory", ["predict", "{grad.pt}", "{labelled.extxyz}", "--csv", "{dir}"], "--csv"),
+    ("predict-batch-atoms-zero", ["predict", "{grad.pt}", "{labelled.extxyz}", "--batch-atoms", "0"], "--batch-atoms"),
+    ("predict-a-potential", ["predict", "{grad.pt}", "{labelled.extxyz}"], "is a potential"),
     # md: numbers
     ("md-temperature-nan", ["md", *MODEL_STRUCTURE, "--temperature", "nan", "--steps", "2"], "--temperature"),
     ("md-temperature-negative", ["md", *MODEL_STRUCTURE, "--temperature", "-5", "--steps", "2"], "--temperature"),

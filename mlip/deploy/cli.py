@@ -268,6 +268,7 @@ def run_predict(args) -> int:
     from tqdm import tqdm
 
     from ..data import GraphDataset, LabelKeys, iter_structures, keys
+    from ..data.dataset import split_selection
     from ..files import atomic_output, check_input, check_output, check_structure_files
     from ..train.evaluate import predict_properties
     from .model_file import DTYPES, load_model
@@ -277,7 +278,7 @@ def run_predict(args) -> int:
     for path, argument in ((args.output, "--output"), (args.csv, "--csv")):
         if path is not None:
             check_output(path, argument)
-            if os.path.exists(path) and os.path.samefile(path, args.data.split("@")[0]):
+            if os.path.exists(path) and os.path.samefile(path, split_selection(args.data)[0]):
                 raise ValueError(f"{argument} {path!r} is the input file: write the predictions elsewhere")
     model, metadata = load_model(args.model, device=args.device)
     if metadata.get("task", "potential") != "property":

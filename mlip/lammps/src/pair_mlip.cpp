@@ -436,6 +436,7 @@ void PairMLIP::load_model(const std::string &path)
                path, METADATA_FILE);
 
   std::string units_energy, units_length, force_head, dtype_name;
+  std::string task = "potential", property_name, property_unit;
   try {
     const json metadata = json::parse(text);
     const std::string format = metadata.at("format").get<std::string>();
@@ -449,6 +450,12 @@ void PairMLIP::load_model(const std::string &path)
                  "version {}: re-deploy the model with a matching mlip (`mlip deploy`) or rebuild "
                  "the plugin (`mlip build-lammps-plugin`)",
                  path, version, FORMAT_VERSION);
+    // Files written before property models have no "task": they are potentials.
+    if (metadata.contains("task")) task = metadata.at("task").get<std::string>();
+    if (task == "property") {
+      property_name = metadata.at("property").value("name", "");
+      property_unit = metadata.at("property").value("unit", "");
+    }
     type_names = metadata.at("type_names").get<std::vector<std::string>>();
     r_max = metadata.at("r_max").get<double>();
     message_passing_layers = metadata.at("message_passing_layers").get<int>();
@@ -463,6 +470,13 @@ void PairMLIP::load_model(const std::string &path)
                first_line(e.what()));
   }
 
+  if (task == "property")
+    error->all(FLERR,
+               "pair_style mlip: {} is a property model (it predicts '{}'{} per structure): it has no "
+               "energy, forces or stress; use `mlip predict`",
+               path, property_name, property_unit.empty() ? "" : " in " + property_unit);
+  if (task != "potential")
+    error->all(FLERR, "pair_style mlip: {} has unknown task '{}' in its metadata", path, task);
   if (!(r_max > 0.0) || message_passing_layers < 1 || type_names.empty())
     error->all(FLERR,
                "pair_style mlip: {} has invalid metadata (r_max {}, message_passing_layers {}, "
