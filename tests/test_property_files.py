@@ -16,8 +16,11 @@ from mlip import MLIPCalculator
 from mlip.calculators.batched import BatchedModel
 from mlip.cli import main
 from mlip.data import GraphDataset, LabelKeys, keys
+from mlip.data.stats import DatasetStatistics
 from mlip.deploy import ModelFileError, deploy_model, load_model, read_metadata
+from mlip.deploy.compile import check_compiled
 from mlip.deploy.model_file import check_model_fields
+from mlip.models import ModelConfig, build_model
 from mlip.train.checkpoint import load_checkpoint
 from mlip.train.cv import predict_property, scores
 from mlip.train.evaluate import predict_properties
@@ -139,6 +142,39 @@ def test_deploy_refuses_aoti_and_committees(run_dir, property_file, potential_fi
     assert not os.path.exists(tmp_path / "prop.pt2")
     err = error_line(capsys, ["deploy", property_file, potential_file, "-o", str(tmp_path / "committee.pt")])
     assert f"{property_file} is a property model" in err and "committee" in err
+
+
+def tiny_property_model(family: str, pooling: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    statistics = DatasetStatistics(["Cu", "Ni"], [0.0, 0.0], extra={
+        "property_mean": 250.0, "property_std": 30.0, "property_per_atom_mean": 60.0, "property_per_atom_std": 8.0})
+    config = ModelConfig(family, "small", r_max=4.0, overrides=TINY[family],
+                         property={"name": TARGET, "unit": UNIT, "pooling": pooling, "hidden": [8]})
+    return build_model(config, statistics, dtype).eval()
+
+
+def test_deploy_nequip_extensive_float64(data_file, tmp_path):
+    """A message-passing backbone and a sum over atoms: the file predicts what the eager model does,
+    and a 2x1x1 supercell twice the value of its cell."""
+    model = tiny_property_model("nequip", "extensive")
+    path = tmp_path / "extensive.pt"
+    metadata = deploy_model(model, path)
+    assert metadata["property"]["pooling"] == "extensive" and metadata["message_passing_layers"] == 2
+    expected = predict_properties(model, dataset(data_file), torch.float64)
+    np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=1e-10)
+    cell = read(data_file, "0")
+    pair = tmp_path / "pair.extxyz"
+    write(pair, [cell, cell.repeat((2, 1, 1))])
+    single, double = file_predictions(str(path), str(pair))
+    assert double == pytest.approx(2.0 * single, rel=1e-9)
+
+
+def test_check_compiled_catches_a_wrong_property_file():
+    model = tiny_property_model("allegro", "intensive")
+    with pytest.raises(RuntimeError, match="differs from the eager model in property"):
+        check_compiled(model, lambda *inputs: {keys.PROPERTY: model.predict(*inputs).detach() + 1.0})
+    with pytest.raises(RuntimeError, match="returns"):
+        check_compiled(model, lambda *inputs: {keys.ENERGY: torch.zeros(())})
 
 
 # ----------------------------------------------------------------------------------------------

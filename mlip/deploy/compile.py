@@ -129,7 +129,7 @@ def _probe_inputs(model: Potential, seed: int = 0, cells: int = 3, ghosts: int =
 def check_compiled(model: Potential, compiled: torch.nn.Module, what: str = "compiled model") -> None:
     """``compiled`` (TorchScript or AOTInductor) reproduces the eager ``model`` on two structures
     of different sizes (a compiled file that specialized on one input size fails the second),
-    the second with ghost atoms."""
+    the second with ghost atoms (a property model: two batches of two structures each)."""
     eager_model = file_module(model)
     for inputs in (_probe_inputs(model), _probe_inputs(model, seed=1, cells=2, ghosts=3)):
         eager = eager_model(*inputs)
