@@ -31,6 +31,7 @@ class LabelKeys:
     energy: str = "energy"
     forces: str = "forces"
     stress: str = "stress"
+    property: Optional[str] = None  # atoms.info key of a property model's per-structure target (a scalar)
 
 
 class TypeMapper:
@@ -125,7 +126,7 @@ def check_min_distance(edge_lengths: np.ndarray, edge_index: np.ndarray, min_dis
 
 
 def read_labels(atoms: Atoms, label_keys: LabelKeys, require: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-    """Energy (eV), forces (N, 3) eV/Å and stress (3, 3) eV/Å^3 where present."""
+    """Energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 and a property model's target where present."""
     calc_results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
     labels: Dict[str, np.ndarray] = {}
     for field, name, store in (
@@ -153,7 +154,28 @@ def read_labels(atoms: Atoms, label_keys: LabelKeys, require: Sequence[str] = ()
         if not np.isfinite(value).all():
             raise ValueError(f"{field} label under {name!r} contains NaN or infinite values")
         labels[field] = value.reshape(()) if field == keys.ENERGY else value
+    if label_keys.property is not None:
+        labels.update(_read_property(atoms, label_keys.property, keys.PROPERTY in require))
     return labels
+
+
+def _read_property(atoms: Atoms, name: str, required: bool) -> Dict[str, np.ndarray]:
+    """A property model's target: one finite number under ``atoms.info[name]``."""
+    value = atoms.info.get(name)
+    if value is None:
+        if required:
+            raise KeyError(f"structure {atoms.get_chemical_formula()} has no property under the info key {name!r} "
+                           f"(info keys: {sorted(atoms.info)}); set data.keys.property")
+        return {}
+    try:
+        value = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"property {name!r} is {value!r}, not a number") from None
+    if value.size != 1:
+        raise ValueError(f"property {name!r} has {value.size} values; a property model predicts one scalar")
+    if not np.isfinite(value).all():
+        raise ValueError(f"property {name!r} is {float(value.reshape(-1)[0])}, not a finite number")
+    return {keys.PROPERTY: value.reshape(())}
 
 
 def stress_to_matrix(stress: np.ndarray) -> np.ndarray:

@@ -71,4 +71,9 @@ def collate(
         stress = np.stack([g[keys.STRESS] if keys.STRESS in g else np.zeros((3, 3)) for g in graphs])
         batch[keys.STRESS] = to(stress, dtype)
         batch[keys.HAS_STRESS] = to(has_stress, torch.bool)
+    has_property = np.array([keys.PROPERTY in g for g in graphs])
+    if has_property.any():
+        values = np.array([g[keys.PROPERTY] if keys.PROPERTY in g else 0.0 for g in graphs], dtype=np.float64)
+        batch[keys.PROPERTY] = to(values, torch.float64)
+        batch[keys.HAS_PROPERTY] = to(has_property, torch.bool)
     return batch

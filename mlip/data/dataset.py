@@ -12,6 +12,7 @@ Typical use::
 """
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -154,8 +155,7 @@ def convert_to_hdf5(
         type_names = TypeMapper.from_atoms(iter_structures(inputs)).type_names
     mapper = TypeMapper(type_names)
     attrs = {
-        "label_keys": json.dumps({"energy": label_keys.energy, "forces": label_keys.forces,
-                                  "stress": label_keys.stress}),
+        "label_keys": json.dumps(dataclasses.asdict(label_keys)),
         "min_distance": float(min_distance),
         "neighbor_backend": backend,
         "sources": json.dumps([os.fspath(p) for p in _paths(inputs)]),

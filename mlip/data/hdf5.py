@@ -55,11 +55,14 @@ LAYOUT = (
     (keys.PBC, "structure", (3,), np.bool_),
     (keys.ENERGY, "structure", (), np.float64),
     (keys.STRESS, "structure", (3, 3), np.float64),
+    (keys.PROPERTY, "structure", (), np.float64),
     ("has_energy", "structure", (), np.bool_),
     ("has_forces", "structure", (), np.bool_),
     ("has_stress", "structure", (), np.bool_),
+    ("has_property", "structure", (), np.bool_),
 )
-LABEL_FIELDS = {keys.ENERGY: "has_energy", keys.FORCES: "has_forces", keys.STRESS: "has_stress"}
+LABEL_FIELDS = {keys.ENERGY: "has_energy", keys.FORCES: "has_forces", keys.STRESS: "has_stress",
+                keys.PROPERTY: "has_property"}
 
 # Rows per chunk (~50-200 kB uncompressed). A random structure costs decompressing the chunk(s)
 # holding it: small chunks keep shuffled reads of files larger than the cache cheap.
@@ -122,6 +125,7 @@ class GraphWriter:
             keys.PBC: np.stack([g[keys.PBC] for g in graphs]),
             keys.ENERGY: np.array([g.get(keys.ENERGY, np.nan) for g in graphs], dtype=np.float64),
             keys.STRESS: np.stack([g.get(keys.STRESS, np.zeros((3, 3))) for g in graphs]),
+            keys.PROPERTY: np.array([g.get(keys.PROPERTY, np.nan) for g in graphs], dtype=np.float64),
         }
         for field, flag in LABEL_FIELDS.items():
             blocks[flag] = np.array([field in g for g in graphs])
@@ -205,7 +209,9 @@ class HDF5Graphs:
         self.attrs = dict(f.attrs)
         self.atom_offsets = f["atom_offsets"][:]
         self.edge_offsets = f["edge_offsets"][:]
-        self.has = {field: f[flag][:] for field, flag in LABEL_FIELDS.items()}
+        # Files written before property labels existed have no has_property: no structure carries one.
+        self.has = {field: f[flag][:] if flag in f else np.zeros(len(self.atom_offsets) - 1, dtype=bool)
+                    for field, flag in LABEL_FIELDS.items()}
         self.config_types = np.array([s.decode() if isinstance(s, bytes) else s for s in f["config_type"][:]],
                                      dtype=object)
 
@@ -251,7 +257,7 @@ class HDF5Graphs:
         # Per-structure rows: runs of consecutive indices (h5py's fancy indexing is slower).
         structure_runs = _runs(np.arange(len(self) + 1), indices)
         per_structure = {name: _read_runs(f(name), structure_runs) for name in (keys.CELL, keys.PBC)}
-        for field in (keys.ENERGY, keys.STRESS):
+        for field in (keys.ENERGY, keys.STRESS, keys.PROPERTY):
             if self.has[field][indices].any():
                 per_structure[field] = _read_runs(f(field), structure_runs)
 
@@ -277,6 +283,8 @@ class HDF5Graphs:
                 graph[keys.FORCES] = per_atom[keys.FORCES][a]
             if self.has[keys.STRESS][index]:
                 graph[keys.STRESS] = per_structure[keys.STRESS][b]
+            if self.has[keys.PROPERTY][index]:
+                graph[keys.PROPERTY] = per_structure[keys.PROPERTY][b].reshape(())
             graphs.append(graph)
         return graphs
 

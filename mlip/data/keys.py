@@ -31,6 +31,7 @@ MEMBER_FORCES = "member_forces"  # (N, 3, M) float | FORCES of each of a committ
 FORCE_UNCERTAINTY = "force_uncertainty"  # (N,) float64 | per atom sqrt(mean_m |F_m - mean F|^2) of a committee, eV/Å
 VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV
 STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only)
+PROPERTY = "property"  # (B,) float64 | a per-structure target of a property model (task: property), in its own unit
 
 # --- bookkeeping -------------------------------------------------------------------------------
 # A batch carries a label when any of its structures does; these masks say where it exists. Where a
@@ -38,6 +39,7 @@ STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only
 HAS_ENERGY = "has_energy"  # (B,) bool | this structure carries an energy label
 HAS_FORCES = "has_forces"  # (N,) bool | this atom carries a force label (its structure does)
 HAS_STRESS = "has_stress"  # (B,) bool | this structure carries a stress label
+HAS_PROPERTY = "has_property"  # (B,) bool | this structure carries a property label
 STRUCTURE_INDEX = "structure_index"  # (B,) int64 | index of each structure in its dataset
 STAND_IN = "stand_in"  # () bool, on the host | distributed training: this rank's stand-in for an empty share of
 #   a global batch (one structure of it, whose loss must count zero; see data.BatchLoader)

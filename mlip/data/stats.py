@@ -42,12 +42,15 @@ def compute_statistics(
       per-type atom counts, or ``isolated_atom_energies`` (symbol -> eV) when given;
     - force_rms (eV/Å): RMS over all force components; without forces, the standard deviation of
       the per-atom energy residuals (after the reference energies) takes its place;
-    - avg_num_neighbors: edges per atom.
+    - avg_num_neighbors: edges per atom;
+    - in ``extra``, for a property model's targets: their mean and standard deviation, per structure
+      and per atom (``property_mean``, ``property_std``, ``property_per_atom_*``).
     """
     type_names = list(type_names)
     n_types = len(type_names)
     counts, energies, has_energy = [], [], []
     force_sq, force_n, n_atoms, n_edges = 0.0, 0, 0, 0
+    properties, property_atoms = [], []  # a property model's targets and their structures' atom counts
     for graphs in _chunks(data, batch_size):
         for g in graphs:
             types = np.asarray(g[keys.ATOM_TYPES])
@@ -60,6 +63,9 @@ def compute_statistics(
                 forces = np.asarray(g[keys.FORCES], dtype=np.float64)
                 force_sq += float(np.square(forces).sum())
                 force_n += forces.size
+            if keys.PROPERTY in g:
+                properties.append(float(g[keys.PROPERTY]))
+                property_atoms.append(len(types))
             n_atoms += len(types)
             n_edges += int(np.asarray(g[keys.EDGE_INDEX]).shape[1])
     if n_atoms == 0:
@@ -96,10 +102,17 @@ def compute_statistics(
         force_rms = float(np.sqrt(force_sq / force_n))
     elif len(residual_per_atom) > 1:
         force_rms = float(np.std(residual_per_atom))
+    elif properties:
+        force_rms = 1.0  # property data: no energy scale, and none needed
     else:
         raise ValueError("no forces and fewer than two energies: no scale can be estimated")
     if not force_rms > 0:
         raise ValueError(f"the energy/force scale of the data is {force_rms}: are all labels identical?")
+
+    if properties:
+        values, per_atom = np.array(properties), np.array(properties) / np.array(property_atoms)
+        extra.update(property_mean=float(values.mean()), property_std=float(values.std()),
+                     property_per_atom_mean=float(per_atom.mean()), property_per_atom_std=float(per_atom.std()))
 
     return DatasetStatistics(
         type_names=type_names,

@@ -11,6 +11,7 @@ from .committee import CommitteeConfig, build_committee, committee_members
 from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
+from .property import DeployedProperty, PropertyModel, check_property_head
 
 HEADS = ("gradient", "direct")
 
@@ -22,6 +23,8 @@ class ModelConfig:
     head: str = "gradient"  # "gradient" (conservative forces + stress) or "direct" (predicted forces)
     r_max: Optional[float] = None  # Å; None takes the preset's
     overrides: Dict[str, Any] = field(default_factory=dict)  # single hyperparameters, e.g. {"l_max": 2}
+    # A property model (mlip.models.property): {name, unit, pooling, hidden}; None: a potential.
+    property: Optional[Dict[str, Any]] = None
 
     def hyperparameters(self) -> Dict[str, Any]:
         overrides = dict(self.overrides)
@@ -49,9 +52,13 @@ def build_model(
     energy_model = families[config.family](
         num_types=num_types,
         avg_num_neighbors=max(statistics.avg_num_neighbors, 1.0),
-        vector_output=config.head == "direct",
+        vector_output=config.head == "direct" and config.property is None,
         **params,
     )
+    if config.property is not None:
+        model = _property_model(energy_model, config.property, statistics).to(dtype)
+        model.config, model.statistics = config, statistics
+        return model
     model = Potential(
         energy_model,
         reference_energies=torch.tensor(statistics.reference_energies, dtype=torch.float64),
@@ -63,6 +70,17 @@ def build_model(
     model.config = config
     model.statistics = statistics
     return model
+
+
+def _property_model(backbone: torch.nn.Module, head: Dict[str, Any], statistics: DatasetStatistics) -> PropertyModel:
+    head = check_property_head(head)
+    extensive = head["pooling"] == "extensive"
+    prefix = "property_per_atom_" if extensive else "property_"
+    if prefix + "mean" not in statistics.extra:
+        raise ValueError(f"the training data carry no property {head['name']!r}: no target statistics")
+    # A constant target (std 0) still trains: the readout then learns corrections in the target's unit.
+    std = statistics.extra[prefix + "std"] or 1.0
+    return PropertyModel(backbone, statistics.extra[prefix + "mean"], std, extensive, head["hidden"])
 
 
 def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, dtype: torch.dtype) -> Potential:
@@ -88,17 +106,22 @@ def adapt_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> D
     return weights
 
 
-def model_metadata(model: Potential) -> Dict[str, Any]:
+def model_metadata(model: torch.nn.Module) -> Dict[str, Any]:
+    """What a model file states about a Potential or a PropertyModel (the latter: ``task``
+    "property", its ``property`` head and ``force_head`` "none": it predicts no forces)."""
     config = model.config  # ModelConfig or CommitteeConfig
     params = config.hyperparameters()
     committee = isinstance(config, CommitteeConfig)
+    head = None if committee else config.property
+    task = {"task": "property", "property": check_property_head(head)} if head else {"task": "potential"}
     return {
+        **task,
         "model_family": config.family,
         "type_names": list(model.statistics.type_names),
         "r_max": float(params["r_max"]),
         "message_passing_layers": config.message_passing_layers(),
-        "force_head": config.head,
-        "dtype": str(next(model.energy_model.parameters()).dtype).replace("torch.", ""),
+        "force_head": "none" if head else config.head,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "hyperparameters": params if committee else {"preset": config.preset, **params},
         "statistics": model.statistics.to_dict(),
         "model_config": config.to_dict(),
@@ -110,6 +133,8 @@ __all__ = [
     "NequIP",
     "Potential",
     "DeployedPotential",
+    "PropertyModel",
+    "DeployedProperty",
     "ModelConfig",
     "PRESETS",
     "build_model",

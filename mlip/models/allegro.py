@@ -101,6 +101,8 @@ class Allegro(nn.Module):
                 for k in range(num_layers)
             ]
         )
+        self.num_invariant_features = num_scalar
+        self.inv_sqrt_neighbors = avg_num_neighbors**-0.5
         self.readout = mlp([num_scalar, readout_hidden, 1])
         self.vector_readout: Optional[nn.Linear] = (
             nn.Linear(num_tensor, 1, bias=False) if vector_output and l_max >= 1 else None
@@ -113,6 +115,29 @@ class Allegro(nn.Module):
         """paired (edge k + E/2 reverses edge k) is accepted and unused: every per-edge quantity
         here depends on the ordered species pair (center, neighbor), so the two directions differ."""
         num_nodes = atom_types.shape[0]
+        x, v, cutoff = self.edge_features(edge_vectors, atom_types, edge_index)
+        pair_energies = self.readout(x) * cutoff  # (E, 1)
+        energies = scatter_sum(pair_energies, edge_index[0], num_nodes).squeeze(-1)
+        vectors: Optional[torch.Tensor] = None
+        vector_readout = self.vector_readout
+        if vector_readout is not None:
+            pair_vectors = vector_readout(v[1]).squeeze(-1).t() * cutoff  # (E, 3); the l=1 block is (x, y, z)
+            vectors = scatter_sum(pair_vectors, edge_index[0], num_nodes)
+        return energies, vectors
+
+    def invariant_features(
+        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor, paired: bool = False
+    ) -> torch.Tensor:
+        """(N, num_scalar): each atom's sum of its edges' scalar tracks (smoothly cut off), normalised
+        like the environments: still a function of the atoms within r_max alone."""
+        x, _, cutoff = self.edge_features(edge_vectors, atom_types, edge_index)
+        return scatter_sum(x * cutoff, edge_index[0], atom_types.shape[0]) * self.inv_sqrt_neighbors
+
+    def edge_features(
+        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """The last layer's scalar track x_ij (E, num_scalar), equivariant track V_ij and envelope (E, 1)."""
+        num_nodes = atom_types.shape[0]
         center, neighbor = edge_index[0], edge_index[1]
         lengths = torch.linalg.norm(edge_vectors, dim=-1)
         cutoff = self.cutoff(lengths).unsqueeze(-1)  # (E, 1)
@@ -124,13 +149,5 @@ class Allegro(nn.Module):
         v = split_blocks(sh * per_component(self.initial_weights(x), self.component_l, self.l_max), self.l_max)
         for layer in self.layers:
             x, v = layer(x, v, sh, cutoff, center, num_nodes)
-
-        pair_energies = self.readout(x) * cutoff  # (E, 1)
-        energies = scatter_sum(pair_energies, center, num_nodes).squeeze(-1)
-        vectors: Optional[torch.Tensor] = None
-        vector_readout = self.vector_readout
-        if vector_readout is not None:
-            pair_vectors = vector_readout(v[1]).squeeze(-1).t() * cutoff  # (E, 3); the l=1 block is (x, y, z)
-            vectors = scatter_sum(pair_vectors, center, num_nodes)
-        return energies, vectors
+        return x, v, cutoff
 

@@ -302,6 +302,7 @@ class NequIP(nn.Module):
             layers.append(layer)
             irreps, channels = layer.irreps_out, layer.channels_out
         self.layers = nn.ModuleList(layers)
+        self.num_invariant_features = num_features
         self.readout = nn.Linear(num_features, 1, bias=False)  # on the 0e block
         self.vector_index = irreps.index((1, -1)) if (1, -1) in irreps else -1
         self.vector_readout: Optional[nn.Linear] = (
@@ -316,6 +317,24 @@ class NequIP(nn.Module):
         """paired: edge k + E/2 is the reverse of edge k. The radial weights depend on the pair
         distance only, so they are computed for the first half and shared by each pair: the radial
         MLPs are most of the cost (~65 % at 4000 atoms), and this halves them exactly."""
+        features = self.node_features(edge_vectors, atom_types, edge_index, paired)
+        energies = self.readout(features[0]).view(-1)
+        vectors: Optional[torch.Tensor] = None
+        vector_readout = self.vector_readout
+        if vector_readout is not None:
+            vectors = vector_readout(features[self.vector_index]).squeeze(-1).t()  # (N, 3): 1o block is (x, y, z)
+        return energies, vectors
+
+    def invariant_features(
+        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor, paired: bool = False
+    ) -> torch.Tensor:
+        """(N, num_features): the last layer's 0e block, what the energy readout reads."""
+        return self.node_features(edge_vectors, atom_types, edge_index, paired)[0].squeeze(0)
+
+    def node_features(
+        self, edge_vectors: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor, paired: bool = False
+    ) -> List[torch.Tensor]:
+        """The last layer's blocks [(2l+1, N, num_features)], 0e first."""
         sh = split_blocks(self.spherical_harmonics(edge_vectors), self.l_max)
         if paired:
             if edge_vectors.shape[0] % 2 != 0:
@@ -327,12 +346,7 @@ class NequIP(nn.Module):
         features = [self.embedding(species).unsqueeze(0)]  # [(1, N, c)]
         for layer in self.layers:
             features = layer(features, species, sh, edge_radial, edge_index)
-        energies = self.readout(features[0]).view(-1)
-        vectors: Optional[torch.Tensor] = None
-        vector_readout = self.vector_readout
-        if vector_readout is not None:
-            vectors = vector_readout(features[self.vector_index]).squeeze(-1).t()  # (N, 3): 1o block is (x, y, z)
-        return energies, vectors
+        return features
 
 
 def weights_for_pruned(model: NequIP, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

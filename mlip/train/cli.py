@@ -19,6 +19,19 @@ def register(commands) -> None:
                    "(started by torchrun; batch_size is the global batch; device: cuda gives each its own GPU)")
     p.set_defaults(run=run_train)
 
+    p = commands.add_parser("cv", help="cross-validate a property model over given folds (Matbench protocol)",
+                            description="Train CONFIG (task: property) from scratch on each fold's training "
+                                        "structures and score its test structures once; see mlip.train.cv.")
+    p.add_argument("config", help="YAML training config; data.train holds all structures")
+    p.add_argument("--folds", required=True, metavar="FOLDS.json", help="the folds (e.g. Matbench's "
+                   "matbench_v0.1_folds.json): {fold_K: {train: [...], test: [...]}} at any depth")
+    p.add_argument("--id-key", metavar="KEY", help="match fold entries against atoms.info[KEY] (e.g. mbid); "
+                   "without it they are structure indices")
+    p.add_argument("--fold", action="append", metavar="NAME", help="run only this fold (repeatable)")
+    p.add_argument("--run-dir", help="override run_dir (each fold trains in RUN_DIR/fold_K)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(run=run_cv)
+
 
 def run_train(args) -> int:
     import os
@@ -63,6 +76,25 @@ def run_train(args) -> int:
     print(f"stopped ({result.stop_reason}) after {result.epochs} epochs, {result.steps} steps, "
           f"{result.elapsed_s:.0f} s; best validation {result.monitor} {result.best_metric:.4g} at epoch {result.best_epoch}; "
           f"checkpoints in {result.run_dir}")
+    return 0
+
+
+def run_cv(args) -> int:
+    import os
+
+    from ..files import check_input, check_structure_files
+    from .config import load_config
+    from .cv import cross_validate
+
+    check_input(args.config, "config file")
+    check_input(args.folds, "folds file")
+    config = load_config(args.config)
+    check_structure_files(config.data.train, "data.train file")
+    if args.run_dir:
+        config.run_dir = os.path.abspath(args.run_dir)
+    if args.no_progress:
+        config.progress = False
+    cross_validate(config, args.folds, args.id_key, args.fold)
     return 0
 
 

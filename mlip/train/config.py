@@ -40,6 +40,10 @@ class LossConfig:
     energy_per_atom: float = 1.0
     forces: float = 1.0
     stress: float = 0.0  # stress is ~0.01 eV/Å^3: weights of 10-1000 make it count
+    # task: property: the weight of the property term (the others must be 0), and its error: l1 (mean
+    # absolute, Matbench's metric) or mse, in the target's unit
+    property: float = 0.0
+    property_loss: str = "l1"
 
 
 @dataclass
@@ -73,8 +77,20 @@ class StopConfig:
 
 
 @dataclass
+class PropertyConfig:
+    """task: property. The target is read from atoms.info[data.keys.property]."""
+
+    unit: str = ""  # the target's unit, for files, tables and plots (e.g. cm^-1, eV)
+    pooling: str = "intensive"  # intensive (mean over atoms: a supercell gives the same) | extensive (sum)
+    hidden: List[int] = field(default_factory=lambda: [64, 64])  # hidden widths of the readout MLP
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "run"
+    # potential: energies, forces, stress | property: one number per structure (see `property`)
+    task: str = "potential"
+    property: PropertyConfig = field(default_factory=PropertyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -102,6 +118,7 @@ class TrainConfig:
 
 MONITORS = (
     "loss", "energy_per_atom_mae", "energy_per_atom_rmse", "forces_mae", "forces_rmse", "stress_mae", "stress_rmse",
+    "property_mae", "property_rmse",
 )
 CHOICES = {
     ("optimizer", "name"): ("adam", "adamw"),
@@ -111,7 +128,11 @@ CHOICES = {
     ("model", "head"): ("gradient", "direct"),
     ("model", "family"): ("allegro", "nequip"),
     ("distributed_backend",): (None, "gloo", "nccl"),
+    ("task",): ("potential", "property"),
+    ("property", "pooling"): ("intensive", "extensive"),
+    ("loss", "property_loss"): ("l1", "mse"),
 }
+POTENTIAL_TERMS = ("energy_per_atom", "forces", "stress")
 
 
 class ConfigError(ValueError):
@@ -120,15 +141,22 @@ class ConfigError(ValueError):
 
 def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
     config = _build(TrainConfig, raw, ())
+    if config.task == "property":
+        _property_task(config, raw)
     for path, allowed in CHOICES.items():
         value = config
         for name in path:
             value = getattr(value, name)
         if value not in allowed:
             raise ConfigError(f"{'.'.join(path)}: {value!r} is not one of {list(allowed)}")
-    unknown_labels = sorted(set(config.data.keys) - {"energy", "forces", "stress"})
+    unknown_labels = sorted(set(config.data.keys) - {"energy", "forces", "stress", "property"})
     if unknown_labels:
-        raise ConfigError(f"data.keys: unknown label(s) {unknown_labels}; allowed: ['energy', 'forces', 'stress']")
+        raise ConfigError(f"data.keys: unknown label(s) {unknown_labels}; allowed: "
+                          "['energy', 'forces', 'stress', 'property']")
+    if config.task == "potential" and ("property" in config.data.keys or config.loss.property > 0):
+        raise ConfigError("data.keys.property / loss.property: a property target needs task: property")
+    if config.task == "potential" and config.stop.monitor.startswith("property"):
+        raise ConfigError(f"stop.monitor: {config.stop.monitor!r} needs task: property")
     if not config.data.train:
         raise ConfigError("data.train: give at least one training file")
     _check_ranges(config)
@@ -143,6 +171,29 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
         except ValueError as error:
             raise ConfigError(f"data.type_names: {error}") from None
     return config
+
+
+def _property_task(config: TrainConfig, raw: Dict[str, Any]) -> None:
+    """task: property: the model gets a property head, the loss one term (the property's)."""
+    if not config.data.keys.get("property"):
+        raise ConfigError("data.keys.property: task: property needs the info key of the target "
+                          "(e.g. data: {keys: {property: band_gap}})")
+    set_terms = [t for t in POTENTIAL_TERMS if (raw.get("loss") or {}).get(t)]
+    if set_terms:
+        raise ConfigError(f"loss.{set_terms[0]}: a property model predicts no energy, forces or stress; "
+                          "its loss is loss.property alone")
+    for term in POTENTIAL_TERMS:
+        setattr(config.loss, term, 0.0)
+    if "property" not in (raw.get("loss") or {}):
+        config.loss.property = 1.0
+    if config.stop.monitor not in ("loss", "property_mae", "property_rmse"):
+        raise ConfigError(f"stop.monitor: {config.stop.monitor!r} is not measured by a property model; "
+                          "use loss, property_mae or property_rmse")
+    head = {"name": config.data.keys["property"], "unit": config.property.unit,
+            "pooling": config.property.pooling, "hidden": list(config.property.hidden)}
+    if config.model.property not in (None, head):  # a saved config holds the head it was given
+        raise ConfigError("model.property: set by task: property from the property section and data.keys.property")
+    config.model.property = head
 
 
 def _finite(low, high=math.inf, low_open=False, high_open=True):
@@ -165,6 +216,7 @@ RANGES = {
     ("loss", "energy_per_atom"): _finite(0.0),
     ("loss", "forces"): _finite(0.0),
     ("loss", "stress"): _finite(0.0),
+    ("loss", "property"): _finite(0.0),
     ("optimizer", "lr"): _finite(0.0, low_open=True),
     ("optimizer", "weight_decay"): _finite(0.0),
     ("optimizer", "clip_grad_norm"): _finite(0.0, low_open=True),
@@ -195,7 +247,7 @@ def _check_ranges(config: TrainConfig) -> None:
             value = getattr(value, name)
         if value is not None and not ok(value):
             raise ConfigError(f"{'.'.join(path)}: {value!r} is not {rule}")
-    if not any(getattr(config.loss, term) > 0 for term in ("energy_per_atom", "forces", "stress")):
+    if not any(getattr(config.loss, term) > 0 for term in POTENTIAL_TERMS + ("property",)):
         raise ConfigError("loss: every weight is 0, so nothing would be fitted")
     if config.schedule.min_lr > config.optimizer.lr:
         raise ConfigError(f"schedule.min_lr: {config.schedule.min_lr} is above optimizer.lr {config.optimizer.lr}")

@@ -17,7 +17,8 @@ from ..data.stats import DatasetStatistics
 from .config import ConfigError, DataConfig, TrainConfig
 
 # loss term (and prefix of its validation metrics) -> the label it needs
-TERM_LABELS = {"energy_per_atom": keys.ENERGY, "forces": keys.FORCES, "stress": keys.STRESS}
+TERM_LABELS = {"energy_per_atom": keys.ENERGY, "forces": keys.FORCES, "stress": keys.STRESS,
+               "property": keys.PROPERTY}
 
 
 @dataclass
@@ -123,7 +124,9 @@ def _open(paths: List[str], cache: str, r_max, type_names, label_keys, progress)
         return dataset
     if not os.path.exists(cache):  # a resumed run reuses its converted files
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        convert_to_hdf5(paths, cache, r_max, type_names, label_keys, progress=progress)
+        # A property model's structures must each carry the target; a potential's, an energy.
+        require = (keys.PROPERTY,) if label_keys.property else (keys.ENERGY,)
+        convert_to_hdf5(paths, cache, r_max, type_names, label_keys, require=require, progress=progress)
     return GraphDataset.from_hdf5(cache)
 
 

@@ -18,6 +18,7 @@ TERMS = {
     "energy_per_atom": (keys.ENERGY, keys.HAS_ENERGY, 1),
     "forces": (keys.FORCES, keys.HAS_FORCES, 3),
     "stress": (keys.STRESS, keys.HAS_STRESS, 9),
+    "property": (keys.PROPERTY, keys.HAS_PROPERTY, 1),
 }
 
 
@@ -39,8 +40,10 @@ def loss_sums(
         if term == "energy_per_atom":
             error = error / batch[keys.NUM_ATOMS].to(torch.float64)
         mask = batch[mask_key].view((-1,) + (1,) * (error.dim() - 1))
+        # The property term may be an L1 loss: then this "squared" sum is the sum of absolute errors.
+        squared = error.abs() if term == "property" and weights.property_loss == "l1" else error.square()
         # where, not indexing: no host sync, same shape, and a placeholder never reaches the sum
-        squared = torch.where(mask, error.square(), torch.zeros((), dtype=error.dtype, device=error.device))
+        squared = torch.where(mask, squared, torch.zeros((), dtype=error.dtype, device=error.device))
         sums[term] = (squared.sum(), batch[mask_key].sum() * width)
     return sums
 

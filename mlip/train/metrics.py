@@ -1,7 +1,8 @@
 """Error metrics (MAE, RMSE) accumulated over batches, overall and per group (config type).
 
 Units: energy eV per structure, energy_per_atom eV/atom, forces eV/Å per Cartesian component,
-stress eV/Å^3 per component of the 3x3 tensor. Only labelled values count (masks keys.HAS_*):
+stress eV/Å^3 per component of the 3x3 tensor,
+property (a property model's target) in its own unit. Only labelled values count (masks keys.HAS_*):
 a structure without forces adds no force error, and no zero either.
 """
 
@@ -12,7 +13,7 @@ import torch
 
 from ..data import keys
 
-QUANTITIES = ("energy", "energy_per_atom", "forces", "stress")
+QUANTITIES = ("energy", "energy_per_atom", "forces", "stress", "property")
 ALL = "all"
 
 
@@ -60,6 +61,10 @@ class ErrorMetrics:
             has = _numpy(batch[keys.HAS_STRESS]).astype(bool)
             s = (_numpy(prediction[keys.STRESS]) - _numpy(batch[keys.STRESS]))[has]
             errors["stress"] = (s, np.repeat(np.flatnonzero(has), 9))
+        if keys.PROPERTY in batch and keys.PROPERTY in prediction:
+            has = _numpy(batch[keys.HAS_PROPERTY]).astype(bool)
+            errors["property"] = ((_numpy(prediction[keys.PROPERTY]) - _numpy(batch[keys.PROPERTY]))[has],
+                                  np.flatnonzero(has))
         for quantity, (values, owner) in errors.items():
             values = values.reshape(-1)
             self.add(quantity, values)

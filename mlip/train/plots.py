@@ -27,13 +27,14 @@ def plot_learning_curve(rows: List[Dict], path: str) -> None:
         ("energy MAE (meV/atom)", [("val_energy_per_atom_mae", "validation")]),
         ("force MAE (meV/Å)", [("val_forces_mae", "validation")]),
         ("stress MAE (meV/Å³)", [("val_stress_mae", "validation")]),
+        ("property MAE", [("val_property_mae", "validation")]),
     ]
     panels = [(t, c) for t, c in panels if any(r.get(k) is not None for k, _ in c for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels):
         for key, label in curves:
             values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-            if title != "loss":
+            if title not in ("loss", "property MAE"):  # eV -> meV
                 values = values * 1000.0
             if np.isfinite(values).any():
                 ax.plot(epochs, values, marker=".", label=label)

@@ -544,10 +544,11 @@ class Trainer:
         weights = self.config.loss
         loss = 0.0
         for quantity, weight in (("energy_per_atom", weights.energy_per_atom), ("forces", weights.forces),
-                                 ("stress", weights.stress)):
+                                 ("stress", weights.stress), ("property", weights.property)):
             mse = metrics.mean_squared(quantity)
             if weight > 0 and mse is not None:
-                loss += weight * mse
+                l1 = quantity == "property" and weights.property_loss == "l1"
+                loss += weight * (summary[f"{quantity}_mae"] if l1 else mse)
         summary["loss"] = loss
         self._last_val = _postfix(summary)
         return summary
@@ -597,6 +598,8 @@ class Trainer:
                                  ("val_stress_mae", "S MAE", "meV/Å³")):
             if row.get(key) is not None:
                 parts.append(f"{label} {1000 * row[key]:.4g} {unit}")
+        if row.get("val_property_mae") is not None:
+            parts.append(f"MAE {row['val_property_mae']:.4g} {self.config.property.unit}".rstrip())
         parts.append(f"lr {row['lr']:.2e}")
         tqdm.write(" | ".join(parts))
 
@@ -614,6 +617,8 @@ def _postfix(summary: Dict[str, float]) -> Dict[str, str]:
         out["val_E"] = f"{1000 * summary['energy_per_atom_mae']:.3g}meV/at"
     if "forces_mae" in summary:
         out["val_F"] = f"{1000 * summary['forces_mae']:.3g}meV/Å"
+    if "property_mae" in summary:
+        out["val_MAE"] = f"{summary['property_mae']:.4g}"
     return out
 
 

@@ -1,0 +1,99 @@
+"""A property model: a backbone's invariant atom features -> one number per structure.
+
+The NequIP and Allegro backbones that make energies also describe each atom's environment by
+invariant features (``invariant_features``: (N, F), unchanged by rotations, translations and
+permutations, a function of the atoms within the receptive field). A property head reads them:
+
+- intensive (a per-structure quantity that does not grow with the cell, e.g. a phonon frequency or a
+  band gap): y = mean + std * MLP(mean over the structure's atoms of the features). A supercell has
+  the same mean features, hence the same y;
+- extensive (grows with the number of atoms): y = sum over atoms of (mean + std * MLP(features_i)),
+  with mean, std those of y / N. A supercell of n cells gives n times y.
+
+mean and std are the target's, over the training split: the MLP outputs O(1) numbers. Property
+models predict no energy, forces or stress: MD engines refuse them (their files say ``task``).
+"""
+
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..data import keys
+from ..nn import mlp, scatter_sum
+
+POOLINGS = ("intensive", "extensive")
+
+
+class PropertyModel(nn.Module):
+    """Reads positions, atom_types, edge_index, edge_shifts, batch, num_atoms; writes property (B,)."""
+
+    def __init__(self, backbone: nn.Module, mean: float, std: float, extensive: bool, hidden: List[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.extensive = extensive
+        self.mean = float(mean)
+        self.std = float(std)
+        self.readout = mlp([backbone.num_invariant_features] + list(hidden) + [1])
+
+    def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {keys.PROPERTY: self.predict(data[keys.POSITIONS], data[keys.ATOM_TYPES], data[keys.EDGE_INDEX],
+                                            data[keys.EDGE_SHIFTS], data[keys.BATCH], data[keys.NUM_ATOMS])}
+
+    def predict(
+        self,
+        positions: torch.Tensor,  # (N, 3) Å
+        atom_types: torch.Tensor,  # (N,)
+        edge_index: torch.Tensor,  # (2, E)
+        edge_shifts: torch.Tensor,  # (E, 3) Å
+        batch: torch.Tensor,  # (N,) structure of each atom
+        num_atoms: torch.Tensor,  # (B,) atoms per structure
+    ) -> torch.Tensor:
+        """(B,) float64, in the target's unit."""
+        edge_vectors = positions[edge_index[1]] - positions[edge_index[0]] + edge_shifts
+        features = self.backbone.invariant_features(edge_vectors, atom_types, edge_index, False)  # (N, F)
+        num_graphs = num_atoms.shape[0]
+        atoms = num_atoms.to(features.dtype)
+        if self.extensive:
+            per_atom = self.readout(features).squeeze(-1).to(torch.float64)
+            return scatter_sum(self.mean + self.std * per_atom, batch, num_graphs)
+        pooled = scatter_sum(features, batch, num_graphs) / atoms.clamp(min=1).unsqueeze(-1)
+        return self.mean + self.std * self.readout(pooled).squeeze(-1).to(torch.float64)
+
+
+class DeployedProperty(nn.Module):
+    """The file-level form of a property model: flat tensors of a batch of structures in, (B,) out."""
+
+    def __init__(self, model: PropertyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        atom_types: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_shifts: torch.Tensor,
+        batch: torch.Tensor,
+        num_atoms: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        return {keys.PROPERTY: self.model.predict(positions, atom_types, edge_index, edge_shifts, batch,
+                                                  num_atoms).detach()}
+
+
+def check_property_head(head: Dict[str, Any]) -> Dict[str, Any]:
+    """A model config's ``property`` mapping, completed and checked: name (the target's info key),
+    unit, pooling (intensive | extensive), hidden (widths of the readout MLP's hidden layers)."""
+    allowed = {"name", "unit", "pooling", "hidden"}
+    unknown = sorted(set(head) - allowed)
+    if unknown:
+        raise ValueError(f"property: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    head = {"unit": "", "pooling": "intensive", "hidden": [64, 64], **head}
+    if head["pooling"] not in POOLINGS:
+        raise ValueError(f"property.pooling: {head['pooling']!r} is not one of {list(POOLINGS)}")
+    hidden = head["hidden"]
+    if not (isinstance(hidden, list) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)):
+        raise ValueError(f"property.hidden: expected a list of integers >= 1, got {hidden!r}")
+    if not isinstance(head.get("name"), str) or not head["name"]:
+        raise ValueError("property.name: the info key of the target is missing")
+    return head

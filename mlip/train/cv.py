@@ -1,0 +1,191 @@
+"""K-fold cross-validation of a property model (the Matbench protocol).
+
+    mlip cv config.yaml --folds matbench_v0.1_folds.json --id-key mbid
+
+For each fold: its training structures go to ``RUN_DIR/fold_K/train.extxyz``, its test structures to
+``test.extxyz``; a fresh run trains on the training file alone (its validation split, ``data.val_fraction``,
+is carved out of it and alone picks best.pt, drives the schedule and early stopping); then the best
+(EMA) weights predict the test structures, once. The report gives each fold's test MAE, RMSE and R²,
+its training time, and their mean. A fold already finished is read back, an interrupted one resumed:
+a cross-validation stopped anywhere continues where it was.
+
+Folds file: JSON holding, at any depth, a mapping ``{"fold_0": {"train": [...], "test": [...]}, ...}``
+(Matbench's ``splits.<task>`` layout); entries are structure indices in the data file, or ids matched
+against ``atoms.info[ID_KEY]``.
+"""
+
+import copy
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data import GraphDataset, LabelKeys, TypeMapper, collate, iter_structures, keys
+from .checkpoint import BEST, LAST, load_checkpoint
+from .config import ConfigError, TrainConfig
+
+DONE_FILE = "fold.json"
+
+
+def read_folds(path: str) -> Dict[str, Dict[str, list]]:
+    """{fold name: {"train": [...], "test": [...]}} from a folds file (see the module docstring)."""
+    with open(path) as f:
+        raw = json.load(f)
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            folds = {k: v for k, v in node.items() if isinstance(v, dict) and {"train", "test"} <= set(v)}
+            if folds:
+                return dict(sorted(folds.items()))
+            stack.extend(node.values())
+    raise ValueError(f"{path}: no folds found (expected mappings with 'train' and 'test' lists)")
+
+
+def fold_indices(folds: Dict[str, Dict[str, list]], ids: Optional[Sequence[str]], n: int, path: str):
+    """{fold: (train indices, test indices)} into the structure list; ``ids``: atoms.info[ID_KEY] of
+    each structure, or None when the folds give indices."""
+    position = {str(i): k for k, i in enumerate(ids)} if ids is not None else None
+    out = {}
+    for name, fold in folds.items():
+        parts = []
+        for part in ("train", "test"):
+            entries = fold[part]
+            if position is None:
+                if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < n for e in entries):
+                    raise ValueError(f"{path}: {name}.{part} holds entries that are not structure indices in "
+                                     f"[0, {n}): give --id-key to match them against an atoms.info key")
+                parts.append(np.asarray(entries, dtype=np.int64))
+            else:
+                missing = [e for e in entries if str(e) not in position]
+                if missing:
+                    raise ValueError(f"{path}: {name}.{part}: {len(missing)} id(s) not found in the data, e.g. "
+                                     f"{missing[0]!r}")
+                parts.append(np.array([position[str(e)] for e in entries], dtype=np.int64))
+        if np.intersect1d(parts[0], parts[1]).size:
+            raise ValueError(f"{path}: {name}: structures in both its train and test lists")
+        out[name] = tuple(parts)
+    return out
+
+
+def predict_property(model: torch.nn.Module, dataset: GraphDataset, dtype: torch.dtype, device="cpu",
+                     batch_atoms: int = 4000) -> np.ndarray:
+    """(B,) predictions of a PropertyModel for every structure of ``dataset``, float64."""
+    out: List[np.ndarray] = []
+    order = np.arange(len(dataset))
+    start = 0
+    with torch.no_grad():
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and dataset.num_atoms[start:stop + 1].sum() <= batch_atoms:
+                stop += 1
+            batch = collate(dataset.get_batch(order[start:stop]), dtype=dtype, device=device, paired=False)
+            out.append(model(batch)[keys.PROPERTY].cpu().numpy().astype(np.float64))
+            start = stop
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def scores(reference: np.ndarray, predicted: np.ndarray) -> Dict[str, float]:
+    error = predicted - reference
+    variance = float(np.square(reference - reference.mean()).sum())
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt(np.square(error).mean())),
+            "r2": 1.0 - float(np.square(error).sum()) / variance if variance > 0 else float("nan"),
+            "count": int(len(error))}
+
+
+def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] = None,
+                   only: Optional[Sequence[str]] = None) -> Dict:
+    """Run (or finish) every fold of ``folds_path`` with ``config``; returns the report (also written
+    to RUN_DIR/cv.json). ``config.data.train``: the file(s) of all structures; ``only``: fold names."""
+    from ase.io import write
+
+    from .trainer import model_from_checkpoint, resume, train
+
+    if config.task != "property":
+        raise ConfigError("mlip cv scores property models: set task: property")
+    if config.data.validation:
+        raise ConfigError("data.validation: cross-validation carves each fold's validation split out of its "
+                          "training structures (data.val_fraction); remove data.validation")
+    structures = list(iter_structures(config.data.train))
+    ids = None
+    if id_key is not None:
+        absent = [k for k, a in enumerate(structures) if id_key not in a.info]
+        if absent:
+            raise KeyError(f"--id-key {id_key!r}: structure {absent[0]} has no such atoms.info key")
+        ids = [str(a.info[id_key]) for a in structures]
+    folds = fold_indices(read_folds(folds_path), ids, len(structures), folds_path)
+    if only:
+        unknown = sorted(set(only) - set(folds))
+        if unknown:
+            raise ValueError(f"--fold {unknown[0]!r}: the folds file has {sorted(folds)}")
+        folds = {name: folds[name] for name in only}
+    # One type list for all folds: an element met only in a test fold still gets an embedding.
+    type_names = config.data.type_names or TypeMapper.from_atoms(structures).type_names
+    label_keys = LabelKeys(**config.data.keys)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    report = {"folds": {}, "unit": config.property.unit, "property": config.data.keys["property"]}
+    root = config.run_dir
+    os.makedirs(root, exist_ok=True)
+    for name, (train_idx, test_idx) in folds.items():
+        fold_dir = os.path.join(root, name)
+        done = os.path.join(fold_dir, DONE_FILE)
+        if os.path.exists(done):  # finished earlier: read back, not retrained
+            with open(done) as f:
+                report["folds"][name] = json.load(f)
+            _print_fold(name, report["folds"][name], config.property.unit)
+            continue
+        os.makedirs(fold_dir, exist_ok=True)
+        train_file, test_file = os.path.join(fold_dir, "train.extxyz"), os.path.join(fold_dir, "test.extxyz")
+        for path, indices in ((train_file, train_idx), (test_file, test_idx)):
+            if not os.path.exists(path):
+                tmp = f"{path}.tmp-{os.getpid()}.extxyz"
+                write(tmp, [structures[i] for i in indices], format="extxyz")
+                os.replace(tmp, path)
+        fold_config = copy.deepcopy(config)
+        fold_config.data.train, fold_config.data.type_names = [train_file], list(type_names)
+        fold_config.run_dir = os.path.join(fold_dir, "run")
+        start = time.perf_counter()
+        if os.path.exists(os.path.join(fold_config.run_dir, LAST)):
+            result = resume(fold_config.run_dir)
+        else:
+            result = train(fold_config)
+        model = model_from_checkpoint(load_checkpoint(os.path.join(fold_config.run_dir, BEST)))
+        test = GraphDataset.from_atoms(test_file, model.config.hyperparameters()["r_max"], type_names, label_keys,
+                                       require=(keys.PROPERTY,))
+        predicted = predict_property(model, test, dtype)
+        reference = np.array([float(test[k][keys.PROPERTY]) for k in range(len(test))])
+        row = {**scores(reference, predicted), "train_minutes": round(result.elapsed_s / 60.0, 2),
+               "wall_minutes_this_call": round((time.perf_counter() - start) / 60.0, 2),
+               "epochs": result.epochs, "best_epoch": result.best_epoch,
+               "validation_mae": result.best_metric if config.stop.monitor in ("loss", "property_mae") else None}
+        np.savetxt(os.path.join(fold_dir, "test_predictions.csv"), np.stack([reference, predicted], axis=1),
+                   delimiter=",", header="reference,predicted", comments="")
+        from .plots import plot_parity
+
+        unit = f" ({config.property.unit})" if config.property.unit else ""
+        plot_parity({f"{label_keys.property}{unit}": (reference, predicted)},
+                    os.path.join(fold_dir, "parity_test.png"), title=f"{name} test")
+        with open(done, "w") as f:
+            json.dump(row, f, indent=1)
+        report["folds"][name] = row
+        _print_fold(name, row, config.property.unit)
+    maes = np.array([row["mae"] for row in report["folds"].values()])
+    report["mean_mae"], report["std_mae"] = float(maes.mean()), float(maes.std())
+    report["total_train_minutes"] = float(sum(row["train_minutes"] for row in report["folds"].values()))
+    with open(os.path.join(root, "cv.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"mean test MAE over {len(maes)} folds: {report['mean_mae']:.4g} ± {report['std_mae']:.3g} "
+          f"{config.property.unit} (training {report['total_train_minutes']:.1f} min in all)")
+    return report
+
+
+def _print_fold(name: str, row: Dict, unit: str) -> None:
+    print(f"{name}: test MAE {row['mae']:.4g} {unit}, RMSE {row['rmse']:.4g}, R² {row['r2']:.4f} "
+          f"({row['count']} structures; trained {row['train_minutes']:.1f} min, best epoch {row['best_epoch']})",
+          flush=True)
+
+
+__all__ = ["cross_validate", "read_folds", "fold_indices", "predict_property", "scores"]
