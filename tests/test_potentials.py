@@ -62,8 +62,8 @@ def test_crystal_matches_its_dft_reference(name, element, structure, a, repeat, 
 #   (these five: 30 meV/Å, energy errors up to 15 meV; the model before 2026-12-02: 34 and 22).
 # - lips-nequip: frames 900-904 of lips_val_1000.extxyz.gz (the card's test set is frames 900-999,
 #   periodic, 83 atoms); the card reports force RMSE 19.9 meV/Å and energy RMSE 30 meV (0.36 meV/atom)
-#   on all 100 (these five: 18.6 meV/Å, energy errors up to 39 meV; the Allegro candidate of
-#   lips-allegro had 61 meV/Å and 1.3 meV/atom (~110 meV per cell) on the 100: outside these bounds).
+#   on all 100 (these five: 18.6 meV/Å, energy errors up to 39 meV; the unshipped Allegro candidate of
+#   benchmarks/README.md had 61 meV/Å and 1.3 meV/atom (~110 meV per cell) on the 100: outside these bounds).
 HELD_OUT = [
     ("3bpa-nequip/model.pt", "3bpa_test_300K_5frames.extxyz", 0.045, 0.04),
     ("3bpa-nequip/single.pt", "3bpa_test_300K_5frames.extxyz", 0.045, 0.04),
@@ -95,11 +95,11 @@ def test_reproduces_held_out_dft_forces_and_energies(model_file, frames_file, fo
 
 
 # The training configs each shipped file was built from (a committee: one per member, in its order;
-# fine-tune stages keep the architecture of their first stage). A card's config that no longer
-# describes its model file would tell users to train something else than what is shipped.
+# fine-tune stages keep the architecture of their first stage, which is named here). A card's config
+# that no longer describes its model file would tell users to train something else than what is shipped.
 BUILT_FROM = {
-    "3bpa-nequip/model.pt": ["3bpa-nequip/train.yaml", "3bpa-nequip/member2.yaml", "3bpa-nequip/member3.yaml"],
-    "3bpa-nequip/single.pt": ["3bpa-nequip/train.yaml"],
+    "3bpa-nequip/model.pt": [f"3bpa-nequip/member{k}_stage1.yaml" for k in (1, 2, 3)],
+    "3bpa-nequip/single.pt": ["3bpa-nequip/member1_stage1.yaml"],
     **{f"{name}/model.pt": [f"{name}/train.yaml"] for name in NAMES if name != "3bpa-nequip"},
 }
 
@@ -108,10 +108,13 @@ BUILT_FROM = {
 def test_shipped_model_has_the_architecture_of_its_training_config(model_file):
     from dataclasses import asdict
 
+    from mlip.models import ModelConfig
     from mlip.train.config import load_config
 
     model_config = read_metadata(os.path.join(POTENTIALS, model_file))["model_config"]
     members = model_config["members"] if "members" in model_config else [model_config]
+    # A file written before a ModelConfig field existed has that field's default (e.g. property: None).
+    members = [asdict(ModelConfig(**member)) for member in members]
     configs = [asdict(load_config(os.path.join(POTENTIALS, path)).model) for path in BUILT_FROM[model_file]]
     assert members == configs
 
@@ -122,3 +125,46 @@ def test_every_training_config_in_potentials_loads(path):
     from mlip.train.config import load_config
 
     load_config(os.path.join(POTENTIALS, path))  # raises ConfigError on an unknown key or a wrong kind of value
+
+
+# A potential's folder is what a user needs to use and to rebuild it: the model file (3bpa-nequip also
+# ships one committee member alone, single.pt), its card, the training configs and plots. Records of runs
+# that were not shipped live in benchmarks/README.md and in git history, not here.
+FOLDERS = sorted(n for n in os.listdir(POTENTIALS) if os.path.isdir(os.path.join(POTENTIALS, n)))
+ALLOWED_FILES = {"README.md", "model.pt", "single.pt"}
+ALLOWED_SUFFIXES = (".yaml", ".png")
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_potential_folder_holds_only_model_card_configs_and_plots(name):
+    from mlip.train.config import load_config
+
+    folder = os.path.join(POTENTIALS, name)
+    assert os.path.isfile(os.path.join(folder, "model.pt")), f"{name}: no model.pt (an unshipped run has no folder)"
+    assert os.path.isfile(os.path.join(folder, "README.md")), f"{name}: no model card"
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        assert os.path.isfile(path), f"{name}/{entry}: only files belong here, not folders"
+        assert entry in ALLOWED_FILES or entry.endswith(ALLOWED_SUFFIXES), f"{name}/{entry}: not a config, plot or card"
+        if entry.endswith(".yaml"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_training_configs_replay_from_the_folder_alone(name):
+    """Every config is named on the card, and a fine-tune stage starts from the run directory that
+    another config of the same folder writes: the chain that built the model replays from here."""
+    from mlip.train.config import load_config
+
+    folder = os.path.join(POTENTIALS, name)
+    configs = {f: load_config(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
+    assert configs, f"{name}: no training config"
+    with open(os.path.join(folder, "README.md")) as f:
+        card = f.read()
+    run_dirs = {os.path.normpath(c.run_dir): f for f, c in configs.items()}
+    assert len(run_dirs) == len(configs), f"{name}: two configs write the same run directory"
+    for file, config in configs.items():
+        assert file in card, f"{name}/README.md does not name {file}"
+        if config.init_from is not None:
+            assert os.path.normpath(config.init_from) in run_dirs, (
+                f"{name}/{file}: init_from {config.init_from} is not the run_dir of another config in {name}/")

@@ -13,7 +13,7 @@ with the number of irreps, not of neighbors: keep l_max small, or parity off), a
 receptive field unchanged. Why: body order per layer buys data efficiency (MACE with invariant
 messages, L=0, reaches 14.6 meV/Å on 3BPA; NequIP needs l_max 3 and 5 layers for 10.8). Measured
 here on 3BPA with equal settings and cost per epoch: validation force RMSE 42 meV/Å after 30 epochs
-with correlation 3 (2 layers) against 68 without (3 layers); see potentials/3bpa-nequip/README.md.
+with correlation 3 (2 layers) against 68 without (3 layers); see benchmarks/README.md, "Runs not shipped".
 
 Each layer builds only the irreps from which a path leads to what the readouts read
 (``irreps_reaching``): with both parities and 3 layers of l_max 2, the middle layer makes no 1e or 2o,

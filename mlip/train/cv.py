@@ -177,9 +177,25 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
     report["total_train_minutes"] = float(sum(row["train_minutes"] for row in report["folds"].values()))
     with open(os.path.join(root, "cv.json"), "w") as f:
         json.dump(report, f, indent=1)
+    _plot_learning_curves(root, list(report["folds"]), config.property.unit)
     print(f"mean test MAE over {len(maes)} folds: {report['mean_mae']:.4g} ± {report['std_mae']:.3g} "
           f"{config.property.unit} (training {report['total_train_minutes']:.1f} min in all)")
     return report
+
+
+def _plot_learning_curves(root: str, names: List[str], unit: str) -> None:
+    """RUN_DIR/learning_curves.png: each fold's validation MAE against epoch, one figure."""
+    from .plots import plot_validation_curves
+
+    curves = {}
+    for name in names:
+        log = os.path.join(root, name, "run", "log.jsonl")
+        if os.path.exists(log):
+            with open(log) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            curves[name] = [(r["epoch"], r["val_property_mae"]) for r in rows if r.get("val_property_mae") is not None]
+    label = f"validation MAE ({unit})" if unit else "validation MAE"
+    plot_validation_curves(curves, os.path.join(root, "learning_curves.png"), label)
 
 
 def _print_fold(name: str, row: Dict, unit: str) -> None:

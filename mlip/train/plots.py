@@ -49,6 +49,26 @@ def plot_learning_curve(rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_validation_curves(curves: Dict[str, Sequence], path: str, ylabel: str) -> None:
+    """Several runs' validation metric against epoch in one panel (log scale), e.g. the folds of a
+    cross-validation. ``curves``: {label: [(epoch, value), ...]}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, points in curves.items():
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, label=label, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def plot_parity(pairs: Dict[str, Sequence[np.ndarray]], path: str, title: str = "") -> None:
     """One panel per quantity: prediction against reference, with the y = x line.
 
