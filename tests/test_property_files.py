@@ -203,10 +203,12 @@ def test_predict_writes_info_key_and_csv(property_file, data_file, tmp_path, cap
     np.testing.assert_allclose([float(r[1]) for r in rows[1:]], expected, rtol=1e-6)
     assert rows[4][2] == "" and float(rows[1][2]) == pytest.approx(frames[0].info[TARGET])
 
-    # --key names the info key and column; no output file: the table on stdout.
-    assert main(["predict", property_file, str(source), "--key", "guess"]) == 0
+    # --key names the info key and column; no output file: the table on stdout. Structures go through
+    # the model a few at a time (--batch-atoms): the same predictions.
+    assert main(["predict", property_file, str(source), "--key", "guess", "--batch-atoms", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"index,guess,{TARGET}" and len(lines) == len(frames) + 1
+    np.testing.assert_allclose([float(line.split(",")[1]) for line in lines[1:]], expected, rtol=1e-6)
 
 
 def test_predict_refusals(property_file, potential_file, data_file, tmp_path, capsys):

@@ -339,6 +339,27 @@ def _paths(inputs) -> List[PathLike]:
     return []
 
 
+def iter_graph_chunks(sourced: Sequence[Tuple[Optional[str], object]], r_max: float, type_names: Sequence[str],
+                      label_keys: LabelKeys = LabelKeys(), require: Sequence[str] = (),
+                      max_atoms: int = 2000) -> Iterator[GraphDataset]:
+    """GraphDatasets of consecutive structures of ``sourced`` ((where, atoms) pairs of
+    :func:`iter_sourced_structures`), about ``max_atoms`` atoms each: the neighbor lists of one chunk
+    are in memory at a time, not those of a whole file (predictions over large files). Errors name
+    the file and frame, and the structure's index in ``sourced``."""
+    mapper = TypeMapper(type_names)
+    graphs, config_types, atoms_in_chunk = [], [], 0
+    for k, (where, atoms) in enumerate(sourced):
+        graphs.append(_to_graph(atoms, k, where, r_max, mapper, label_keys, require, DEFAULT_MIN_DISTANCE,
+                                DEFAULT_BACKEND))
+        config_types.append(str(atoms.info.get("config_type", "")))
+        atoms_in_chunk += len(atoms)
+        if atoms_in_chunk >= max_atoms:
+            yield GraphDataset(graphs, r_max, mapper.type_names, label_keys, config_types)
+            graphs, config_types, atoms_in_chunk = [], [], 0
+    if graphs:
+        yield GraphDataset(graphs, r_max, mapper.type_names, label_keys, config_types)
+
+
 def iter_structures(inputs) -> Iterator:
     """ase.Atoms from files (streamed; ASE's ``file@selection`` picks some, e.g. ``data.extxyz@0:900``)
     or from an iterable of Atoms."""

@@ -260,15 +260,14 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     import csv
-    import io
     import os
     import sys
 
     from ase.io import write
     from tqdm import tqdm
 
-    from ..data import GraphDataset, LabelKeys, iter_structures, keys
-    from ..data.dataset import split_selection
+    from ..data import LabelKeys, TypeMapper, check_structure, keys
+    from ..data.dataset import iter_graph_chunks, iter_sourced_structures, split_selection
     from ..files import atomic_output, check_input, check_output, check_structure_files
     from ..train.evaluate import predict_properties
     from .model_file import DTYPES, load_model
@@ -285,34 +284,37 @@ def run_predict(args) -> int:
         raise ValueError(f"{args.model} is a potential: use mlip evaluate / md / relax")
     name = metadata["property"]["name"]
     key = args.key or f"{name}_predicted"
-    structures = list(iter_structures([args.data]))
-    # The target, where a structure carries it, is read too: it goes into the table beside the prediction.
-    dataset = GraphDataset.from_atoms(structures, metadata["r_max"], metadata["type_names"],
-                                      LabelKeys(property=name), require=())
-    with tqdm(total=len(dataset), desc="predict", unit="structure", file=sys.stderr) as bar:
-        predicted = predict_properties(model, dataset, DTYPES[metadata["dtype"]], args.device, args.batch_atoms,
-                                       progress=bar)
-    reference = [dataset[k].get(keys.PROPERTY) for k in range(len(dataset))]
+    sourced = list(iter_sourced_structures([args.data]))  # the structures; their graphs a chunk at a time
+    mapper = TypeMapper(metadata["type_names"])
+    for k, (where, atoms) in enumerate(sourced):  # the cheap checks before any work (overlaps come with the graphs)
+        try:
+            mapper(atoms.numbers)
+            check_structure(atoms)
+        except ValueError as error:
+            raise ValueError(f"{where}: structure {k} ({atoms.get_chemical_formula()}): {error}") from None
+    rows = []  # (index, prediction, reference or None): the target is read where a structure carries it
+    with tqdm(total=len(sourced), desc="predict", unit="structure", file=sys.stderr) as bar:
+        for chunk in iter_graph_chunks(sourced, metadata["r_max"], metadata["type_names"], LabelKeys(property=name),
+                                       max_atoms=args.batch_atoms):
+            predicted = predict_properties(model, chunk, DTYPES[metadata["dtype"]], args.device, args.batch_atoms)
+            for k, value in enumerate(predicted):
+                rows.append((len(rows), float(value), chunk[k].get(keys.PROPERTY)))
+            bar.update(len(chunk))
     if args.output:
-        for atoms, value in zip(structures, predicted):
-            atoms.info[key] = float(value)
+        for (_, atoms), (_, value, _) in zip(sourced, rows):
+            atoms.info[key] = value
         with atomic_output(args.output) as tmp:
-            write(tmp, structures, format="extxyz")
+            write(tmp, [atoms for _, atoms in sourced], format="extxyz")
     if args.csv or not args.output:
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        with_reference = any(r is not None for r in reference)
-        writer.writerow(["index", key] + ([name] if with_reference else []))
-        for k, value in enumerate(predicted):
-            cells = [k, repr(float(value))]
-            if with_reference:
-                cells.append("" if reference[k] is None else repr(float(reference[k])))
-            writer.writerow(cells)
+        with_reference = any(reference is not None for _, _, reference in rows)
+        header = ["index", key] + ([name] if with_reference else [])
+        cells = [[k, repr(value)] + (["" if r is None else repr(float(r))] if with_reference else [])
+                 for k, value, r in rows]
         if args.csv:
-            with atomic_output(args.csv) as tmp, open(tmp, "w") as f:
-                f.write(table.getvalue())
+            with atomic_output(args.csv) as tmp, open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([header] + cells)
         else:
-            sys.stdout.write(table.getvalue())
+            csv.writer(sys.stdout, lineterminator="\n").writerows([header] + cells)
     return 0
 
 
