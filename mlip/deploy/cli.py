@@ -45,9 +45,9 @@ def register(commands) -> None:
                                         "A property model: MAE, RMSE and R² of its target, in the target's unit.")
     p.add_argument("model", help="model file written by `mlip deploy`")
     p.add_argument("data", nargs="+", help="labelled structure files (extxyz, anything ase.io reads)")
-    p.add_argument("--keys", default="", help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress; "
-                                              "property=NAME: the info key of a property model's target "
-                                              "(default: the one it was trained on)")
+    p.add_argument("--keys", default="",
+                   help="label names, e.g. energy=REF_energy,forces=REF_forces,stress=REF_stress; property=NAME: the "
+                        "info key of a property model's target (default: the one it was trained on)")
     p.add_argument("--plots", metavar="DIR", help="write parity plots (PNG) into DIR")
     p.add_argument("--json", metavar="FILE", help="write all numbers to FILE (JSON)")
     p.add_argument("--device", type=device, default="cpu")
