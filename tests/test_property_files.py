@@ -248,6 +248,15 @@ def test_evaluate_property_file(property_file, data_file, tmp_path, capsys):
     err = error_line(capsys, ["evaluate", property_file, str(unlabelled)])
     assert f"no property under the info key {TARGET!r}" in err
 
+    # The target under another info key: --keys property=NAME.
+    renamed = read(data_file, ":")
+    for atoms in renamed:
+        atoms.info["omega_dft"] = atoms.info.pop(TARGET)
+    write(tmp_path / "renamed.extxyz", renamed)
+    assert main(["evaluate", property_file, str(tmp_path / "renamed.extxyz"), "--keys", "property=omega_dft",
+                 "--json", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["all"]["mae"] == pytest.approx(expected["mae"], rel=1e-5)
+
 
 def test_info_of_a_property_file(property_file, capsys):
     assert main(["info", property_file]) == 0
