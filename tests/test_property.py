@@ -22,12 +22,13 @@ from physics import TINY, TYPE_NAMES, random_orthogonal, triclinic_alloy
 R_MAX = 4.5
 
 
-def tiny_property_model(family: str, pooling: str, r_max: float = R_MAX, seed: int = 0) -> PropertyModel:
+def tiny_property_model(family: str, pooling: str, r_max: float = R_MAX, seed: int = 0,
+                        element_features: bool = False) -> PropertyModel:
     torch.manual_seed(seed)
     statistics = DatasetStatistics(TYPE_NAMES, reference_energies=[0.0, 0.0], avg_num_neighbors=20.0,
                                    extra={"property_mean": 300.0, "property_std": 100.0,
                                           "property_per_atom_mean": 30.0, "property_per_atom_std": 10.0})
-    head = {"name": "y", "unit": "cm^-1", "pooling": pooling, "hidden": [16]}
+    head = {"name": "y", "unit": "cm^-1", "pooling": pooling, "hidden": [16], "element_features": element_features}
     config = ModelConfig(family, "small", r_max=r_max, overrides=dict(TINY[family]), property=head)
     model = build_model(config, statistics, torch.float64)
     with torch.no_grad():  # untrained outputs are nearly constant: larger weights make every check sensitive
@@ -43,12 +44,13 @@ def predict(model, structures, r_max: float = R_MAX) -> np.ndarray:
     return model(batch)[keys.PROPERTY].detach().numpy()
 
 
-CASES = [(family, pooling) for family in ("nequip", "allegro") for pooling in ("intensive", "extensive")]
+CASES = [(family, pooling, False) for family in ("nequip", "allegro") for pooling in ("intensive", "extensive")]
+CASES += [("nequip", "intensive", True), ("allegro", "extensive", True)]  # with element descriptors
 
 
-@pytest.mark.parametrize("family,pooling", CASES)
-def test_property_is_invariant_to_rotation_translation_permutation_and_wrapping(family, pooling):
-    model = tiny_property_model(family, pooling)
+@pytest.mark.parametrize("family,pooling,element_features", CASES)
+def test_property_is_invariant_to_rotation_translation_permutation_and_wrapping(family, pooling, element_features):
+    model = tiny_property_model(family, pooling, element_features=element_features)
     rng = np.random.default_rng(1)
     atoms = triclinic_alloy(seed=2)
     reference = predict(model, [atoms])[0]
@@ -71,11 +73,11 @@ def test_property_is_invariant_to_rotation_translation_permutation_and_wrapping(
     assert abs(predict(model, [changed])[0] - reference) > 1e-6
 
 
-@pytest.mark.parametrize("family,pooling", CASES)
-def test_property_of_a_supercell_and_of_another_unit_cell(family, pooling):
+@pytest.mark.parametrize("family,pooling,element_features", CASES)
+def test_property_of_a_supercell_and_of_another_unit_cell(family, pooling, element_features):
     """Intensive: a supercell or another choice of cell of the same crystal gives the same value;
     extensive: a supercell of n cells gives n times the value."""
-    model = tiny_property_model(family, pooling)
+    model = tiny_property_model(family, pooling, element_features=element_features)
     atoms = triclinic_alloy(seed=3, repeat=(1, 1, 1))
     supercell = atoms.repeat((2, 1, 2))
     other_cell = make_supercell(atoms, [[1, 1, 0], [0, 1, 0], [0, 1, 1]])  # det 1: the same lattice

@@ -11,7 +11,7 @@ from .committee import CommitteeConfig, build_committee, committee_members
 from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
-from .property import DeployedProperty, PropertyModel, check_property_head
+from .property import DeployedProperty, PropertyModel, check_property_head, element_features
 
 HEADS = ("gradient", "direct")
 
@@ -80,7 +80,9 @@ def _property_model(backbone: torch.nn.Module, head: Dict[str, Any], statistics:
         raise ValueError(f"the training data carry no property {head['name']!r}: no target statistics")
     # A constant target (std 0) still trains: the readout then learns corrections in the target's unit.
     std = statistics.extra[prefix + "std"] or 1.0
-    return PropertyModel(backbone, statistics.extra[prefix + "mean"], std, extensive, head["hidden"])
+    descriptors = (element_features(statistics.type_names) if head["element_features"]
+                   else torch.zeros(len(statistics.type_names), 0, dtype=torch.float64))
+    return PropertyModel(backbone, statistics.extra[prefix + "mean"], std, extensive, head["hidden"], descriptors)
 
 
 def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, dtype: torch.dtype) -> Potential:

@@ -14,9 +14,11 @@ mean and std are the target's, over the training split: the MLP outputs O(1) num
 models predict no energy, forces or stress: MD engines refuse them (their files say ``task``).
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
+import numpy as np
 import torch
+from ase.data import atomic_masses, atomic_numbers, covalent_radii
 from torch import nn
 
 from ..data import keys
@@ -25,16 +27,52 @@ from ..nn import mlp, scatter_sum
 POOLINGS = ("intensive", "extensive")
 
 
+def element_features(type_names: Sequence[str]) -> torch.Tensor:
+    """(num_types, 5) float64 descriptors of each element that hold across elements, where a species'
+    own embedding is learnt only from the structures that contain it (a few, for rare elements):
+    1/sqrt(mass) (vibrational frequencies scale with it), covalent radius, Z, period and group (Å, u,
+    scaled to O(1))."""
+    rows = []
+    for name in type_names:
+        z = atomic_numbers[name]
+        period, group = _period_and_group(z)
+        rows.append([3.0 / np.sqrt(atomic_masses[z]), covalent_radii[z], z / 50.0, period / 4.0, group / 10.0])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _period_and_group(z: int):
+    """Row and column of element ``z`` in the 18-column table (lanthanides/actinides: group 3)."""
+    ends = [2, 10, 18, 36, 54, 86, 118]
+    period = next(p for p, end in enumerate(ends, start=1) if z <= end)
+    start = [0] + ends
+    k = z - start[period - 1]  # position in the period, from 1
+    if period == 1:
+        return period, 1 if k == 1 else 18
+    if period <= 3:
+        return period, k if k <= 2 else k + 10
+    if period <= 5:
+        return period, k
+    if k <= 2:
+        return period, k
+    if k <= 17:
+        return period, 3  # La-Lu, Ac-Lr
+    return period, k - 14
+
+
 class PropertyModel(nn.Module):
     """Reads positions, atom_types, edge_index, edge_shifts, batch, num_atoms; writes property (B,)."""
 
-    def __init__(self, backbone: nn.Module, mean: float, std: float, extensive: bool, hidden: List[int]):
+    def __init__(self, backbone: nn.Module, mean: float, std: float, extensive: bool, hidden: List[int],
+                 descriptors: torch.Tensor):
+        """descriptors: (num_types, D) per-element features joined to each atom's learnt ones before the
+        readout (``element_features``), or (num_types, 0)."""
         super().__init__()
         self.backbone = backbone
         self.extensive = extensive
         self.mean = float(mean)
         self.std = float(std)
-        self.readout = mlp([backbone.num_invariant_features] + list(hidden) + [1])
+        self.register_buffer("descriptors", descriptors.clone())
+        self.readout = mlp([backbone.num_invariant_features + descriptors.shape[1]] + list(hidden) + [1])
 
     def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {keys.PROPERTY: self.predict(data[keys.POSITIONS], data[keys.ATOM_TYPES], data[keys.EDGE_INDEX],
@@ -52,6 +90,8 @@ class PropertyModel(nn.Module):
         """(B,) float64, in the target's unit."""
         edge_vectors = positions[edge_index[1]] - positions[edge_index[0]] + edge_shifts
         features = self.backbone.invariant_features(edge_vectors, atom_types, edge_index, False)  # (N, F)
+        if self.descriptors.shape[1] > 0:
+            features = torch.cat([features, self.descriptors.to(features.dtype)[atom_types]], dim=1)
         num_graphs = num_atoms.shape[0]
         atoms = num_atoms.to(features.dtype)
         if self.extensive:
@@ -83,12 +123,15 @@ class DeployedProperty(nn.Module):
 
 def check_property_head(head: Dict[str, Any]) -> Dict[str, Any]:
     """A model config's ``property`` mapping, completed and checked: name (the target's info key),
-    unit, pooling (intensive | extensive), hidden (widths of the readout MLP's hidden layers)."""
-    allowed = {"name", "unit", "pooling", "hidden"}
+    unit, pooling (intensive | extensive), hidden (widths of the readout MLP's hidden layers),
+    element_features (join ``element_features`` of each atom's element to its learnt features)."""
+    allowed = {"name", "unit", "pooling", "hidden", "element_features"}
     unknown = sorted(set(head) - allowed)
     if unknown:
         raise ValueError(f"property: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    head = {"unit": "", "pooling": "intensive", "hidden": [64, 64], **head}
+    head = {"unit": "", "pooling": "intensive", "hidden": [64, 64], "element_features": False, **head}
+    if not isinstance(head["element_features"], bool):
+        raise ValueError(f"property.element_features: expected true or false, got {head['element_features']!r}")
     if head["pooling"] not in POOLINGS:
         raise ValueError(f"property.pooling: {head['pooling']!r} is not one of {list(POOLINGS)}")
     hidden = head["hidden"]

@@ -83,6 +83,9 @@ class PropertyConfig:
     unit: str = ""  # the target's unit, for files, tables and plots (e.g. cm^-1, eV)
     pooling: str = "intensive"  # intensive (mean over atoms: a supercell gives the same) | extensive (sum)
     hidden: List[int] = field(default_factory=lambda: [64, 64])  # hidden widths of the readout MLP
+    # join each atom's element descriptors (1/sqrt(mass), covalent radius, Z, period, group) to its
+    # learnt features before the readout: they hold across elements, rare ones included
+    element_features: bool = False
 
 
 @dataclass
@@ -190,7 +193,8 @@ def _property_task(config: TrainConfig, raw: Dict[str, Any]) -> None:
         raise ConfigError(f"stop.monitor: {config.stop.monitor!r} is not measured by a property model; "
                           "use loss, property_mae or property_rmse")
     head = {"name": config.data.keys["property"], "unit": config.property.unit,
-            "pooling": config.property.pooling, "hidden": list(config.property.hidden)}
+            "pooling": config.property.pooling, "hidden": list(config.property.hidden),
+            "element_features": config.property.element_features}
     if config.model.property not in (None, head):  # a saved config holds the head it was given
         raise ConfigError("model.property: set by task: property from the property section and data.keys.property")
     config.model.property = head
