@@ -110,7 +110,8 @@ def error_line(capsys, argv):
 def test_deploy_writes_a_property_file(run_dir, property_file, data_file):
     metadata = read_metadata(property_file)
     assert metadata["task"] == "property" and metadata["force_head"] == "none"
-    assert metadata["property"] == {"name": TARGET, "unit": UNIT, "pooling": "intensive", "hidden": [8]}
+    head = {"name": TARGET, "unit": UNIT, "pooling": "intensive", "hidden": [8], "element_features": False}
+    assert metadata["property"] == head
     assert metadata["type_names"] == ["Cu", "Ni"] and metadata["r_max"] == 4.0 and metadata["dtype"] == "float32"
     assert metadata["model_config"]["property"]["name"] == TARGET and metadata["format"] == "mlip-torchscript"
     assert {"property_mean", "property_std"} <= set(metadata["statistics"]["extra"])
@@ -144,22 +145,24 @@ def test_deploy_refuses_aoti_and_committees(run_dir, property_file, potential_fi
     assert f"{property_file} is a property model" in err and "committee" in err
 
 
-def tiny_property_model(family: str, pooling: str, dtype=torch.float64):
+def tiny_property_model(family: str, pooling: str, dtype=torch.float64, element_features: bool = False):
     torch.manual_seed(0)
     statistics = DatasetStatistics(["Cu", "Ni"], [0.0, 0.0], extra={
         "property_mean": 250.0, "property_std": 30.0, "property_per_atom_mean": 60.0, "property_per_atom_std": 8.0})
     config = ModelConfig(family, "small", r_max=4.0, overrides=TINY[family],
-                         property={"name": TARGET, "unit": UNIT, "pooling": pooling, "hidden": [8]})
+                         property={"name": TARGET, "unit": UNIT, "pooling": pooling, "hidden": [8],
+                                   "element_features": element_features})
     return build_model(config, statistics, dtype).eval()
 
 
 def test_deploy_nequip_extensive_float64(data_file, tmp_path):
-    """A message-passing backbone and a sum over atoms: the file predicts what the eager model does,
-    and a 2x1x1 supercell twice the value of its cell."""
-    model = tiny_property_model("nequip", "extensive")
+    """A message-passing backbone, element descriptors and a sum over atoms: the file predicts what
+    the eager model does, and a 2x1x1 supercell twice the value of its cell."""
+    model = tiny_property_model("nequip", "extensive", element_features=True)
     path = tmp_path / "extensive.pt"
     metadata = deploy_model(model, path)
-    assert metadata["property"]["pooling"] == "extensive" and metadata["message_passing_layers"] == 2
+    assert metadata["property"]["pooling"] == "extensive" and metadata["property"]["element_features"]
+    assert metadata["message_passing_layers"] == 2
     expected = predict_properties(model, dataset(data_file), torch.float64)
     np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=1e-10)
     cell = read(data_file, "0")

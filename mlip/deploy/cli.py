@@ -201,8 +201,9 @@ def run_info(args) -> int:
     print(f"  {'task':<24} {metadata.get('task', 'potential')}")  # files before property models: potentials
     head = metadata.get("property")
     if metadata.get("task") == "property":
+        descriptors = ", element descriptors" if head.get("element_features") else ""
         print(f"  {'property':<24} {head['name']!r} in {head.get('unit') or '(no unit)'}, {head.get('pooling')} "
-              f"(readout hidden {head.get('hidden')})")
+              f"(readout hidden {head.get('hidden')}{descriptors})")
     for key in ("model_family", "force_head", "type_names", "r_max", "message_passing_layers", "dtype",
                 "mlip_version", "format", "format_version", "torch_version", "device", "threads", "training_data_hash"):
         if key in metadata or key not in ("torch_version", "device", "threads"):  # AOTInductor packages only
