@@ -22,7 +22,7 @@ from mlip.deploy.compile import check_compiled
 from mlip.deploy.model_file import check_model_fields
 from mlip.models import ModelConfig, build_model
 from mlip.train.checkpoint import load_checkpoint
-from mlip.train.cv import predict_property, scores
+from mlip.train.cv import scores
 from mlip.train.evaluate import predict_properties
 from mlip.train.trainer import model_from_checkpoint
 from physics import TINY, tiny_model
@@ -118,7 +118,7 @@ def test_deploy_writes_a_property_file(run_dir, property_file, data_file):
     assert len(metadata["training_data_hash"]) == 64
 
     eager = model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "best.pt")))
-    expected = predict_property(eager, dataset(data_file), torch.float32)
+    expected = predict_properties(eager, dataset(data_file), torch.float32)
     got = file_predictions(property_file, data_file)
     assert got.shape == (8,) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=1e-5)

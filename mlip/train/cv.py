@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import GraphDataset, LabelKeys, TypeMapper, collate, iter_structures, keys
+from ..data import GraphDataset, LabelKeys, TypeMapper, iter_structures, keys
 from .checkpoint import BEST, LAST, load_checkpoint
 from .config import ConfigError, TrainConfig
+from .evaluate import predict_properties
 
 DONE_FILE = "fold.json"
 
@@ -69,23 +70,6 @@ def fold_indices(folds: Dict[str, Dict[str, list]], ids: Optional[Sequence[str]]
             raise ValueError(f"{path}: {name}: structures in both its train and test lists")
         out[name] = tuple(parts)
     return out
-
-
-def predict_property(model: torch.nn.Module, dataset: GraphDataset, dtype: torch.dtype, device="cpu",
-                     batch_atoms: int = 4000) -> np.ndarray:
-    """(B,) predictions of a PropertyModel for every structure of ``dataset``, float64."""
-    out: List[np.ndarray] = []
-    order = np.arange(len(dataset))
-    start = 0
-    with torch.no_grad():
-        while start < len(order):
-            stop = start + 1
-            while stop < len(order) and dataset.num_atoms[start:stop + 1].sum() <= batch_atoms:
-                stop += 1
-            batch = collate(dataset.get_batch(order[start:stop]), dtype=dtype, device=device, paired=False)
-            out.append(model(batch)[keys.PROPERTY].cpu().numpy().astype(np.float64))
-            start = stop
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 def scores(reference: np.ndarray, predicted: np.ndarray) -> Dict[str, float]:
@@ -155,7 +139,7 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
         model = model_from_checkpoint(load_checkpoint(os.path.join(fold_config.run_dir, BEST)))
         test = GraphDataset.from_atoms(test_file, model.config.hyperparameters()["r_max"], type_names, label_keys,
                                        require=(keys.PROPERTY,))
-        predicted = predict_property(model, test, dtype)
+        predicted = predict_properties(model, test, dtype)
         reference = np.array([float(test[k][keys.PROPERTY]) for k in range(len(test))])
         row = {**scores(reference, predicted), "train_minutes": round(result.elapsed_s / 60.0, 2),
                "wall_minutes_this_call": round((time.perf_counter() - start) / 60.0, 2),
@@ -204,4 +188,4 @@ def _print_fold(name: str, row: Dict, unit: str) -> None:
           flush=True)
 
 
-__all__ = ["cross_validate", "read_folds", "fold_indices", "predict_property", "scores"]
+__all__ = ["cross_validate", "read_folds", "fold_indices", "scores"]
