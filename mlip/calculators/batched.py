@@ -2,7 +2,7 @@
 
 Screening relaxes thousands of small cells; one structure per model call spends most of the time
 on fixed per-call costs. Here a batch of structures is one disconnected graph (as in training,
-mlip.data.batch.collate): per-structure energies are sums of per-atom energies, forces are per
+mlip.data.batch.collate, with node indices offset per structure): per-structure energies are sums of per-atom energies, forces are per
 atom, and each structure's stress comes from its own virial W_b = -sum over edges of b of
 r_ij (x) dE/dr_ij.
 
@@ -10,6 +10,10 @@ The deployed forward returns one virial per call (the batch total). Per-structur
 the per-edge gradients, which every file written by ``mlip deploy`` exposes as the compiled
 method ``potential.energies_and_forces`` (mlip.models.potential.Potential; the same code path as
 the forward). The engine calls that method; a model without it gets energies and forces only.
+
+Neighbor lists are kept between steps (SkinLists: MLIPCalculator's skin lists, one per structure,
+rebuilt when its atoms moved or its cell was strained beyond what the skin covers); each step
+filters them to r_max, so the model sees the edges a fresh list would give.
 
 Relaxation is ASE's FIRE (same parameters, same update) with, for ``cell=True``, ASE's
 FrechetCellFilter (cell degrees of freedom = n_atoms * log of the deformation gradient), each
