@@ -2,7 +2,7 @@
 
 Screening relaxes thousands of small cells; one structure per model call spends most of the time
 on fixed per-call costs. Here a batch of structures is one disconnected graph (as in training,
-mlip.data.batch.collate, with node indices offset per structure): per-structure energies are sums of per-atom energies, forces are per
+mlip.data.batch.collate): per-structure energies are sums of per-atom energies, forces are per
 atom, and each structure's stress comes from its own virial W_b = -sum over edges of b of
 r_ij (x) dE/dr_ij.
 
@@ -269,7 +269,8 @@ class SkinLists:
         # the deformation D (C = C0 D) since the build; the identity, exactly, for an unchanged cell
         identity = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
         deformation = torch.where(changed.view(-1, 1, 1), joined["inverse_cell"] @ cell, identity)
-        stretch = torch.where(changed, torch.linalg.svdvals(deformation)[:, -1], torch.ones_like(changed, dtype=cell.dtype))
+        stretch = torch.where(changed, torch.linalg.svdvals(deformation)[:, -1],
+                              torch.ones_like(changed, dtype=cell.dtype))
         node_graph = joined["node_graph"]
         moved = positions - torch.einsum("ni,nij->nj", joined["positions"], deformation[node_graph])
         max_moved = torch.zeros(len(cell), dtype=cell.dtype, device=cell.device).scatter_reduce(
@@ -281,7 +282,8 @@ class SkinLists:
         joined = self.joined
         node_graph, edge_index = joined["node_graph"], joined["edge_index"]
         # Two float64 subtractions, the large one first: exact for atoms a lattice vector apart.
-        relative = (positions - torch.einsum("ni,nij->nj", joined["images"], cell[node_graph])) - joined["origin"][node_graph]
+        translations = torch.einsum("ni,nij->nj", joined["images"], cell[node_graph])  # (N, 3) Å
+        relative = (positions - translations) - joined["origin"][node_graph]
         lattice = torch.einsum("si,sij->sj", joined["shifts"], cell[joined["shift_graph"]])  # (S, 3) Å
         shifts = lattice.index_select(0, joined["shift_index"])
         vectors = relative.index_select(0, edge_index[1]) - relative.index_select(0, edge_index[0]) + shifts
