@@ -369,3 +369,28 @@ def test_direct_head_fits_about_as_well_as_the_gradient_head(trained_run, data_f
     report = evaluate(str(model_path), [data_file])
     assert "stress_mae" not in report["all"]
     assert report["all"]["forces_mae"] < direct.history[0]["val_forces_mae"] / 3.0
+
+
+def test_isolated_atom_energies_from_a_file_of_one_atom_frames(data_file, tmp_path):
+    """data.isolated_atoms (a file like 3BPA's iso_atoms.xyz, relative to the config) sets the
+    reference energies: a composition that never varies (one element here) cannot fix them."""
+    from ase import Atoms
+
+    isolated = Atoms("Cu")
+    isolated.calc = SinglePointCalculator(isolated, energy=-0.123)
+    ase.io.write(tmp_path / "iso.xyz", [isolated], format="extxyz")
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(f"run_dir: run\ndata: {{train: [{data_file}], isolated_atoms: iso.xyz}}\n"
+                           "model: {r_max: 4.0, overrides: {num_scalar: 8, num_tensor: 4}}\nstop: {max_epochs: 1}\n"
+                           "threads: 1\nprogress: false\n")
+    config = load_config(config_path)
+    assert config.data.isolated_atom_energies == {"Cu": -0.123}
+    train(config)
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["statistics"]["reference_energies"] == [-0.123]
+    # A frame of two atoms, or without an energy: refused, naming the file and frame.
+    ase.io.write(tmp_path / "iso.xyz", [isolated, Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]])], format="extxyz")
+    with pytest.raises(ConfigError, match="iso.xyz frame 1 has 2 atoms"):
+        load_config(config_path)
+    ase.io.write(tmp_path / "iso.xyz", [Atoms("Cu")], format="extxyz")
+    with pytest.raises(ConfigError, match="iso.xyz frame 0: .*no energy"):
+        load_config(config_path)

@@ -32,6 +32,8 @@ class DataConfig:
     keys: Dict[str, str] = field(default_factory=dict)  # label names: {energy: REF_energy, forces: ..., stress: ...}
     type_names: Optional[List[str]] = None  # chemical symbols in model order; None: the elements found
     isolated_atom_energies: Optional[Dict[str, float]] = None  # eV; None: least-squares reference energies
+    # or a file of one-atom frames with their energies (e.g. 3BPA's iso_atoms.xyz), read into the line above
+    isolated_atoms: Optional[str] = None
 
 
 @dataclass
@@ -144,6 +146,9 @@ class ConfigError(ValueError):
 
 def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
     config = _build(TrainConfig, raw, ())
+    if config.data.isolated_atoms is not None and config.data.isolated_atom_energies is None:
+        config.data.isolated_atom_energies = _isolated_atom_energies(config.data.isolated_atoms,
+                                                                     config.data.keys.get("energy", "energy"))
     if config.task == "property":
         _property_task(config, raw)
     for path, allowed in CHOICES.items():
@@ -174,6 +179,34 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
         except ValueError as error:
             raise ConfigError(f"data.type_names: {error}") from None
     return config
+
+
+def _isolated_atom_energies(path: str, energy_key: str) -> Dict[str, float]:
+    """symbol -> eV from a file of one-atom frames (data.isolated_atoms)."""
+    from ase.io import read
+
+    from ..data import LabelKeys, keys
+    from ..data.atoms import read_labels
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.isolated_atoms: no such file {path!r}")
+    energies: Dict[str, float] = {}
+    for k, atoms in enumerate(read(path, ":")):
+        if len(atoms) != 1:
+            raise ConfigError(f"data.isolated_atoms: {path} frame {k} has {len(atoms)} atoms; each frame must be one "
+                              "isolated atom")
+        try:
+            energy = float(read_labels(atoms, LabelKeys(energy=energy_key), require=(keys.ENERGY,))[keys.ENERGY])
+        except (KeyError, ValueError) as error:
+            raise ConfigError(f"data.isolated_atoms: {path} frame {k}: {error.args[0]}") from None
+        symbol = atoms.get_chemical_symbols()[0]
+        if symbol in energies and abs(energies[symbol] - energy) > 1e-9:
+            raise ConfigError(f"data.isolated_atoms: {path} gives {symbol} two energies, {energies[symbol]} and "
+                              f"{energy} eV")
+        energies[symbol] = energy
+    if not energies:
+        raise ConfigError(f"data.isolated_atoms: {path} holds no frames")
+    return energies
 
 
 def _property_task(config: TrainConfig, raw: Dict[str, Any]) -> None:
@@ -286,12 +319,15 @@ def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    base = os.path.dirname(os.path.abspath(path))
+    isolated = (raw.get("data") or {}).get("isolated_atoms") if isinstance(raw.get("data"), dict) else None
+    if isinstance(isolated, str):  # read (in config_from_dict) relative to the config file
+        raw["data"]["isolated_atoms"] = os.path.join(base, isolated)
     try:
         config = config_from_dict(raw)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     # Relative data paths are relative to the config file, not to where `mlip train` runs.
-    base = os.path.dirname(os.path.abspath(path))
     config.data.train = [os.path.join(base, p) for p in config.data.train]
     config.data.validation = [os.path.join(base, p) for p in config.data.validation]
     if config.init_from:
