@@ -22,7 +22,7 @@ from mlip.deploy.compile import check_compiled
 from mlip.deploy.model_file import check_model_fields
 from mlip.models import ModelConfig, build_model
 from mlip.train.checkpoint import load_checkpoint
-from mlip.train.cv import scores
+from mlip.train.metrics import scores
 from mlip.train.evaluate import predict_properties
 from mlip.train.trainer import model_from_checkpoint
 from physics import TINY, tiny_model

@@ -27,6 +27,7 @@ from ..data import GraphDataset, LabelKeys, TypeMapper, iter_structures, keys
 from .checkpoint import BEST, LAST, load_checkpoint
 from .config import ConfigError, TrainConfig
 from .evaluate import predict_properties
+from .metrics import scores
 
 DONE_FILE = "fold.json"
 
@@ -70,14 +71,6 @@ def fold_indices(folds: Dict[str, Dict[str, list]], ids: Optional[Sequence[str]]
             raise ValueError(f"{path}: {name}: structures in both its train and test lists")
         out[name] = tuple(parts)
     return out
-
-
-def scores(reference: np.ndarray, predicted: np.ndarray) -> Dict[str, float]:
-    error = predicted - reference
-    variance = float(np.square(reference - reference.mean()).sum())
-    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt(np.square(error).mean())),
-            "r2": 1.0 - float(np.square(error).sum()) / variance if variance > 0 else float("nan"),
-            "count": int(len(error))}
 
 
 def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] = None,
@@ -188,4 +181,4 @@ def _print_fold(name: str, row: Dict, unit: str) -> None:
           flush=True)
 
 
-__all__ = ["cross_validate", "read_folds", "fold_indices", "scores"]
+__all__ = ["cross_validate", "read_folds", "fold_indices"]

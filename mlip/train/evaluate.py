@@ -21,7 +21,7 @@ import torch
 from ..data import GraphDataset, LabelKeys, collate, keys
 from ..deploy.model_file import DTYPES, accepts_paired_edges, load_model
 from ..models.committee import force_uncertainty
-from .metrics import ALL, ErrorMetrics
+from .metrics import ALL, ErrorMetrics, scores
 
 # Structures per model call are added until this many atoms: large enough to amortize the call,
 # small enough that activations of a 16 GB machine are not at risk.
@@ -114,8 +114,7 @@ def evaluate_property(model, metadata: Dict, model_path: str, files: Sequence[st
     structure must carry the target, under the info key the model was trained on (``label_keys.property``
     to read another). Returns {"model", "task": "property", "property" (the info key), "unit",
     "files": {path: {"all": scores, "config_types": {name: scores}, "num_structures", "num_atoms",
-    "seconds"}}, "all": scores over every file}; scores are MAE, RMSE, R² and count (cv.scores), in the unit."""
-    from .cv import scores
+    "seconds"}}, "all": scores over every file}; scores are MAE, RMSE, R² and count (metrics.scores), in the unit."""
 
     name, unit = label_keys.property or metadata["property"]["name"], metadata["property"].get("unit", "")
     report = {"model": os.fspath(model_path), "task": "property", "property": name, "unit": unit, "files": {}}

@@ -90,3 +90,13 @@ class ErrorMetrics:
     def mean_squared(self, quantity: str, group: str = ALL) -> Optional[float]:
         total_abs, total_sq, n = self._sums.get((group, quantity), (0.0, 0.0, 0))
         return float(total_sq / n) if n else None
+
+
+def scores(reference: np.ndarray, predicted: np.ndarray) -> Dict[str, float]:
+    """MAE, RMSE, R² (1 - SSE / total sum of squares) and count of per-structure predictions (a property
+    model's), in their unit."""
+    error = predicted - reference
+    variance = float(np.square(reference - reference.mean()).sum())
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt(np.square(error).mean())),
+            "r2": 1.0 - float(np.square(error).sum()) / variance if variance > 0 else float("nan"),
+            "count": int(len(error))}
