@@ -155,6 +155,19 @@ def check_crystal(element, model, data, picoseconds, seed):
     return results, failures
 
 
+def covalent_bonds(atoms, elements=None) -> set:
+    """Pairs (i < j) closer than 1.2 x the sum of ASE's natural (covalent) radii, periodic images
+    included; with ``elements``, only pairs of atoms of those elements (e.g. a P-S framework whose
+    lithium ions move)."""
+    cutoffs = [1.2 * c for c in natural_cutoffs(atoms)]
+    i, j = neighbor_list("ij", atoms, cutoffs)
+    keep = i < j
+    if elements is not None:
+        mine = np.isin(atoms.get_chemical_symbols(), list(elements))
+        keep &= mine[i] & mine[j]
+    return {(int(x), int(y)) for x, y in zip(i[keep], j[keep])}
+
+
 def check_molecule(first_frame_file, temperature, model, data, picoseconds, seed):
     """Langevin NVT (0.5 fs) from the first frame of a training file: the covalent bond graph
     (pairs closer than 1.2 x the sum of ASE's natural radii) must stay the starting one."""
@@ -164,13 +177,7 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds, seed
 
     atoms = ase.io.read(os.path.join(data, first_frame_file), 0)
     atoms.calc = MLIPCalculator(model)
-    cutoffs = [1.2 * c for c in natural_cutoffs(atoms)]
-
-    def bonds(a):
-        i, j = neighbor_list("ij", a, cutoffs)
-        return {(int(x), int(y)) for x, y in zip(i, j) if x < y}
-
-    reference = bonds(atoms)
+    reference = covalent_bonds(atoms)
     uncertainties, force_uncertainties = [], []  # eV and eV/Å (largest over atoms), committee files only
 
     def intact(a):
@@ -178,7 +185,7 @@ def check_molecule(first_frame_file, temperature, model, data, picoseconds, seed
             uncertainties.append(a.calc.results["energy_uncertainty"])
         if "force_uncertainty" in a.calc.results:
             force_uncertainties.append(a.calc.results["force_uncertainty"].max())
-        now = bonds(a)
+        now = covalent_bonds(a)
         if now != reference:
             broken, formed = sorted(reference - now), sorted(now - reference)
             return f"bonds broken {broken[:5]}, formed {formed[:5]}"

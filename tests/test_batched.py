@@ -6,6 +6,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
@@ -218,3 +219,55 @@ def test_atoms_far_outside_their_cell_keep_float32_accuracy():
     near, away = (next(iter(relax_many(BatchedModel(SI_MODEL), [a], steps=0))).atoms for a in (atoms, far))
     np.testing.assert_allclose(away.get_forces(), near.get_forces(), atol=1e-4)
     np.testing.assert_allclose(away.get_stress(), near.get_stress(), atol=1e-6)
+
+
+def test_skin_reuse_follows_the_same_md_trajectory():
+    """Neighbor lists kept between steps (skin 0.3 Å) give the energies, step by step, of lists
+    built anew every step (skin 0); hot MD carries atoms past half the skin, so some are rebuilt."""
+    from mlip.calculators.batched import md_many
+
+    structures = si_structures(4, seed=8)[:2] + [si_structures(4, seed=8)[3]]  # two crystals, a cluster
+    runs = {}
+    for skin in (0.3, 0.0):
+        model, energies = BatchedModel(SI_MODEL, skin=skin), []
+        md_many(model, structures, "nvt", 3000.0, 30, timestep_fs=4.0, friction_per_fs=0.02,
+                observer=lambda step, frames: energies.append([f.get_potential_energy() for f in frames]), interval=1)
+        runs[skin] = (np.array(energies), model.lists_built)
+    (reused, built_reused), (fresh, built_fresh) = runs[0.3], runs[0.0]
+    assert built_fresh == 3 * 31  # every structure, every step
+    assert 3 < built_reused < built_fresh / 2  # rebuilt when atoms moved far, reused in between
+    assert np.ptp(fresh, axis=0).max() > 0.1  # the structures moved (eV)
+    np.testing.assert_allclose(reused, fresh, atol=1e-5)
+
+
+def test_skin_lists_are_rebuilt_when_atoms_move_far_or_the_cell_shrinks():
+    """A pair that was beyond r_max + skin comes within r_max (an atom moved 4.4 Å; a cell compressed
+    by 30 %, all atoms moved with it): the kept lists are rebuilt, energies == a fresh model's."""
+    dimer = Atoms("Si2", positions=[[0, 0, 0], [7.0, 0, 0]])
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    crystal.rattle(0.02, seed=1)
+    model = BatchedModel(SI_MODEL, skin=1.0)
+
+    def energies(engine, structures, ids):
+        x = torch.tensor(np.concatenate([a.positions for a in structures]))
+        types = torch.tensor(np.concatenate([engine.atom_types(a) for a in structures]))
+        cell = torch.tensor(np.array([a.cell.array for a in structures]))
+        pbc = torch.tensor(np.array([a.pbc for a in structures]))
+        num_atoms = torch.tensor([len(a) for a in structures])
+        return engine.evaluate(x, types, cell, pbc, num_atoms, ids=ids)["energy"].numpy()
+
+    before = energies(model, [dimer, crystal], ids=[0, 1])
+    assert model.lists_built == 2
+    close, compressed = dimer.copy(), crystal.copy()
+    close.positions[1, 0] = 2.6
+    compressed.set_cell(crystal.cell.array * 0.7, scale_atoms=True)
+    after = energies(model, [close, compressed], ids=[0, 1])
+    assert model.lists_built == 4
+    expected = energies(BatchedModel(SI_MODEL), [close, compressed], ids=None)
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+    assert np.abs(after - before).min() > 0.1  # the new pairs count
+    expanded = crystal.copy()
+    expanded.positions += 0.2  # back to the first cell, shifted: the compressed cell's list covers every pair
+    kept = energies(model, [close, expanded], ids=[0, 1])
+    assert model.lists_built == 4
+    np.testing.assert_allclose(kept, energies(BatchedModel(SI_MODEL), [close, expanded], ids=None), atol=1e-5)

@@ -173,8 +173,8 @@ def test_domains_equal_whole_system(family, overrides, head, structure, monkeypa
 def test_skin_reuse_matches_rebuilding(monkeypatch):
     """Forces with a reused (skin) neighbor list == rebuilding it every step, along hot MD."""
     rebuilds = []
-    original = ase_module.neighbor_list
-    monkeypatch.setattr(ase_module, "neighbor_list", lambda *a, **k: rebuilds.append(1) or original(*a, **k))
+    original = ase_module.skin_list
+    monkeypatch.setattr(ase_module, "skin_list", lambda *a, **k: rebuilds.append(1) or original(*a, **k))
     model = tiny_model("nequip")
     atoms = strained_triclinic(repeat=(1, 1, 1))
     atoms.calc = MLIPCalculator(model, skin=0.3)

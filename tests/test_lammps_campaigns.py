@@ -265,10 +265,42 @@ def test_type_errors_are_clear(plugin, tmp_path):
     data, _ = mixed_system(tmp_path)
     text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O Ar")
     assert "element 'Ar' (atom type 3) is not known to model" in text and "NULL" in text, text[-1500:]
+    assert "it knows: Si O" in text, text[-1500:]  # the model's elements, to pick from
     text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O NULL")
     assert "atom type 3 is NULL" in text and "hybrid/overlay" in text, text[-1500:]
     text = failure(tmp_path, data, f"pair_style mlip\npair_coeff * * {model} Si O null")
     assert "element 'null' (atom type 3)" in text, text[-1500:]
+
+
+def mass_warnings(output: str) -> list:
+    return [line for line in output.splitlines() if "WARNING" in line and "mass" in line]
+
+
+def test_types_whose_masses_name_another_element_are_warned(plugin, tmp_path):
+    """A type left NULL whose mass is the standard mass of one of the model's elements (type 2, O,
+    15.999), or a type named X in pair_coeff whose mass is another element's (swapped types), is
+    most likely a mistake: LAMMPS warns, naming the type, its mass and the element, and runs on
+    (another style may describe some of the model's atoms on purpose). Ar (type 3) is no model
+    element: leaving it NULL says nothing."""
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    data, _ = mixed_system(tmp_path)
+    head = f"units metal\natom_style atomic\nboundary p p p\nread_data {data}\n"
+    overlay = "pair_style hybrid/overlay mlip min_distance 0 lj/cut 6.0\npair_coeff * * lj/cut 0.01 3.0\n"
+
+    null_oxygen = run_lmp(head + overlay + f"pair_coeff * * mlip {model} Si NULL NULL\nrun 0\n", tmp_path, 1)
+    warnings = mass_warnings(null_oxygen)
+    assert len(warnings) == 1, null_oxygen[-3000:]
+    assert "atom type 2 is NULL" in warnings[0] and "15.999" in warnings[0] and "of O" in warnings[0], warnings
+    assert "name O" in null_oxygen, null_oxygen[-3000:]  # the way out of the mistake
+
+    null_argon = run_lmp(head + overlay + f"pair_coeff * * mlip {model} Si O NULL\nrun 0\n", tmp_path, 1)
+    assert mass_warnings(null_argon) == [], null_argon[-3000:]
+
+    swapped = run_lmp(head + overlay + f"pair_coeff * * mlip {model} O Si NULL\nrun 0\n", tmp_path, 1)
+    warnings = mass_warnings(swapped)
+    assert len(warnings) == 2, swapped[-3000:]
+    assert "atom type 1 is O" in warnings[0] and "28.085" in warnings[0] and "of Si" in warnings[0], warnings
+    assert "atom type 2 is Si" in warnings[1] and "of O" in warnings[1], warnings
 
 
 EV_IN_KCAL_PER_MOL = 23.060547830619026  # CODATA 2018: e N_A / 4184 J

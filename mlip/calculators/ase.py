@@ -32,7 +32,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_min_distance, check_structure, matrix_to_voigt
-from ..data.neighbors import lattice_images, neighbor_list, pair_edges
+from ..data.neighbors import skin_exceeded, skin_list
 from ..deploy.model_file import (DTYPES, accepts_paired_edges, check_model_fields, load_model, require_potential,
                                  usable_device)
 from ..models.committee import force_uncertainty
@@ -149,28 +149,19 @@ class MLIPCalculator(Calculator):
             and np.array_equal(cached["cell"], atoms.cell.array)
         ):
             displacement = np.sqrt(((positions - cached["positions"]) ** 2).sum(axis=1).max())
-            if 2.0 * displacement <= self.skin:
+            if not skin_exceeded(displacement, 1.0, self.r_max, self.skin):
                 return cached
-        # The model sees positions wrapped into the cell and taken relative to the first atom, in
-        # float64 before any cast: a float32 model then forms edge vectors as accurately for a
-        # structure 1e12 lattice vectors (or 1e6 Å) away as near the origin. The offset is frozen
-        # with the list, so an atom crossing the cell boundary while the list is reused keeps
-        # continuous coordinates and the shifts stay valid.
         cell = atoms.cell.array
-        translations = lattice_images(positions, cell, atoms.pbc) @ cell  # (N, 3) Å, lattice vectors
-        wrapped = positions - translations
-        edge_index, cell_shifts = neighbor_list(wrapped, cell, atoms.pbc, self.r_max + self.skin)
-        if self.paired:
-            edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
+        built = skin_list(positions, cell, atoms.pbc, self.r_max + self.skin, self.paired)
         self._neighbors = {
             "numbers": atoms.numbers.copy(),
             "pbc": atoms.pbc.copy(),
             "cell": cell.copy(),
             "positions": positions.copy(),
-            "translations": translations,
-            "origin": wrapped[:1].copy(),  # (1, 3) Å, or (0, 3) for no atoms
-            "edge_index": torch.as_tensor(edge_index, device=self.device),
-            "shifts": torch.as_tensor(cell_shifts @ atoms.cell.array, dtype=self.dtype, device=self.device),
+            "translations": built["images"] @ cell,  # (N, 3) Å, lattice vectors, frozen with the list
+            "origin": built["origin"],
+            "edge_index": torch.as_tensor(built["edge_index"], device=self.device),
+            "shifts": torch.as_tensor(built["cell_shifts"] @ cell, dtype=self.dtype, device=self.device),
             "atom_types": torch.as_tensor(self.type_mapper(atoms.numbers), device=self.device),
         }
         return self._neighbors

@@ -11,6 +11,10 @@ the per-edge gradients, which every file written by ``mlip deploy`` exposes as t
 method ``potential.energies_and_forces`` (mlip.models.potential.Potential; the same code path as
 the forward). The engine calls that method; a model without it gets energies and forces only.
 
+Neighbor lists are kept between steps (SkinLists: MLIPCalculator's skin lists, one per structure,
+rebuilt when its atoms moved or its cell was strained beyond what the skin covers); each step
+filters them to r_max, so the model sees the edges a fresh list would give.
+
 Relaxation is ASE's FIRE (same parameters, same update) with, for ``cell=True``, ASE's
 FrechetCellFilter (cell degrees of freedom = n_atoms * log of the deformation gradient), each
 structure with its own FIRE state, vectorised over the batch with scatter sums. A structure
@@ -19,7 +23,7 @@ leaves the batch when it converges or runs out of steps and the next one takes i
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +32,7 @@ from ase import Atoms
 from ..allocator import reuse_freed_memory
 from ..data import keys
 from ..data.atoms import DEFAULT_MIN_DISTANCE, TypeMapper, check_structure, matrix_to_voigt
-from ..data.batch import collate
+from ..data.neighbors import skin_exceeded, skin_list
 from ..deploy.model_file import DTYPES, UnoptimizedScript, accepts_paired_edges
 from ..models.potential import stress_from_virial
 from ..nn import scatter_sum
@@ -64,9 +68,12 @@ class BatchedModel:
     """
 
     def __init__(self, model: ModelLike, device="cpu", min_distance: float = DEFAULT_MIN_DISTANCE,
-                 reuse_memory: bool = True):
+                 reuse_memory: bool = True, skin: float = 1.0):
         """min_distance: Å; closer atoms fail their structure. reuse_memory: as MLIPCalculator's
-        (glibc keeps large freed blocks for the next step; process-wide, see mlip.allocator)."""
+        (glibc keeps large freed blocks for the next step; process-wide, see mlip.allocator).
+        skin: Å (>= 0) added to r_max for the neighbor lists kept between calls (see evaluate)."""
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
         if reuse_memory:
             reuse_freed_memory()
         self.device = torch.device(device)
@@ -76,11 +83,18 @@ class BatchedModel:
         self.type_mapper = TypeMapper(self.metadata["type_names"])
         self.paired = accepts_paired_edges(self.model)
         self.min_distance = float(min_distance)
+        self.skin = float(skin)
         self.gradient_head = self.metadata["force_head"] == "gradient"
         inner = self.model.scripted if isinstance(self.model, UnoptimizedScript) else self.model
         potential = getattr(inner, "potential", None)
         self._edge_gradients: Optional[Callable] = getattr(potential, "energies_and_forces", None)
         self.has_stress = self.gradient_head and self._edge_gradients is not None
+        self._lists = SkinLists(self.r_max, self.skin, self.paired)
+
+    @property
+    def lists_built(self) -> int:
+        """Neighbor lists built so far for evaluate(..., ids=...) (each structure's first one included)."""
+        return self._lists.built
 
     def atom_types(self, atoms: Atoms) -> np.ndarray:
         """The model's type indices; a ValueError naming unknown elements, broken cells or
@@ -92,15 +106,25 @@ class BatchedModel:
         return self.type_mapper(atoms.numbers)
 
     def evaluate(self, positions: torch.Tensor, atom_types: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
-                 num_atoms: torch.Tensor) -> Dict[str, torch.Tensor]:
-        batch = self._graph(positions, atom_types, cell, pbc, num_atoms)
-        overlaps = self._overlaps(batch)
+                 num_atoms: torch.Tensor, ids: Optional[Sequence[Hashable]] = None) -> Dict[str, torch.Tensor]:
+        """ids: one key per structure that stays with it from call to call (its input index): its
+        neighbor list (r_max + skin) is then kept while its atoms and cell stay within what the skin
+        covers (as MLIPCalculator does for one structure), and only the lists of structures that
+        entered the batch or moved too far are built. The lists of the latest call are kept; None
+        builds every list for this call alone."""
+        if ids is None:  # lists for this call alone: no skin
+            lists, ids = SkinLists(self.r_max, 0.0, self.paired), range(len(num_atoms))
+        else:
+            lists = self._lists
+        graph = lists.graph(list(ids), positions.detach().to(torch.float64), cell.detach().to(torch.float64),
+                            pbc, num_atoms)
+        node_graph, edge_index = graph["node_graph"], graph["edge_index"]
+        overlaps = self._overlaps(graph["lengths"], edge_index, node_graph, num_atoms)
         if overlaps:
             raise OverlapError(overlaps)
-        inputs = (batch[keys.POSITIONS], batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX], batch[keys.EDGE_SHIFTS],
+        inputs = (graph["positions"].to(self.dtype), atom_types, edge_index, graph["shifts"].to(self.dtype),
                   len(positions))
         num_graphs = len(num_atoms)
-        node_graph = batch[keys.BATCH]
         with torch.jit.optimized_execution(False):
             if self._edge_gradients is None:  # a foreign model: the contract's forward, no stress
                 out = self.model(*inputs, True) if self.paired else self.model(*inputs)
@@ -116,43 +140,20 @@ class BatchedModel:
         out = {keys.ENERGY: scatter_sum(atomic_energies.detach().to(torch.float64), node_graph, num_graphs),
                keys.FORCES: forces}
         if self.has_stress and edge_grad is not None:
-            edge_graph = node_graph[batch[keys.EDGE_INDEX][0]]
             vectors, gradients = edge_vectors.detach().to(torch.float64), edge_grad.detach().to(torch.float64)
-            virial = scatter_sum(-(vectors.unsqueeze(2) * gradients.unsqueeze(1)), edge_graph, num_graphs)
+            virial = scatter_sum(-(vectors.unsqueeze(2) * gradients.unsqueeze(1)), graph["edge_graph"], num_graphs)
             out[keys.STRESS] = stress_from_virial(virial, cell.to(torch.float64), pbc)
         return out
 
-    def _graph(self, positions, atom_types, cell, pbc, num_atoms) -> Dict[str, torch.Tensor]:
-        """One disconnected graph (mlip.data.batch.collate) from per-structure neighbor lists,
-        atoms wrapped into their cells first (in float64: a float32 model then sees accurate edge
-        vectors however far MD has carried an atom)."""
-        from ..data.neighbors import lattice_images, neighbor_list
-
-        positions_np = positions.detach().cpu().numpy().astype(np.float64)
-        cell_np, pbc_np = cell.detach().cpu().numpy().astype(np.float64), pbc.cpu().numpy()
-        types_np = atom_types.cpu().numpy()
-        graphs, start = [], 0
-        for b, n in enumerate(num_atoms.tolist()):
-            x = positions_np[start:start + n]
-            x = x - lattice_images(x, cell_np[b], pbc_np[b]) @ cell_np[b]
-            edge_index, cell_shifts = neighbor_list(x, cell_np[b], pbc_np[b], self.r_max)
-            graphs.append({keys.POSITIONS: x, keys.ATOM_TYPES: types_np[start:start + n], keys.CELL: cell_np[b],
-                           keys.PBC: pbc_np[b], keys.EDGE_INDEX: edge_index, keys.EDGE_CELL_SHIFTS: cell_shifts})
-            start += n
-        return collate(graphs, dtype=self.dtype, device=self.device, paired=self.paired)
-
-    def _overlaps(self, batch) -> Dict[int, str]:
+    def _overlaps(self, lengths, edge_index, node_graph, num_atoms) -> Dict[int, str]:
         """Structures (batch index -> message) with two atoms closer than min_distance."""
-        if self.min_distance <= 0 or batch[keys.EDGE_INDEX].shape[1] == 0:
+        if self.min_distance <= 0 or len(lengths) == 0:
             return {}
-        edge_index = batch[keys.EDGE_INDEX]
-        positions = batch[keys.POSITIONS]
-        lengths = (positions[edge_index[1]] - positions[edge_index[0]] + batch[keys.EDGE_SHIFTS]).norm(dim=1)
         if float(lengths.min()) >= self.min_distance:  # one device-side min per step
             return {}
-        node_graph = batch[keys.BATCH].cpu().numpy()
+        node_graph = node_graph.cpu().numpy()
         lengths, edge_index = lengths.cpu().numpy(), edge_index.cpu().numpy()
-        offsets = np.concatenate([[0], np.cumsum(batch[keys.NUM_ATOMS].cpu().numpy())])
+        offsets = np.concatenate([[0], np.cumsum(num_atoms.cpu().numpy())])
         found: Dict[int, str] = {}
         for k in np.argsort(lengths):
             if lengths[k] >= self.min_distance:
@@ -163,6 +164,137 @@ class BatchedModel:
                 found[b] = (f"atoms {i} and {j} are {lengths[k]:.3g} Å apart (< {self.min_distance} Å): "
                             "overlapping atoms or positions in the wrong units?")
         return found
+
+
+class SkinLists:
+    """The neighbor lists of a batch's structures, kept from call to call (one per key).
+
+    Each is mlip.data.neighbors.skin_list (pairs within r_max + skin, the same list MLIPCalculator
+    keeps for one structure), rebuilt when skin_exceeded says a pair within r_max may be missing:
+    an atom moved more than half the skin since the build, or the cell was strained since then
+    beyond what the skin covers (cell relaxation). Per call, the kept lists are concatenated only
+    when a structure entered, left or was rebuilt; the check and the filter to r_max are
+    vectorised over the batch, on the positions' device.
+    """
+
+    def __init__(self, r_max: float, skin: float, paired: bool):
+        self.r_max, self.skin, self.paired = r_max, skin, paired
+        self.lists: Dict[Hashable, Dict[str, np.ndarray]] = {}  # key -> skin_list + the positions, cell, pbc at build
+        self.keys: Optional[List[Hashable]] = None  # the structures of `joined`, in batch order
+        self.joined: Dict[str, torch.Tensor] = {}
+        self.built = 0
+
+    def graph(self, keys: List[Hashable], positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+              num_atoms: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The batch's edges within r_max, from float64 positions (N, 3) Å and cells (B, 3, 3): "positions"
+        (N, 3) float64 as the model sees them (each structure wrapped and relative to its origin),
+        "edge_index" (2, E) (paired as [one direction of every pair; the reverses] if asked),
+        "shifts" (E, 3) and "lengths" (E,) float64 Å, "node_graph" (N,), "edge_graph" (E,)."""
+        if keys != self.keys or not (torch.equal(num_atoms, self.joined["num_atoms"])
+                                     and torch.equal(pbc, self.joined["pbc"])):
+            # Structures entered or left: build the lists of the new ones (or of a key now naming
+            # another number of atoms or periodicity), forget those of the ones that left.
+            sizes, periodic = num_atoms.tolist(), pbc.cpu().numpy()
+            kept = {key: self.lists[key] for key, n, p in zip(keys, sizes, periodic) if key in self.lists
+                    and len(self.lists[key]["positions"]) == n and (self.lists[key]["pbc"] == p).all()}
+            self.lists = kept
+            self._build([b for b, key in enumerate(keys) if key not in kept], keys, positions, cell, pbc, num_atoms)
+            self._join(keys, positions.device)
+        stale = self._stale(positions, cell)
+        if bool(stale.any()):
+            self._build(stale.nonzero().flatten().tolist(), keys, positions, cell, pbc, num_atoms)
+            self._join(keys, positions.device)
+        return self._within_r_max(positions, cell)
+
+    def _build(self, batch_indices: List[int], keys, positions, cell, pbc, num_atoms):
+        if not batch_indices:
+            return
+        offsets = np.concatenate([[0], np.cumsum(num_atoms.tolist())])
+        positions, cell, pbc = positions.cpu().numpy(), cell.cpu().numpy(), pbc.cpu().numpy()
+        for b in batch_indices:
+            x = positions[offsets[b]:offsets[b + 1]]
+            built = skin_list(x, cell[b], pbc[b], self.r_max + self.skin, self.paired)
+            # a few distinct lattice shifts serve many edges: each step multiplies those by the cell
+            shifts, shift_index = np.unique(built["cell_shifts"].reshape(-1, 3), axis=0, return_inverse=True)
+            self.lists[keys[b]] = dict(built, shifts=shifts, shift_index=shift_index.reshape(-1), positions=x.copy(),
+                                       cell=cell[b].copy(), pbc=pbc[b].copy())
+            self.built += 1
+
+    def _join(self, keys: List[Hashable], device: torch.device):
+        """The kept lists of ``keys`` as one batch (node indices offset per structure)."""
+        lists = [self.lists[key] for key in keys]
+        sizes = np.array([len(item["positions"]) for item in lists], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        # Paired lists are [one direction; reverses] per structure: all first halves, then all second
+        # halves, so that edge k + E/2 reverses edge k in the batch too.
+        halves = 2 if self.paired else 1
+        shift_offsets = np.concatenate([[0], np.cumsum([len(item["shifts"]) for item in lists])[:-1]])
+        edge_index, shift_index = [], []
+        for half in range(halves):
+            for item, offset, shift_offset in zip(lists, offsets, shift_offsets):
+                size = item["edge_index"].shape[1] // halves
+                edge_index.append(item["edge_index"][:, half * size:(half + 1) * size] + offset)
+                shift_index.append(item["shift_index"][half * size:(half + 1) * size] + shift_offset)
+        cell = np.array([item["cell"] for item in lists])
+        periodic = np.array([item["pbc"].all() for item in lists])
+        inverse = np.array([np.linalg.inv(c) if p else np.eye(3) for c, p in zip(cell, periodic)])
+        f64 = dict(dtype=torch.float64, device=device)
+        index = dict(dtype=torch.int64, device=device)
+        node_graph = torch.repeat_interleave(torch.arange(len(lists), device=device), torch.as_tensor(sizes, **index))
+        shift_graph = np.repeat(np.arange(len(lists)), [len(item["shifts"]) for item in lists])
+        edge_index = torch.as_tensor(np.concatenate(edge_index, axis=1), **index)
+        self.keys = list(keys)
+        self.joined = {
+            "num_atoms": torch.as_tensor(sizes, **index),
+            "pbc": torch.as_tensor(np.array([item["pbc"] for item in lists]), device=device),
+            "positions": torch.as_tensor(np.concatenate([item["positions"] for item in lists]), **f64),
+            "cell": torch.as_tensor(cell, **f64),
+            "inverse_cell": torch.as_tensor(inverse, **f64),  # identity where not fully periodic
+            "images": torch.as_tensor(np.concatenate([item["images"] for item in lists]), **f64),
+            "origin": torch.as_tensor(np.concatenate([item["origin"] if len(item["origin"]) else np.zeros((1, 3))
+                                                      for item in lists]), **f64),
+            "node_graph": node_graph,
+            "edge_index": edge_index,
+            "edge_graph": node_graph[edge_index[0]],
+            "shifts": torch.as_tensor(np.concatenate([item["shifts"] for item in lists]), **f64),  # (S, 3) cell units
+            "shift_graph": torch.as_tensor(shift_graph, **index),  # (S,) structure of each
+            "shift_index": torch.as_tensor(np.concatenate(shift_index), **index),  # (E,) row of `shifts`
+        }
+
+    def _stale(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the structures whose kept list may miss a pair within r_max."""
+        joined = self.joined
+        changed = (cell != joined["cell"]).flatten(1).any(dim=1)
+        periodic = joined["pbc"].all(dim=1)
+        # the deformation D (C = C0 D) since the build; the identity, exactly, for an unchanged cell
+        identity = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+        deformation = torch.where(changed.view(-1, 1, 1), joined["inverse_cell"] @ cell, identity)
+        stretch = torch.where(changed, torch.linalg.svdvals(deformation)[:, -1],
+                              torch.ones_like(changed, dtype=cell.dtype))
+        node_graph = joined["node_graph"]
+        moved = positions - torch.einsum("ni,nij->nj", joined["positions"], deformation[node_graph])
+        max_moved = torch.zeros(len(cell), dtype=cell.dtype, device=cell.device).scatter_reduce(
+            0, node_graph, moved.norm(dim=1), reduce="amax")
+        # a changed cell that is not fully periodic (not a relaxation this engine makes): rebuilt
+        return (changed & ~periodic) | skin_exceeded(max_moved, stretch, self.r_max, self.skin)
+
+    def _within_r_max(self, positions: torch.Tensor, cell: torch.Tensor) -> Dict[str, torch.Tensor]:
+        joined = self.joined
+        node_graph, edge_index = joined["node_graph"], joined["edge_index"]
+        # Two float64 subtractions, the large one first: exact for atoms a lattice vector apart.
+        translations = torch.einsum("ni,nij->nj", joined["images"], cell[node_graph])  # (N, 3) Å
+        relative = (positions - translations) - joined["origin"][node_graph]
+        lattice = torch.einsum("si,sij->sj", joined["shifts"], cell[joined["shift_graph"]])  # (S, 3) Å
+        shifts = lattice.index_select(0, joined["shift_index"])
+        vectors = relative.index_select(0, edge_index[1]) - relative.index_select(0, edge_index[0]) + shifts
+        lengths = torch.linalg.vector_norm(vectors, dim=1)
+        inside = lengths < self.r_max
+        if self.paired:  # keep or drop both directions of a pair together
+            inside = inside[: len(inside) // 2].repeat(2)
+        kept = inside.nonzero().flatten()
+        return {"positions": relative, "edge_index": edge_index.index_select(1, kept),
+                "shifts": shifts.index_select(0, kept), "lengths": lengths.index_select(0, kept),
+                "node_graph": node_graph, "edge_graph": joined["edge_graph"].index_select(0, kept)}
 
 
 # --- FIRE over a batch ------------------------------------------------------------------------------------
@@ -411,7 +543,7 @@ def relax_many(
 
         positions, cells = active.positions_and_cell()
         try:
-            out = model.evaluate(positions, active.atom_types, cells, active.pbc, active.num_atoms)
+            out = model.evaluate(positions, active.atom_types, cells, active.pbc, active.num_atoms, active.frames)
         except OverlapError as error:
             bad = torch.zeros(len(active.frames), dtype=torch.bool, device=device)
             for b, message in error.messages.items():
@@ -606,7 +738,7 @@ def md_many(
 
     def forces_now():
         try:
-            out = model.evaluate(x, atom_types, cell, pbc, num_atoms)
+            out = model.evaluate(x, atom_types, cell, pbc, num_atoms, ids=range(len(frames)))
         except OverlapError as error:
             b = next(iter(error.messages))
             raise FrameError(b, error.messages[b]) from None

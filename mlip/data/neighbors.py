@@ -10,7 +10,7 @@ periodicity, triclinic cells, molecules without a cell. Two backends give the sa
 Convention (the same as ASE's): r_ij = x_j - x_i + cell_shifts_ij @ cell.
 """
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -82,6 +82,39 @@ def lattice_images(positions: np.ndarray, cell: np.ndarray, pbc) -> np.ndarray:
         fractional = np.asarray(positions, dtype=np.float64) @ np.linalg.inv(periodic_basis(cell, pbc))
         images[:, pbc] = np.floor(fractional[:, pbc]).astype(np.int64)
     return images
+
+
+def skin_list(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float, paired: bool) -> Dict[str, np.ndarray]:
+    """A neighbor list to keep over several steps: the pairs within ``cutoff`` (r_max + skin, Å)
+    of the positions wrapped into the cell.
+
+    Returns "images" (N, 3) int64, the lattice vectors (in cell units) taken off each atom, and
+    "origin" (1, 3) Å, the first wrapped atom ((0, 3) without atoms): while the list is kept, a
+    model sees ``positions - images @ cell - origin``, in float64 before any cast, so a float32
+    model forms edge vectors as accurately for a structure 1e12 lattice vectors (or 1e6 Å) away
+    as near the origin, and an atom crossing the cell boundary keeps continuous coordinates (the
+    shifts stay valid); "edge_index" (2, E) and "cell_shifts" (E, 3) int64, paired (pair_edges)
+    if asked. Edge vectors: wrapped_j - wrapped_i + cell_shifts @ cell.
+    """
+    images = lattice_images(positions, cell, pbc)
+    wrapped = positions - images @ cell
+    edge_index, cell_shifts = neighbor_list(wrapped, cell, pbc, cutoff)
+    if paired:
+        edge_index, cell_shifts = pair_edges(edge_index, cell_shifts)
+    return {"images": images, "origin": wrapped[:1].copy(), "edge_index": edge_index, "cell_shifts": cell_shifts}
+
+
+def skin_exceeded(max_displacement, min_stretch, r_max: float, skin: float):
+    """Whether a list of the pairs within r_max + skin may miss a pair now within r_max.
+
+    Since the list was built, the cell went from C0 to C = C0 D (rows are lattice vectors) and
+    every atom moved by D (affinely) plus at most ``max_displacement`` (Å); ``min_stretch`` is
+    the smallest singular value of D (1 for an unchanged cell). A pair left out had
+    |r0| > r_max + skin, so now |r| >= min_stretch |r0| - 2 max_displacement, which stays above
+    r_max unless 2 max_displacement > min_stretch (r_max + skin) - r_max (for an unchanged cell:
+    an atom moved more than half the skin). Floats, numpy arrays or torch tensors.
+    """
+    return 2.0 * max_displacement > min_stretch * (r_max + skin) - r_max
 
 
 def pair_edges(edge_index: np.ndarray, cell_shifts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -177,6 +177,63 @@ torch::Tensor edge_virial_shares(const torch::Tensor &vectors, const torch::Tens
   return torch::cat({zeros.index_add(0, edge_index[0], edge_virials), zeros.index_add(0, edge_index[1], edge_virials)}, 1);
 }
 
+// Standard atomic weights (u) of H..Og, as ase.data.atomic_masses (IUPAC 2016). LAMMPS types
+// carry a mass but no element: the mass is the one hint of what a type holds.
+struct ElementMass {
+  const char *symbol;
+  double mass;
+};
+const ElementMass ELEMENT_MASSES[] = {
+    {"H", 1.008}, {"He", 4.0026}, {"Li", 6.94}, {"Be", 9.01218}, {"B", 10.81}, {"C", 12.011},
+    {"N", 14.007}, {"O", 15.999}, {"F", 18.9984}, {"Ne", 20.1797}, {"Na", 22.9898}, {"Mg", 24.305},
+    {"Al", 26.9815}, {"Si", 28.085}, {"P", 30.9738}, {"S", 32.06}, {"Cl", 35.45}, {"Ar", 39.948},
+    {"K", 39.0983}, {"Ca", 40.078}, {"Sc", 44.9559}, {"Ti", 47.867}, {"V", 50.9415},
+    {"Cr", 51.9961}, {"Mn", 54.938}, {"Fe", 55.845}, {"Co", 58.9332}, {"Ni", 58.6934},
+    {"Cu", 63.546}, {"Zn", 65.38}, {"Ga", 69.723}, {"Ge", 72.63}, {"As", 74.9216}, {"Se", 78.971},
+    {"Br", 79.904}, {"Kr", 83.798}, {"Rb", 85.4678}, {"Sr", 87.62}, {"Y", 88.9058}, {"Zr", 91.224},
+    {"Nb", 92.9064}, {"Mo", 95.95}, {"Tc", 97.9072}, {"Ru", 101.07}, {"Rh", 102.906},
+    {"Pd", 106.42}, {"Ag", 107.868}, {"Cd", 112.414}, {"In", 114.818}, {"Sn", 118.71},
+    {"Sb", 121.76}, {"Te", 127.6}, {"I", 126.904}, {"Xe", 131.293}, {"Cs", 132.905},
+    {"Ba", 137.327}, {"La", 138.905}, {"Ce", 140.116}, {"Pr", 140.908}, {"Nd", 144.242},
+    {"Pm", 144.913}, {"Sm", 150.36}, {"Eu", 151.964}, {"Gd", 157.25}, {"Tb", 158.925},
+    {"Dy", 162.5}, {"Ho", 164.93}, {"Er", 167.259}, {"Tm", 168.934}, {"Yb", 173.054},
+    {"Lu", 174.967}, {"Hf", 178.49}, {"Ta", 180.948}, {"W", 183.84}, {"Re", 186.207},
+    {"Os", 190.23}, {"Ir", 192.217}, {"Pt", 195.084}, {"Au", 196.967}, {"Hg", 200.592},
+    {"Tl", 204.38}, {"Pb", 207.2}, {"Bi", 208.98}, {"Po", 208.982}, {"At", 209.987},
+    {"Rn", 222.018}, {"Fr", 223.02}, {"Ra", 226.025}, {"Ac", 227.028}, {"Th", 232.038},
+    {"Pa", 231.036}, {"U", 238.029}, {"Np", 237.048}, {"Pu", 244.064}, {"Am", 243.061},
+    {"Cm", 247.07}, {"Bk", 247.07}, {"Cf", 251.08}, {"Es", 252.083}, {"Fm", 257.095},
+    {"Md", 258.098}, {"No", 259.101}, {"Lr", 262.11}, {"Rf", 267.122}, {"Db", 268.126},
+    {"Sg", 271.134}, {"Bh", 270.133}, {"Hs", 269.134}, {"Mt", 278.156}, {"Ds", 281.165},
+    {"Rg", 281.166}, {"Cn", 285.177}, {"Nh", 286.182}, {"Fl", 289.19}, {"Mc", 289.194},
+    {"Lv", 293.204}, {"Ts", 293.208}, {"Og", 294.214},
+};
+// Tables and input files give an element's mass to within ~0.01 u (Si: 28.085 or 28.0855); the
+// closest distinct elements below Po differ by 0.13 u (Ar 39.948, Ca 40.078). Isotopes (D 2.014)
+// and scaled masses match no element.
+const double MASS_TOLERANCE = 0.05;
+
+// The standard mass of an element symbol; NaN for a name that is none.
+double standard_mass(const std::string &symbol)
+{
+  for (const auto &element : ELEMENT_MASSES)
+    if (symbol == element.symbol) return element.mass;
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+// The element whose standard mass is closest to `mass`, if within MASS_TOLERANCE; else "".
+std::string element_of_mass(double mass)
+{
+  std::string closest;
+  double best = MASS_TOLERANCE;
+  for (const auto &element : ELEMENT_MASSES)
+    if (std::abs(element.mass - mass) <= best) {
+      best = std::abs(element.mass - mass);
+      closest = element.symbol;
+    }
+  return closest;
+}
+
 std::string join(const std::vector<std::string> &words)
 {
   std::string out;
@@ -338,8 +395,41 @@ void PairMLIP::coeff(int narg, char **arg)
                  element, itype, model_path, join(type_names));
     type_map[itype] = index;
   }
+  checked_type_masses = false;
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = type_map[i] >= 0 && type_map[j] >= 0;
+}
+
+// A type named X in pair_coeff whose mass is another element's standard mass (types given in the
+// wrong order), or a NULL type whose mass is that of one of the model's elements (atoms the model
+// perhaps should describe), is most likely a mistake. Warnings, not errors: another style may
+// describe some of the model's elements on purpose (a substrate layer, one region of a
+// multi-scale run), as in LAMMPS' own many-body styles, which do not check at all. Run at the
+// first init after pair_coeff, when the `mass` commands have been read.
+void PairMLIP::warn_about_type_masses()
+{
+  checked_type_masses = true;
+  if (comm->me != 0 || atom->mass == nullptr) return;    // per-atom masses (rmass): no type masses
+  for (int itype = 1; itype <= atom->ntypes; itype++) {
+    if (!atom->mass_setflag[itype]) continue;
+    const double mass = atom->mass[itype];
+    const std::string like = element_of_mass(mass);
+    if (like.empty()) continue;
+    if (type_map[itype] < 0) {
+      if (std::find(type_names.begin(), type_names.end(), like) != type_names.end())
+        error->warning(FLERR,
+                       "pair_coeff: atom type {} is NULL (left to other pair styles) but its mass {:g} is "
+                       "that of {}, an element of model {}: if type {} holds {} atoms for the model, "
+                       "name {} in its place; if another style describes them on purpose, ignore this",
+                       itype, mass, like, model_path, itype, like, like);
+    } else if (!(std::abs(mass - standard_mass(type_names[type_map[itype]])) <= MASS_TOLERANCE)) {
+      // (not "like != name": Bi and Po, 0.002 u apart, are each other's closest)
+      error->warning(FLERR,
+                     "pair_coeff: atom type {} is {} but its mass {:g} is that of {}: are the element "
+                     "names of pair_coeff * * {} in the order of the atom types?",
+                     itype, type_names[type_map[itype]], mass, like, model_path);
+    }
+  }
 }
 
 // The device of this rank: `pair_style mlip device ...`, or MLIP_DEVICE if set. `cuda` (and `auto`
@@ -549,6 +639,7 @@ void PairMLIP::init_style()
     error->all(FLERR,
                "pair_style mlip requires `newton on` (newton pair on): it computes forces on ghost "
                "atoms that LAMMPS must send back to their owners");
+  if (!checked_type_masses) warn_about_type_masses();
 
   // The overlap policy of mlip's ASE calculator (mlip.data.atoms.check_structure), checked before
   // LAMMPS builds ghosts and neighbor lists, which for a box of a fraction of an Å would hold

@@ -63,6 +63,7 @@ class PairMLIP : public Pair {
   void remove_net_force(double **rows, int width, const double *local_sum);
   void grow_member_arrays();
   void committee_spread(bool have_members, const std::vector<double> &member_energy_local);
+  void warn_about_type_masses();
 
   std::unique_ptr<mlip::DeployedModel> model;    // TorchScript file or AOTInductor package
   std::string model_path;
@@ -95,6 +96,7 @@ class PairMLIP : public Pair {
   int uncertainty_trigger = 0;            // for `fix pair ... 1`; the spread is computed every step
   bool warned_no_member_forces = false;
   bool warned_centroid_message_passing = false;    // once per pair_coeff
+  bool checked_type_masses = false;                // once per pair_coeff (masses may come after it)
 };
 
 }    // namespace LAMMPS_NS
