@@ -160,6 +160,9 @@ def test_cross_validation_scores_each_fold_once_and_reads_finished_folds_back(tm
         np.testing.assert_allclose(np.abs(predictions[:, 1] - predictions[:, 0]).mean(), row["mae"])
         test_ids = [a.info["sid"] for a in ase.io.read(tmp_path / "cv" / name / "test.extxyz", ":")]
         assert test_ids == folds["splits"]["toy"][name]["test"]
+        with open(tmp_path / "cv" / name / "run" / "log.jsonl") as f:
+            logged = [json.loads(line) for line in f][1:]
+        assert row["validation_mae"] == min(r["val_property_mae"] for r in logged)
     assert report["mean_mae"] == pytest.approx(np.mean([r["mae"] for r in report["folds"].values()]))
     again = cross_validate(config, str(folds_path), id_key="sid")  # finished folds: read back, not retrained
     assert again["folds"] == report["folds"]

@@ -93,11 +93,10 @@ class PropertyModel(nn.Module):
         if self.descriptors.shape[1] > 0:
             features = torch.cat([features, self.descriptors.to(features.dtype)[atom_types]], dim=1)
         num_graphs = num_atoms.shape[0]
-        atoms = num_atoms.to(features.dtype)
         if self.extensive:
             per_atom = self.readout(features).squeeze(-1).to(torch.float64)
             return scatter_sum(self.mean + self.std * per_atom, batch, num_graphs)
-        pooled = scatter_sum(features, batch, num_graphs) / atoms.clamp(min=1).unsqueeze(-1)
+        pooled = scatter_sum(features, batch, num_graphs) / num_atoms.to(features.dtype).clamp(min=1).unsqueeze(-1)
         return self.mean + self.std * self.readout(pooled).squeeze(-1).to(torch.float64)
 
 

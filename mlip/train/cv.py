@@ -137,7 +137,7 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
         row = {**scores(reference, predicted), "train_minutes": round(result.elapsed_s / 60.0, 2),
                "wall_minutes_this_call": round((time.perf_counter() - start) / 60.0, 2),
                "epochs": result.epochs, "best_epoch": result.best_epoch,
-               "validation_mae": result.best_metric if config.stop.monitor in ("loss", "property_mae") else None}
+               "validation_mae": _best_validation_mae(result)}
         np.savetxt(os.path.join(fold_dir, "test_predictions.csv"), np.stack([reference, predicted], axis=1),
                    delimiter=",", header="reference,predicted", comments="")
         from .plots import plot_parity
@@ -158,6 +158,12 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
     print(f"mean test MAE over {len(maes)} folds: {report['mean_mae']:.4g} ± {report['std_mae']:.3g} "
           f"{config.property.unit} (training {report['total_train_minutes']:.1f} min in all)")
     return report
+
+
+def _best_validation_mae(result) -> Optional[float]:
+    """The validation MAE of the epoch that picked best.pt (whatever the monitor: an MSE loss is no MAE)."""
+    rows = [r for r in result.history if r.get("epoch") == result.best_epoch and "val_property_mae" in r]
+    return rows[-1]["val_property_mae"] if rows else None
 
 
 def _plot_learning_curves(root: str, names: List[str], unit: str) -> None:
