@@ -68,17 +68,16 @@ def test_centroid_virials_give_the_exact_heat_flux(tmp_path):
     assert np.abs(half - lhs).max() > 1e-4 * np.abs(lhs).max(), "the half split should not be exact"
 
 
+def prologue(data: str, model: str) -> str:
+    """The first lines of every script here: metal units, the data file, pair_style mlip on types Si O."""
+    return (f"units metal\natom_style atomic\natom_modify map array\nboundary p p p\nread_data {data}\n"
+            f"{NO_OVERLAP_CHECK}\npair_coeff * * {model} Si O")
+
+
 def stress_script(data: str, model: str, velocities: bool = False) -> str:
     """run 0; dumps stress/atom (6) and centroid/stress/atom (9) of every atom, prints the
     summed stress/atom and the virial pressure (bar) of the box."""
-    return textwrap.dedent(f"""\
-        units metal
-        atom_style atomic
-        atom_modify map array
-        boundary p p p
-        read_data {data}
-        {NO_OVERLAP_CHECK}
-        pair_coeff * * {model} Si O
+    return prologue(data, model) + "\n" + textwrap.dedent(f"""\
         {"velocity all create 300 4 loop geom" if velocities else ""}
         compute s all stress/atom NULL virial
         compute cs all centroid/stress/atom NULL virial
@@ -150,14 +149,7 @@ def test_heat_flux_two_ranks_reproduce_one(plugin, tmp_path, family):
     message-passing model is warned about (its per-atom heat-flux virial is approximate)."""
     model = deploy_tiny(tmp_path / "model.pt", family)
     data = write_data(rattled_crystal(seed=4), tmp_path / "structure.data")
-    script = textwrap.dedent(f"""\
-        units metal
-        atom_style atomic
-        atom_modify map array
-        boundary p p p
-        read_data {data}
-        {NO_OVERLAP_CHECK}
-        pair_coeff * * {model} Si O
+    script = prologue(data, model) + "\n" + textwrap.dedent(f"""\
         velocity all create 600 7 loop geom
         compute ke all ke/atom
         compute pe all pe/atom
