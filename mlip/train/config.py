@@ -109,6 +109,9 @@ class TrainConfig:
     # for data that mix 10- and 1000-atom cells. None: batch_size alone.
     batch_atoms: Optional[int] = None
     prefetch: bool = True  # collate the next batch in a background thread while a step runs
+    # torch.compile the training step's forward and backward (mlip.train.compiled): minutes of
+    # compilation at the start (and for a batch of one structure), then faster steps; see README.
+    compile: bool = False
     dtype: str = "float32"  # float32 | float64 (energies are always summed in float64)
     # cpu | cuda | cuda:K; under torchrun `cuda` is the GPU of each process's local rank.
     # float32 matmuls stay full float32 (torch's default, TF32 off): see README, "Training on GPUs".

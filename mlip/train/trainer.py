@@ -39,6 +39,7 @@ from ..data.stats import DatasetStatistics
 from ..models import ModelConfig, Potential, adapt_weights, build_model, rebuild_model
 from .checkpoint import (BEST, LAST, CheckpointError, is_model_file, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
+from .compiled import CompiledTraining
 from .config import TrainConfig, check_device, config_from_dict, config_to_dict
 from .data import check_labels, prepare_data, training_statistics
 from .distributed import LossOutputs, Ranks, process_group
@@ -254,6 +255,8 @@ class Trainer:
         self._last_val: Dict[str, str] = {}  # validation numbers shown on the progress bar
         if checkpoint is not None:
             self._load_state(checkpoint)
+        # What a training step calls: the model, compiled or not (the same weights either way).
+        self.step_model = CompiledTraining(self.model) if config.compile else self.model
         self.ddp = None  # the model as DistributedDataParallel sees it: training steps run through it
         if self.ranks.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -266,7 +269,7 @@ class Trainer:
             # _global_batch_loss), whatever labels its share carries. (DDP also broadcasts the buffers
             # before each step: 32 bytes of reference energies for the 3BPA models, equal anyway.)
             labels = [label for term, (label, _, _) in TERMS.items() if getattr(config.loss, term) > 0]
-            self.ddp = DistributedDataParallel(LossOutputs(self.model, labels), device_ids=[self.device]
+            self.ddp = DistributedDataParallel(LossOutputs(self.step_model, labels), device_ids=[self.device]
                                                if self.device.type == "cuda" else None,
                                                gradient_as_bucket_view=True, static_graph=True)
 
@@ -328,6 +331,11 @@ class Trainer:
             set_rng_state(self.rng)
         history = self._open_log()
         stop_reason = ""
+        if config.compile and config.progress and self.ranks.main:
+            from tqdm import tqdm
+
+            tqdm.write("compile: true: the first training step compiles the model (minutes; again, once, for a "
+                       "batch of one structure); Inductor caches its kernels for the next run")
         try:
             with self._stop_requests_at_step_boundaries():
                 if not self.resumed:  # the untrained model's errors: the reference point of the learning curve
@@ -436,7 +444,7 @@ class Trainer:
         """One optimizer step on the global batch of which ``batch`` is this rank's share; returns
         this rank's part of the global batch's loss (detached, on the device: not read here)."""
         self.model.train()  # forces with create_graph=True: the force loss reaches the weights
-        prediction = (self.ddp or self.model)(batch)
+        prediction = (self.ddp or self.step_model)(batch)
         sums = loss_sums(prediction, batch, self.config.loss)
         if self.ranks.distributed:
             loss = self._global_batch_loss(prediction, sums, stand_in=keys.STAND_IN in batch)

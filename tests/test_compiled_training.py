@@ -1,0 +1,65 @@
+"""`compile: true`: the compiled training step takes the same optimisation steps as the eager one
+(forces and stress in the loss, so the compiled graph differentiates a derivative), for both
+families and both heads, also for a batch of one structure after batches of several."""
+
+import ase.io
+import pytest
+import torch
+
+from mlip.train import config_from_dict
+from mlip.train.trainer import Trainer
+from test_train import TINY, emt_copper
+
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    # 9 structures: 8 for training (two batches of 4) and 1 for validation (a batch of one)
+    path = tmp_path_factory.mktemp("data") / "cu_emt.extxyz"
+    ase.io.write(path, emt_copper(9), format="extxyz")
+    return str(path)
+
+
+def trainer(data_file, run_dir, family, head, compile):
+    return Trainer(config_from_dict({
+        "run_dir": str(run_dir),
+        "data": {"train": [data_file], "val_fraction": 0.12},
+        "model": {"family": family, "head": head, "r_max": 4.0, "overrides": TINY[family]},
+        "optimizer": {"lr": 0.01, "ema_decay": 0.9, "clip_grad_norm": 10.0},
+        "loss": {"energy_per_atom": 1.0, "forces": 1.0, "stress": 10.0 if head == "gradient" else 0.0},
+        "batch_size": 4,
+        "dtype": "float64",
+        "threads": 1,
+        "compile": compile,
+        "progress": False,
+    }))
+
+
+def weights(model):
+    return torch.cat([w.detach().reshape(-1) for _, w in sorted(model.state_dict().items())])
+
+
+# About a minute of compilation each here: one case in the default run, the others slow.
+@pytest.mark.parametrize("family,head", [("allegro", "gradient"), pytest.param("nequip", "gradient", marks=pytest.mark.slow),
+                                         pytest.param("allegro", "direct", marks=pytest.mark.slow)])
+def test_compiled_steps_equal_eager_steps(data_file, tmp_path, family, head):
+    eager = trainer(data_file, tmp_path / "eager", family, head, compile=False)
+    compiled = trainer(data_file, tmp_path / "compiled", family, head, compile=True)
+    batches = list(eager.train_loader.epoch(0))
+    assert [len(b["num_atoms"]) for b in batches] == [4, 4]
+    single = next(iter(eager.val_loader.epoch(0)))  # one structure: sizes 1 are traced apart
+    assert len(single["num_atoms"]) == 1
+    for batch in [batches[0], batches[1], single, batches[0]]:
+        loss_eager = eager._train_step(batch)
+        loss_compiled = compiled._train_step(batch)
+        assert float(loss_compiled) == pytest.approx(float(loss_eager), rel=1e-10)
+    before = weights(trainer(data_file, tmp_path / "start", family, head, compile=False).model)
+    after = weights(eager.model)
+    assert (after - before).norm() > 1e-3 * before.norm()  # the steps moved the weights
+    assert torch.allclose(weights(compiled.model), after, rtol=1e-10, atol=1e-12)
+    assert len(compiled.step_model._graphs) == 2  # batches of 4, then the single structure
+
+    # Evaluation mode (validation) runs the model itself: nothing more is compiled.
+    compiled.model.eval()
+    assert torch.allclose(compiled.step_model(batches[1])["energy"], eager.model.eval()(batches[1])["energy"], rtol=1e-10)
+    assert len(compiled.step_model._graphs) == 2
