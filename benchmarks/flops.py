@@ -2,6 +2,7 @@
 
     python benchmarks/flops.py                    # 864 atoms, both families, float32 + float64
     python benchmarks/flops.py --atoms 4000 --threads 2
+    python benchmarks/flops.py --atoms 4000 --threads 2 --dtypes float32 --profile   # + where the time goes
 
 One MD step costs one energy + forces (+ virial) evaluation: a forward pass and the backward
 pass that gives dE/dr_ij. Matrix-product FLOPs (mm, addmm, bmm, einsum lowered to them) are
@@ -123,6 +124,8 @@ def main():
     parser.add_argument("--families", nargs="+", default=["allegro", "nequip"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the ops that take most of an evaluation (torch.profiler, self CPU time)")
     args = parser.parse_args()
     common.quiet_warnings()
     common.set_threads(args.threads)
@@ -139,6 +142,7 @@ def main():
     print("| family | dtype | edges | matmul GFLOP | elementwise GFLOP (rough) | ms per evaluation "
           "| matmul GFLOP/s achieved | % of measured matmul peak | all counted GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
+    profiles = []
     for family in args.families:
         for name in args.dtypes:
             model = build(family, name).eval()
@@ -152,6 +156,29 @@ def main():
             print(f"| {family} | {name} | {inputs[2].shape[1]} | {counter.matmul / 1e9:.3f} | "
                   f"{counter.elementwise / 1e9:.3f} | {1e3 * seconds:.1f} | {matmul:.1f} | "
                   f"{100 * matmul / peaks[name]:.1f} % | {total:.1f} |")
+            if args.profile:
+                profiles.append((family, name, top_ops(lambda: evaluate(model, inputs))))
+    for family, name, table in profiles:
+        print(f"\nWhere an evaluation's time goes, {family} {name} (self CPU time of 3 evaluations, top ops):")
+        print(table)
+
+
+def top_ops(fn, rows: int = 12) -> str:
+    """A markdown table of the ops with the most self CPU time over 3 calls of ``fn``, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines = ["| op | calls per evaluation | self ms per evaluation | share |", "|---|---|---|---|"]
+    for e in events[:rows]:
+        lines.append(f"| {e.key} | {e.count // 3} | {e.self_cpu_time_total / 3e3:.1f} | "
+                     f"{100 * e.self_cpu_time_total / total:.1f} % |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
