@@ -3,6 +3,7 @@ thread, 1 process x 2 threads, 2 processes x 1 thread (data-parallel, torchrun, 
 
     python benchmarks/distributed_training.py /path/to/3bpa                 # the directory of train_300K.xyz
     python benchmarks/distributed_training.py /path/to/3bpa --steps 3 --settings 1x1,2x1   # a quick check
+    python benchmarks/distributed_training.py /path/to/3bpa --compile      # every setting with compile: true
 
 Each setting is `mlip train CONFIG [--nproc P]` in a fresh process with `threads: T` and
 OMP_NUM_THREADS=T, on the recipe of the shipped committee's members 2 and 3
@@ -11,7 +12,8 @@ OMP_NUM_THREADS=T, on the recipe of the shipped committee's members 2 and 3
 first a warm-up (allocator, first calls). The figure is the log's ``train_structures_per_s`` of
 the second epoch: global structures per second of optimizer
 steps (forward, backward, gradient all-reduce, Adam, EMA; rank 0's clock, which waits for the
-slowest rank), without data loading or validation. The structures are converted to graphs once;
+slowest rank), without data loading or validation. With ``--compile`` every setting runs
+``compile: true``; the compilation falls in the first epoch, not timed. The structures are converted to graphs once;
 every run reads the same .h5 file. Timings are not tests: run it on a quiet machine, read the spread.
 """
 
@@ -36,6 +38,7 @@ def main():
     p.add_argument("--steps", type=int, default=40, help="steps per epoch (the second epoch is timed)")
     p.add_argument("--settings", default="1x1,1x2,2x1", help="PROCESSESxTHREADS, comma-separated")
     p.add_argument("--repeats", type=int, default=1, help="runs per setting, interleaved")
+    p.add_argument("--compile", action="store_true", help="compile: true in every setting")
     args = p.parse_args()
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
 
@@ -48,7 +51,7 @@ def main():
         for repeat in range(args.repeats):
             for processes, threads in settings:
                 run_dir = os.path.join(tmp, f"run-{processes}x{threads}-{repeat}")
-                config = write_config(graphs, run_dir, args.batch_size, threads)
+                config = write_config(graphs, run_dir, args.batch_size, threads, args.compile)
                 command = [sys.executable, "-m", "mlip", "train", config, "--no-progress"]
                 if processes > 1:
                     command += ["--nproc", str(processes)]
@@ -61,7 +64,8 @@ def main():
                     rows = [json.loads(line) for line in f]
                 results[processes, threads].append(rows[-1]["train_structures_per_s"])
     base = sorted(results[settings[0]])[len(results[settings[0]]) // 2]
-    print(f"\n3BPA, member-2 recipe (NequIP, float32), global batch {args.batch_size}, {args.steps} timed steps")
+    print(f"\n3BPA, member-2 recipe (NequIP, float32{', compile: true' if args.compile else ''}), "
+          f"global batch {args.batch_size}, {args.steps} timed steps")
     print(f"{'processes x threads':>20} {'structures/s':>14} {'vs ' + 'x'.join(map(str, settings[0])):>8}  runs")
     for (processes, threads), values in results.items():
         median = sorted(values)[len(values) // 2]
@@ -80,7 +84,7 @@ def convert(source: str, count: int, tmp: str) -> str:
     return path
 
 
-def write_config(graphs: str, run_dir: str, batch_size: int, threads: int) -> str:
+def write_config(graphs: str, run_dir: str, batch_size: int, threads: int, compile: bool = False) -> str:
     """The member-2 recipe on the graph file, all of it for training (no validation), two epochs."""
     with open(RECIPE) as f:
         raw = yaml.safe_load(f)
@@ -92,6 +96,7 @@ def write_config(graphs: str, run_dir: str, batch_size: int, threads: int) -> st
         "progress": False,
         "stop": {"max_epochs": 2},
         "schedule": {"name": "constant"},
+        "compile": compile,
     })
     raw["data"].pop("split_seed", None)
     path = os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".yaml")

@@ -117,7 +117,7 @@ PY
     echo "$name: $summary"
     record "tests" "$name" "$([ "$GPU" = 1 ] && echo cuda || echo cpu)" "$summary"
 }
-run_tests gpu 240 -m gpu tests/test_gpu.py tests/test_distributed.py
+run_tests gpu 240 -m gpu tests/test_gpu.py tests/test_distributed.py -k "not compiled_training"
 run_tests devices 120 tests/test_devices.py tests/test_lammps.py -k "device or two_ranks_reproduce_one or errors_are_clear"
 
 stage "timings"
@@ -131,6 +131,8 @@ bench 150 md --devices cuda cpu --sizes $SIZES --cpu-sizes "$FIRST" --cpu-dtypes
 bench 90 lammps --devices cuda cpu --sizes "$FIRST" --steps "$STEPS"
 bench 60 train --devices cuda cpu
 bench 30 neighbors --sizes $SIZES
+# compile: true on the GPU (Triton kernels compile for minutes): last, so a short budget cuts only this
+run_tests compiled-training 150 -m gpu tests/test_gpu.py -k compiled_training
 
 stage "table"
 "$PY" benchmarks/gpu_bench.py table "$RESULTS" --write "$OUT/gpu_table.md"

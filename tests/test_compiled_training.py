@@ -20,7 +20,7 @@ def data_file(tmp_path_factory):
     return str(path)
 
 
-def trainer(data_file, run_dir, family, head, compile):
+def trainer(data_file, run_dir, family, head, compile, device="cpu"):
     return Trainer(config_from_dict({
         "run_dir": str(run_dir),
         "data": {"train": [data_file], "val_fraction": 0.12},
@@ -31,6 +31,7 @@ def trainer(data_file, run_dir, family, head, compile):
         "dtype": "float64",
         "threads": 1,
         "compile": compile,
+        "device": device,
         "progress": False,
     }))
 

@@ -140,3 +140,21 @@ def test_training_cuda_matches_cpu(tmp_path, family):
             if key.startswith("val_") or key == "train_loss":
                 if value is not None:
                     assert cuda_row[key] == pytest.approx(value, rel=1e-8), (cpu_row["epoch"], key)
+
+
+@pytest.mark.parametrize("family", ["allegro", "nequip"])
+def test_compiled_training_on_cuda_matches_eager_on_cpu(tmp_path, family):
+    """compile: true on the GPU (Inductor's Triton kernels, the force backward inside the graph):
+    the optimizer steps of one epoch equal eager steps on the CPU, float64."""
+    from test_compiled_training import trainer, weights
+    from test_train import emt_copper
+
+    data = tmp_path / "cu.extxyz"
+    ase.io.write(data, emt_copper(9), format="extxyz")  # 8 training structures: 2 batches of 4
+    cpu = trainer(str(data), tmp_path / "cpu", family, "gradient", compile=False)
+    cuda = trainer(str(data), tmp_path / "cuda", family, "gradient", compile=True, device="cuda")
+    for run in (cpu, cuda):
+        for batch in run.train_loader.epoch(0):
+            run._train_step(batch)
+    assert len(cuda.step_model._graphs) == 1
+    assert torch.allclose(weights(cuda.model).cpu(), weights(cpu.model), rtol=1e-8, atol=1e-12)
