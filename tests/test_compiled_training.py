@@ -64,3 +64,19 @@ def test_compiled_steps_equal_eager_steps(data_file, tmp_path, family, head):
     compiled.model.eval()
     assert torch.allclose(compiled.step_model(batches[1])["energy"], eager.model.eval()(batches[1])["energy"], rtol=1e-10)
     assert len(compiled.step_model._graphs) == 2
+
+
+@pytest.mark.slow  # about a minute of compilation
+def test_compiled_property_steps_equal_eager_steps(tmp_path):
+    """task: property (a per-structure target, no forces): the same steps compiled as eager."""
+    from test_property import alloys, property_config
+
+    path = tmp_path / "alloys.extxyz"
+    ase.io.write(path, alloys(12, seed=0))
+    runs = [Trainer(property_config(path, tmp_path / f"run{compile}", dtype="float64", compile=compile))
+            for compile in (False, True)]
+    batches = list(runs[0].train_loader.epoch(0))
+    for batch in batches:
+        losses = [float(run._train_step(batch)) for run in runs]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-10)
+    assert torch.allclose(weights(runs[1].model), weights(runs[0].model), rtol=1e-10, atol=1e-12)
