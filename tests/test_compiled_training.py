@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mlip.train import config_from_dict
+from mlip.train.compiled import reattach_saved_outputs
 from mlip.train.trainer import Trainer
 from test_train import TINY, emt_copper
 
@@ -80,3 +81,31 @@ def test_compiled_property_steps_equal_eager_steps(tmp_path):
         losses = [float(run._train_step(batch)) for run in runs]
         assert losses[1] == pytest.approx(losses[0], rel=1e-10)
     assert torch.allclose(weights(runs[1].model), weights(runs[0].model), rtol=1e-10, atol=1e-12)
+
+
+def test_traced_force_loss_has_the_eager_weight_gradient():
+    """A force loss traced by make_fx (as compile: true does) differentiated w.r.t. a weight: with
+    the saved-output detaches removed, the eager gradient; without, a wrong one (tanh, sigmoid and
+    exp save their results for their backward)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    generator = torch.Generator().manual_seed(0)
+    vectors, direction = (torch.randn(40, 3, dtype=torch.float64, generator=generator) for _ in range(2))
+    weight = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+
+    def force_loss(weight, vectors):
+        vectors = vectors.detach().requires_grad_(True)
+        h = vectors @ weight
+        energy = (torch.sigmoid(torch.tanh(h)) * torch.exp(0.1 * h)).square().sum()
+        forces, = torch.autograd.grad(energy, vectors, create_graph=True)
+        return (forces * direction).sum()
+
+    def weight_gradient(fn):
+        w = weight.clone().requires_grad_(True)
+        return torch.autograd.grad(fn(w, vectors), w)[0]
+
+    expected = weight_gradient(force_loss)
+    traced = make_fx(force_loss, tracing_mode="symbolic", _allow_non_fake_inputs=True)(weight, vectors)
+    assert (weight_gradient(traced) - expected).norm() > 1e-3 * expected.norm()  # the trace as make_fx gives it
+    reattach_saved_outputs(traced)
+    assert torch.allclose(weight_gradient(traced), expected, rtol=1e-12, atol=1e-14)

@@ -96,12 +96,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         return tuple(out[name] for name in output_names)
 
     # Duck shaping would merge N or E with an equal weight dimension and specialize both.
-    duck_shape = fx_config.use_duck_shape
-    fx_config.use_duck_shape = False
-    try:  # one graph with the backward pass; num_local a symbolic int
+    with fx_config.patch(use_duck_shape=False):  # one graph with the backward pass; num_local a symbolic int
         graph = make_fx(flat_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-    finally:
-        fx_config.use_duck_shape = duck_shape
     nodes = torch.export.Dim("num_nodes", min=0)  # an isolated atom has one node and no edges
     edges = torch.export.Dim("num_edges", min=0)
     inputs = (*example[:4], torch.tensor(num_local, device=device))

@@ -67,12 +67,8 @@ class CompiledTraining(nn.Module):
             return functional_call(model, (parameters, buffers), (dict(batch, **flag),))
 
         example = (dict(model.named_parameters()), dict(model.named_buffers()), tensors)
-        duck_shape = fx_config.use_duck_shape
-        fx_config.use_duck_shape = False  # else a size equal to another (or to a weight's) would be tied to it
-        try:
+        with fx_config.patch(use_duck_shape=False):  # else a size equal to another (or to a weight's) is tied to it
             graph = make_fx(training_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-        finally:
-            fx_config.use_duck_shape = duck_shape
         reattach_saved_outputs(graph)
         return torch.compile(graph, dynamic=True, options={"cpp.threads": COMPILED_THREADS})
 
@@ -83,9 +79,9 @@ def reattach_saved_outputs(graph: torch.fx.GraphModule) -> None:
     make_fx records autograd's unpacking of a tensor saved for a backward formula as ``detach``
     when the tensor is an op's own output (sigmoid, tanh, exp, sqrt... save their result): the
     traced forces then are right, but their derivative with respect to the weights misses every
-    path through those results (here 3e-7 to 1e-2 relative in float64, against 1e-16 with the
-    detaches removed, and against finite differences). In eager autograd with create_graph the
-    unpacked tensor keeps its graph: without the detaches the graph does the same. The model's own
+    path through those results (wrong gradients, which finite differences of the loss expose). In
+    eager autograd with create_graph the unpacked tensor keeps its graph: without the detaches the
+    traced graph does the same. The model's own
     detaches cut nothing a training loss differentiates: a potential detaches its edge vectors
     from the positions (which are no weights) and a committee's per-member outputs (no loss reads
     them)."""
