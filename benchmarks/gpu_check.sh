@@ -133,6 +133,7 @@ bench 60 train --devices cuda cpu
 bench 30 neighbors --sizes $SIZES
 # compile: true on the GPU (Triton kernels compile for minutes): last, so a short budget cuts only this
 run_tests compiled-training 150 -m gpu tests/test_gpu.py -k compiled_training
+bench 150 train --devices cuda --compiled
 
 stage "table"
 "$PY" benchmarks/gpu_bench.py table "$RESULTS" --write "$OUT/gpu_table.md"
