@@ -210,6 +210,53 @@ def test_cli_md_replicas(tmp_path):
                  "--ensemble", "npt"]) != 0  # batched NPT is not there: refused, not run wrongly
 
 
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_cli_md_bad_frame_is_named_and_skipped_or_stops(tmp_path, capsys, on_error):
+    """MD of every frame of a file with a Cu frame among Si ones: named; skipped (the other runs go
+    on, the trajectory holds them only) or the run stops there, keeping the frames already written."""
+    structures = si_structures(4, seed=6)
+    structures[2] = bulk("Cu", "fcc", a=3.6)
+    inputs = write_frames(tmp_path / "in.extxyz", structures)
+    traj = tmp_path / "md.extxyz"
+    code = main(["md", SI_MODEL, inputs, "--temperature", "300", "--steps", "2", "--interval", "2",
+                 "--traj", str(traj), "--on-error", on_error])
+    captured = capsys.readouterr()
+    assert "frame 2" in captured.err and "['Cu'] not known" in captured.err
+    if on_error == "stop":  # one group of runs: frame 2 stopped it before any step
+        assert code != 0 and not traj.exists()
+    else:
+        assert code == 1 and "skipped frames [2]" in captured.out
+        frames = ase.io.read(traj, index=":")
+        assert [(f.info["step"], f.info["replica"]) for f in frames] == [(s, k) for s in (0, 2) for k in (0, 1, 3)]
+
+
+def test_cli_md_run_failing_mid_way_is_taken_out_of_the_trajectory(tmp_path, monkeypatch, capsys):
+    """--on-error skip, a run that fails after frames were written (e.g. atoms that come too close):
+    its group runs again without it, and the trajectory holds no frame of the failed attempt."""
+    from mlip.calculators import batched
+
+    run_md = batched.md_many
+    attempts = []
+
+    def failing_once(model, structures, *args, **kwargs):
+        attempts.append(len(structures))
+        if len(attempts) == 1:  # the first attempt writes step 0 of all three runs, then run 1 fails
+            observe = args[6]  # md_many(model, structures, ensemble, T, steps, dt, friction, seeds, observer)
+            observe(0, [a.copy() for a in structures])
+            raise batched.FrameError(1, "atoms 0 and 1 are 0.2 Å apart")
+        return run_md(model, structures, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "md_many", failing_once)
+    inputs = write_frames(tmp_path / "in.extxyz", si_structures(3, seed=8))
+    traj = tmp_path / "md.extxyz"
+    code = main(["md", SI_MODEL, inputs, "--temperature", "300", "--steps", "2", "--interval", "2",
+                 "--traj", str(traj), "--on-error", "skip"])
+    assert code == 1 and attempts == [3, 2]
+    assert "frame 1: atoms 0 and 1 are 0.2 Å apart (skipped)" in capsys.readouterr().err
+    frames = ase.io.read(traj, index=":")
+    assert [(f.info["step"], f.info["replica"]) for f in frames] == [(s, k) for s in (0, 2) for k in (0, 2)]
+
+
 def test_atoms_far_outside_their_cell_keep_float32_accuracy():
     """MD carries atoms out of the cell; an atom 1e5 cells away must see the same forces in a
     float32 model (the engine wraps in float64 before the cast)."""

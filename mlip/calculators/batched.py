@@ -819,7 +819,11 @@ def md_many(
 def run_md_many(args) -> int:
     """`mlip md` over every frame of a file, or ``--replicas K`` copies of one structure (seeds
     SEED, SEED+1, ...): one model call per step for all, in groups of about 2000 atoms run one
-    after the other. Frames go to ``--traj`` with info ``replica`` (index of the run) and ``step``."""
+    after the other. Frames go to ``--traj`` with info ``replica`` (index of the run) and ``step``.
+    ``--on-error skip``: a run that fails (an unknown element, overlapping atoms) is named and left
+    out, and its group runs again from the start without it (each run's own seed: the same
+    trajectories), its frames of the failed attempt taken out of ``--traj``; "stop" ends there,
+    keeping what was written. Exit code 1 if a run was skipped."""
     import os
     import sys
 
@@ -841,7 +845,7 @@ def run_md_many(args) -> int:
         structures = [read_structure(args.structure)] * (args.replicas or 1)
     what = "replica" if args.replicas else "frame"
     if args.traj:
-        _output_format(args.traj, "--traj", len(structures) * (args.steps // args.interval + 1))
+        traj_format = _output_format(args.traj, "--traj", len(structures) * (args.steps // args.interval + 1))
     check_input(args.model, "model file")
     model = BatchedModel(args.model, device=args.device)
     if args.traj and os.path.exists(args.traj):
@@ -854,30 +858,64 @@ def run_md_many(args) -> int:
         groups[-1].append(k)
         size += len(atoms)
 
-    final = []
+    final, skipped, written = [], [], 0  # written: frames in --traj
     with tqdm(total=args.steps * len(groups), desc=f"md {args.ensemble} x{len(structures)}", unit="step",
               file=sys.stderr) as bar:
         for group in groups:
-            done = bar.n
+            done, written_before = bar.n, written
+            while group:
 
-            def observe(step, frames):  # every --interval steps and at the end
-                if args.traj and step % args.interval == 0:  # as `mlip md` on one structure
-                    for k, frame in zip(group, frames):
-                        frame.info["replica"] = k
-                    ase.io.write(args.traj, frames, append=True)
-                if step > 0:
-                    bar.set_postfix(T=f"{np.mean([frame.get_temperature() for frame in frames]):.0f} K (mean)")
-                    bar.update(done + step - bar.n)
+                def observe(step, frames, group=group):  # every --interval steps and at the end
+                    nonlocal written
+                    if args.traj and step % args.interval == 0:  # as `mlip md` on one structure
+                        for k, frame in zip(group, frames):
+                            frame.info["replica"] = k
+                        ase.io.write(args.traj, frames, append=True)
+                        written += len(frames)
+                    if step > 0:
+                        bar.set_postfix(T=f"{np.mean([frame.get_temperature() for frame in frames]):.0f} K (mean)")
+                        bar.update(done + step - bar.n)
 
-            try:
-                final += md_many(model, [structures[k] for k in group], args.ensemble, args.temperature, args.steps,
-                                 args.timestep, args.friction, [args.seed + k for k in group], observe,
-                                 interval=args.interval)
-            except FrameError as error:
-                raise ValueError(f"{args.structure}: {what} {group[error.frame]}: "
-                                 f"{str(error).split(': ', 1)[1]}") from None
-    if args.traj:
+                try:
+                    runs = md_many(model, [structures[k] for k in group], args.ensemble, args.temperature,
+                                   args.steps, args.timestep, args.friction, [args.seed + k for k in group], observe,
+                                   interval=args.interval)
+                except FrameError as error:
+                    failed = group[error.frame]
+                    message = f"{args.structure}: {what} {failed}: {str(error).split(': ', 1)[1]}"
+                    if args.on_error == "stop":
+                        raise ValueError(message) from None
+                    print(f"{message} (skipped)", file=sys.stderr)
+                    skipped.append(failed)
+                    group = [k for k in group if k != failed]
+                    if written > written_before:  # the failed attempt's frames: the group runs again
+                        _keep_first_frames(args.traj, written_before, traj_format)
+                        written = written_before
+                    bar.n = done
+                    bar.refresh()
+                    continue
+                final += zip(group, runs)
+                break
+    if args.traj and written:
         print(f"wrote {args.traj}")
-    for k, atoms in enumerate(final):
+    for k, atoms in final:
         print(f"{what} {k}: {args.steps} steps of {args.timestep} fs, T {atoms.get_temperature():.1f} K")
-    return 0
+    if skipped:
+        print(f"skipped {what}s {sorted(skipped)} (see above)")
+    return 1 if skipped else 0
+
+
+def _keep_first_frames(path: str, count: int, file_format: str) -> None:
+    """Cut the trajectory file at ``path`` down to its first ``count`` frames (none: removed)."""
+    import os
+
+    import ase.io
+
+    from ..files import atomic_output
+
+    if count == 0:
+        os.remove(path)
+        return
+    frames = ase.io.read(path, index=f":{count}", format=file_format)
+    with atomic_output(path) as tmp:
+        ase.io.write(tmp, frames, format=file_format)

@@ -137,6 +137,9 @@ def register(commands) -> None:
     md.add_argument("--replicas", type=POSITIVE_INT, default=None,
                     help="K independent runs of the structure (seeds SEED..SEED+K-1), one model call per step for all "
                          "(a file of several frames: one run per frame); nve/nvt")
+    md.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                    help="several runs: stop at a frame that cannot be run, or skip it and run the others (default "
+                         "stop; frames already written are kept either way)")
     md.set_defaults(run=run_md)
 
 
