@@ -1,7 +1,7 @@
 """Stability campaign in LAMMPS: every shipped potential, NVT at its check temperature, then NVE.
 
     python benchmarks/lammps_stability.py [--nvt-ps 20] [--nve-ps 20] [--ranks 1] [--only si|ge|...]
-                                          [--data ../shared/data] [--out stability.json]
+                                          [--data ../shared/data] [--out stability.json] [--keep DIR]
 
 The structures and temperatures are those of benchmarks/potential_checks.py (which runs ASE MD):
 crystals (Si, Ge, Mo, Li supercells), the 3BPA and aspirin molecules (first training frame, in a
@@ -12,7 +12,10 @@ NVE total-energy drift (slope of a straight line through E_tot(t), meV/atom/ps) 
 fluctuation (meV/atom), and whether LAMMPS stopped (overlapping atoms, lost atoms, non-numeric
 values). Frames dumped every (NVT + NVE steps) / 100 steps give the structure's fate:
 - the shortest interatomic distance over the dumped frames (Å; sampled, not every step: the plugin's
-  own min_distance check stops any step closer than 0.3 Å);
+  own min_distance check stops any step closer than 0.3 Å), the pair that reached it (elements, LAMMPS
+  atom ids, frame, time in ps) and the shortest distance per element pair; the same per-pair minima of
+  the potential's training data (every structure its train.yaml's data.train names) and the pairs
+  whose MD minimum falls more than 0.1 Å below them ("outside the training data", flagged (!));
 - crystals: the mean coordination within the shell of potential_checks.CRYSTALS (between first and
   second neighbours) of every frame within 10 % of the first frame's ("coordination kept");
 - molecules: the covalent bond graph (potential_checks.covalent_bonds) of every frame == the first
@@ -23,6 +26,8 @@ Not run as part of the test suite (minutes to hours per potential on one core).
 """
 
 import argparse
+import contextlib
+import glob
 import json
 import os
 import subprocess
@@ -45,6 +50,8 @@ CRYSTAL_KEYS = {"si": "Si", "ge": "Ge", "mo": "Mo", "li": "Li"}
 TIMESTEP_FS = {"crystal": 1.0, "molecule": 0.5, "lips": 1.0}
 FRAMES = 100  # frames dumped over NVT + NVE for the structure checks
 COORDINATION_TOLERANCE = 0.1  # relative change of the mean coordination that counts as a changed structure
+TRAINING_MARGIN = 0.1  # Å: an MD pair this much closer than any training pair of its elements is outside the data
+DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))  # what the training configs' paths name
 
 
 def systems(data: str):
@@ -111,10 +118,60 @@ def thermo_blocks(output: str):
     return blocks
 
 
+def closest_pairs(frames, cutoff: float = 4.0) -> dict:
+    """Per element pair ("Li-S": symbols in alphabetical order), its shortest distance over the frames
+    (periodic images included) and where: {"distance_A", "frame": index in ``frames``, "ids": the two
+    atoms' ids (ASE index + 1: LAMMPS's ids of a data file written from the same atoms)}. Pairs never
+    closer than ``cutoff`` Å are absent."""
+    best = {}
+    for k, atoms in enumerate(frames):
+        i, j, d = neighbor_list("ijd", atoms, cutoff)
+        symbols = np.array(atoms.get_chemical_symbols())
+        a, b = symbols[i], symbols[j]
+        first, second = np.where(a <= b, a, b), np.where(a <= b, b, a)
+        labels = np.char.add(np.char.add(first, "-"), second)
+        for label in np.unique(labels):
+            n = np.flatnonzero(labels == label)[d[labels == label].argmin()]
+            if label not in best or d[n] < best[label]["distance_A"]:
+                best[str(label)] = {"distance_A": float(d[n]), "frame": k, "ids": sorted([int(i[n]) + 1, int(j[n]) + 1])}
+    return best
+
+
 def shortest_distance(frames, cutoff: float = 4.0) -> float:
     """The shortest interatomic distance (Å) in any of the frames, periodic images included; inf if
     no two atoms come within ``cutoff``."""
-    return min((float(neighbor_list("d", atoms, cutoff).min(initial=np.inf)) for atoms in frames), default=np.inf)
+    return min((pair["distance_A"] for pair in closest_pairs(frames, cutoff).values()), default=np.inf)
+
+
+def below_training(md: dict, training: dict, cutoff: float = 4.0, margin: float = TRAINING_MARGIN) -> dict:
+    """The element pairs whose shortest MD distance ``md`` (Å, per pair) falls more than ``margin`` Å
+    below the training data's ``training`` (a pair absent from the training minima was never closer
+    than the ``cutoff`` they were computed with): {"Li-Li": {"md_A": .., "training_A": ..}}."""
+    return {label: {"md_A": distance, "training_A": training.get(label, np.inf)} for label, distance in md.items()
+            if distance < min(training.get(label, np.inf), cutoff) - margin}
+
+
+def training_config(name: str) -> str:
+    """The training config of the shipped potential ``name``: its train.yaml, or a committee's first
+    config (3bpa-nequip/member1_stage1.yaml: all its members train on the same file)."""
+    config = os.path.join(ROOT, "potentials", name, "train.yaml")
+    configs = sorted(glob.glob(os.path.join(ROOT, "potentials", name, "*.yaml")))
+    if not os.path.exists(config) and not configs:
+        raise FileNotFoundError(f"no training config (*.yaml) in {os.path.join(ROOT, 'potentials', name)}")
+    return config if os.path.exists(config) else configs[0]
+
+
+def training_minima(config: str, data: str, named_data: str = DEFAULT_DATA) -> dict:
+    """The shortest distance per element pair (Å, :func:`closest_pairs`) in the training data: every
+    structure of the ``data.train`` entries of ``config`` (selections such as ``@0:900`` included), whose
+    paths name files under ``named_data`` (the ../shared/data beside the repository), read from ``data``."""
+    from mlip.data.dataset import iter_structures
+    from mlip.train.config import load_config
+
+    files = [os.path.join(data, os.path.relpath(path, named_data)) for path in load_config(config).data.train]
+    frames = list(iter_structures(files))
+    return {"files": [os.path.relpath(f, data) for f in files], "frames": len(frames),
+            "min_distance_by_pair_A": {label: pair["distance_A"] for label, pair in closest_pairs(frames).items()}}
 
 
 def bonds_kept(frames, elements=None) -> dict:
@@ -139,11 +196,27 @@ def coordination_kept(frames, shell: float, tolerance: float = COORDINATION_TOLE
             "max_relative_deviation": deviation, "kept": deviation <= tolerance}
 
 
-def structure_report(frames, check: dict) -> dict:
-    """min_distance_A and bonds / coordination (see systems) of a trajectory's frames."""
+def structure_report(frames, check: dict, timestep_fs: float = None, training: dict = None) -> dict:
+    """min_distance_A, the pair that reached it (closest_pair: elements, LAMMPS ids, frame, and its time in ps
+    where the frames carry LAMMPS's step, atoms.info["timestep"], and ``timestep_fs`` is given), the shortest
+    distance per element pair, bonds / coordination (see systems) of a trajectory's frames; with
+    ``training`` (per-pair minima, :func:`training_minima`), the pairs that came closer than the training
+    data allows (:func:`below_training`)."""
     kept = coordination_kept(frames, check["shell"]) if "shell" in check else bonds_kept(frames, check["elements"])
-    return {"frames": len(frames), "min_distance_A": shortest_distance(frames),
-            "coordination" if "shell" in check else "bonds": kept}
+    pairs = closest_pairs(frames)
+    report = {"frames": len(frames), "min_distance_A": shortest_distance(frames),
+              "min_distance_by_pair_A": {label: pair["distance_A"] for label, pair in sorted(pairs.items())},
+              "coordination" if "shell" in check else "bonds": kept}
+    if pairs:
+        label = min(pairs, key=lambda p: pairs[p]["distance_A"])
+        closest = {"elements": label, **pairs[label]}
+        step = frames[closest["frame"]].info.get("timestep")
+        if step is not None and timestep_fs is not None:
+            closest["time_ps"] = step * timestep_fs / 1000
+        report["closest_pair"] = closest
+    if training is not None:
+        report["below_training_data"] = below_training(report["min_distance_by_pair_A"], training)
+    return report
 
 
 def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
@@ -152,6 +225,7 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
     model = os.path.join(ROOT, "potentials", name, "model.pt")
     if not os.path.exists(model):
         return {"error": f"no model file {model}"}
+    training = training_minima(training_config(name), args.data)  # before the run: a missing training file stops it at once
     elements = sorted(set(atoms.get_chemical_symbols()))
     data_file = os.path.join(workdir, f"{key}.data")
     write_lammps_data(data_file, atoms, specorder=elements, masses=True, units="metal", atom_style="atomic")
@@ -170,7 +244,8 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
     # The frames up to a failure still tell how the structure went.
     frames = ase.io.read(dump_file, ":", format="lammps-dump-text", specorder=elements) \
         if os.path.exists(dump_file) and os.path.getsize(dump_file) else []
-    structure = structure_report(frames, check) if frames else {}
+    structure = {"training_data": training,
+                 **structure_report(frames, check, timestep_fs, training["min_distance_by_pair_A"])} if frames else {}
     if result.returncode != 0 or len(blocks) != 2:
         errors = [line for line in output.splitlines() if "ERROR" in line]
         return {"error": errors[-1] if errors else f"lmp exited with {result.returncode}", **structure}
@@ -203,21 +278,37 @@ def table_row(name: str, result: dict, args) -> str:
     return (f"| {name} | {result['temperature_K']} K, {result['atoms']} atoms, {result['timestep_fs']} fs "
             f"| {args.nvt_ps:g} ps NVT + {args.nve_ps:g} ps NVE | {result['nvt_mean_temperature_second_half_K']:.0f} K "
             f"| {1000 * result['nve_drift_meV_per_atom_per_ps']:+.2f} | {result['nve_fluctuation_rms_meV_per_atom']:.4f} "
-            f"| {result['min_distance_A']:.2f} | {kept} | completed |")
+            f"| {min_distance_cell(result)} | {kept} | completed |")
+
+
+def min_distance_cell(result: dict) -> str:
+    """The shortest distance, its pair and time, and the pairs that came closer than the training data
+    allows (flagged "(!)"), e.g. "1.43 (Li-Li, 7.3 ps) (!) outside the training data: Li-Li 1.43 < 2.31"."""
+    closest = result["closest_pair"]
+    cell = f"{result['min_distance_A']:.2f} ({closest['elements']}, {closest['time_ps']:.1f} ps)"
+    outside = result.get("below_training_data")
+    if outside:
+        cell += " (!) outside the training data: " + ", ".join(
+            f"{label} {pair['md_A']:.2f} < {pair['training_A']:.2f}" for label, pair in outside.items())
+    return cell
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--nvt-ps", type=float, default=20.0)
     parser.add_argument("--nve-ps", type=float, default=20.0)
     parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run")
     parser.add_argument("--seed", type=int, default=4928459)
     parser.add_argument("--only", choices=list(CRYSTAL_KEYS) + list(MOLECULES) + ["lips"])
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--keep", metavar="DIR", help="keep each run's LAMMPS input, data file and dump (KEY.dump) "
+                        "in DIR (created if missing) instead of a temporary folder")
     args = parser.parse_args(argv)
     results, failed = {}, False
-    with tempfile.TemporaryDirectory() as workdir:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with tempfile.TemporaryDirectory() if not args.keep else contextlib.nullcontext(args.keep) as workdir:
         for key, (name, build, temperature, timestep_fs, check) in systems(args.data):
             if args.only and key != args.only:
                 continue
