@@ -20,15 +20,16 @@ Exported signature (what the Python wrapper and the C++ ``AOTIModelPackageLoader
   list (paired lists only let NequIP share work). :class:`AOTIModel` accepts the flag and ignores it.
 - The package holds the weights and code for one device and one torch version; both are in the
   metadata and checked at load (a mismatch fails inside torch's loader with no useful message).
-- CPU kernels are compiled for one thread (metadata "threads"): Inductor's multi-threaded kernels
-  gave wrong forces (see COMPILED_THREADS). Matrix products are calls into ATen, which may still
-  use torch's threads.
+- CPU kernels take their thread count at run time (torch's, ``torch.set_num_threads``; metadata
+  "threads": "run time"), with every scatter-add and accumulating index_put left to ATen's kernels
+  (see :func:`aten_accumulation`): Inductor's own multi-threaded accumulation gave wrong forces.
 
 Metadata: the same JSON as a TorchScript file, at ``<archive>/extra/mlip/metadata.json``, plus
 "torch_version", "device", "threads" and "aoti_outputs"; also in the package's own metadata
 (key ``mlip_metadata``) for C++ loaders.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -39,10 +40,29 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 PACKAGE_METADATA_KEY = "mlip_metadata"
-# Inductor compiles a thread count into CPU kernels (by default torch's at compile time). Kernels
-# compiled for 2 threads gave wrong forces (torch 2.13, one-species Allegro: 0.78 relative;
-# energies right), and so did its run-time thread count (cpp.dynamic_threads): one thread it is.
-COMPILED_THREADS = 1
+# What the metadata's "threads" says of the kernels: compiled with cpp.dynamic_threads, they use as
+# many threads as torch is set to where the package runs (Python, or the LAMMPS plugin's
+# MLIP_TORCH_THREADS). Packages of earlier mlip versions say 1 (kernels compiled for one thread).
+KERNEL_THREADS = "run time"
+
+
+@contextlib.contextmanager
+def aten_accumulation():
+    """While Inductor lowers a graph: scatter-add and accumulating index_put (the sums over edges
+    that give forces and per-atom energies) become calls to ATen's kernels, not Inductor's own.
+
+    Inductor's multi-threaded CPU accumulation gave wrong forces and right energies (torch 2.13,
+    Allegro: forces off by 0.14-0.78 relative at 2 threads; right at 1 thread); ATen's scatter
+    kernels are threaded and right. The only switch Inductor reads for that choice is torch's
+    deterministic-algorithms flag (``use_scatter_fallback``, ``index_put_``), so it is set for the
+    lowering and restored after: it changes which kernels are compiled, not what runs later."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def is_aoti_package(path: Union[str, os.PathLike]) -> bool:
@@ -105,7 +125,7 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
                                    dynamic_shapes=({0: nodes}, {0: nodes}, {1: edges}, {0: edges}, None))
 
     metadata = complete_metadata(dict(metadata, format=AOTI_FORMAT_NAME, torch_version=torch_version(),
-                                      device=device.type, threads=COMPILED_THREADS,
+                                      device=device.type, threads=KERNEL_THREADS,
                                       aoti_outputs=output_names), AOTI_FORMAT_NAME)
     text = json.dumps(metadata, indent=1)
     path = os.fspath(path)
@@ -114,10 +134,11 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".pt2")  # Inductor insists on the .pt2 suffix
     os.close(fd)
     try:
-        with warnings.catch_warnings():  # torch 2.13's own pytree code warns about itself while compiling
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        cpu = device.type == "cpu"  # (GPU kernels accumulate with atomics, right as they are)
+        with warnings.catch_warnings(), aten_accumulation() if cpu else contextlib.nullcontext():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch 2.13's pytree
             aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
-                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}, "cpp.threads": COMPILED_THREADS})
+                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}, "cpp.dynamic_threads": cpu})
         with zipfile.ZipFile(tmp, "a") as archive:
             root = archive.namelist()[0].split("/")[0]
             archive.writestr(f"{root}/extra/mlip/metadata.json", text)

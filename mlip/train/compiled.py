@@ -14,10 +14,12 @@ and 1 (a broadcast), so a batch with such a size (e.g. a last batch of one struc
 and compiled again, once: the graphs are kept by the batch's keys, dtypes, the paired-edges flag
 and which sizes are 0 or 1.
 
-Inductor's own kernels are compiled for one thread (``COMPILED_THREADS``, as for AOTInductor
-packages): with torch's 2 threads its C++ code generation failed on Allegro (torch 2.13, an internal
-assertion on a vectorized index), and 2-thread AOTI kernels gave wrong forces. Matrix products are
-calls into ATen and still use torch's threads.
+Inductor's own kernels are compiled for one thread (``COMPILED_THREADS``): with torch's 2 threads
+its C++ code generation failed on Allegro (torch 2.13, an internal assertion on a vectorized index),
+and its multi-threaded accumulation gave AOTI packages wrong forces (mlip.deploy.aoti compiles
+packages with ATen's scatters instead, under torch's deterministic flag: a flag torch.compile guards
+on, so it would have to stay set through every training step). Matrix products are calls into ATen
+and still use torch's threads.
 
 Evaluation (``model.eval()``) runs the model as it is: validation is a small part of a run, and
 its forces need no graph.
@@ -29,7 +31,9 @@ import torch
 from torch import nn
 
 from ..data import keys
-from ..deploy.aoti import COMPILED_THREADS
+
+
+COMPILED_THREADS = 1
 
 
 class CompiledTraining(nn.Module):
