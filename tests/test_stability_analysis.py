@@ -54,10 +54,29 @@ def test_a_stretched_bond_is_reported_broken():
     broken = jittered(start, 9)
     bond = broken.positions[hydrogen] - broken.positions[carbon]
     broken.positions[hydrogen] = broken.positions[carbon] + 2.0 * bond / np.linalg.norm(bond)  # 1.09 -> 2.0 Å
-    report = bonds_kept(frames + [broken, start])
+    pair = (min(carbon, hydrogen), max(carbon, hydrogen))
+    report = bonds_kept(frames + [broken, broken, broken, start])  # broken for 3 frames: a lasting change
     assert not report["kept"], report
     assert report["first_changed_frame"] == len(frames)
-    assert (min(carbon, hydrogen), max(carbon, hydrogen)) in report["broken"] and report["formed"] == []
+    assert pair in report["broken"] and report["formed"] == []
+    assert not bonds_kept(frames + [start, broken])["kept"]  # broken at the end: counts
+
+
+def test_a_bond_stretched_for_one_frame_is_transient():
+    """LiPS at 600 K: one P-S bond past its cutoff (2.65 > 2.54 Å) in one frame of 101, back at 2.21 Å in
+    the next: a vibration, not a broken framework."""
+    start = ethanol()
+    carbon, hydrogen = next((i, j) for i, j in sorted(covalent_bonds(start))
+                            if (start[i].symbol, start[j].symbol) == ("C", "H"))
+    stretched = start.copy()
+    bond = stretched.positions[hydrogen] - stretched.positions[carbon]
+    stretched.positions[hydrogen] = stretched.positions[carbon] + 2.0 * bond / np.linalg.norm(bond)
+    for frames in ([start, stretched, start, start], [start, stretched, stretched, start, start]):
+        report = bonds_kept(frames)
+        assert report["kept"] and report["transient"] == 1, report
+        assert report["first_transient"] == {"frame": 1, "pair": (min(carbon, hydrogen), max(carbon, hydrogen))}
+    assert not bonds_kept([start, stretched, stretched, stretched, start])["kept"]
+    assert bonds_kept([start, stretched, stretched, stretched, start], persist=4)["kept"]
 
 
 def test_a_framework_ignores_its_mobile_ions():
