@@ -265,3 +265,33 @@ def test_lammps_runs_an_aoti_package(plugin, tmp_path):
     (thermo1, dump1), (thermo2, dump2) = results
     assert_close(thermo2, thermo1, 1e-9, "thermo")
     assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")
+
+
+def test_index_adds_become_scatters_with_the_same_sums():
+    """aoti.index_adds_as_scatters: every index_add over dim 0 (2-D, 3-D with a size known at run time
+    only, in place) becomes a scatter_add that gives the same tensor; the traced graph keeps working
+    for other sizes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mlip.deploy.aoti import index_adds_as_scatters
+
+    def sums(rows, blocks, index, small_index):
+        target = torch.zeros(5, rows.shape[1], dtype=rows.dtype).index_add(0, index, rows)
+        per_block = torch.zeros(2, blocks.shape[1], 3, dtype=blocks.dtype).index_add(0, small_index, blocks)
+        flat = torch.zeros(5, dtype=rows.dtype)
+        flat.index_add_(0, index, rows[:, 0])
+        return target, per_block, flat
+
+    def inputs(edges, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(edges, 4, generator=generator, dtype=torch.float64),
+                torch.randn(4, edges, 3, generator=generator, dtype=torch.float64),
+                torch.randint(0, 5, (edges,), generator=generator), torch.tensor([0, 1, 1, 0]))
+
+    graph = make_fx(sums, tracing_mode="symbolic")(*inputs(7, 0))
+    index_adds_as_scatters(graph)
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not any("index_add" in target for target in targets) and sum("scatter_add" in t for t in targets) == 3
+    for edges in (7, 12):
+        for got, expected in zip(graph(*inputs(edges, edges)), sums(*inputs(edges, edges))):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

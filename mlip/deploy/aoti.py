@@ -118,6 +118,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     # Duck shaping would merge N or E with an equal weight dimension and specialize both.
     with fx_config.patch(use_duck_shape=False):  # one graph with the backward pass; num_local a symbolic int
         graph = make_fx(flat_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+    if device.type == "cpu":
+        index_adds_as_scatters(graph)
     nodes = torch.export.Dim("num_nodes", min=0)  # an isolated atom has one node and no edges
     edges = torch.export.Dim("num_edges", min=0)
     inputs = (*example[:4], torch.tensor(num_local, device=device))
@@ -152,6 +154,38 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         if os.path.exists(tmp):
             os.remove(tmp)
     return metadata
+
+
+def index_adds_as_scatters(graph: torch.fx.GraphModule) -> None:
+    """Rewrite, in place, each ``index_add(x, 0, index, source)`` (the backward of a row gather) as
+    ``scatter_add(x, 0, index expanded over source's other dimensions, source)``.
+
+    Lowered under :func:`aten_accumulation`, an index_add becomes ATen's index_put with accumulate,
+    which runs on one thread; a scatter_add with an expanded index is ATen's threaded kernel (the
+    one mlip's own scatter_rows uses). Same sums, so same results up to summation order."""
+    aten = torch.ops.aten
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.index_add.default, aten.index_add_.default):
+            continue
+        x, dim, index, source = node.args[:4]
+        shape = source.meta["val"].shape
+        if dim != 0 or node.kwargs or len(node.args) > 4:
+            continue
+        with graph.graph.inserting_before(node):
+            expanded = index
+            sizes = [-1]
+            for d, size in enumerate(shape[1:], 1):
+                expanded = graph.graph.call_function(aten.unsqueeze.default, (expanded, -1))
+                # a size known only at run time (the number of edges) is read off the source
+                sizes.append(size if isinstance(size, int) else graph.graph.call_function(aten.sym_size.int, (source, d)))
+            if len(shape) > 1:
+                expanded = graph.graph.call_function(aten.expand.default, (expanded, sizes))
+            scatter = aten.scatter_add_.default if node.target is aten.index_add_.default else aten.scatter_add.default
+            replacement = graph.graph.call_function(scatter, (x, 0, expanded, source))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.graph.erase_node(node)
+    graph.recompile()
 
 
 class _TensorNumLocal(torch.nn.Module):
