@@ -267,6 +267,32 @@ def test_lammps_runs_an_aoti_package(plugin, tmp_path):
     assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")
 
 
+def test_selects_become_gathers_with_the_same_rows():
+    """aoti.selects_as_gathers: index_select over dim 0 of 1-D, 2-D and 3-D tensors (a size known at run
+    time only) becomes gather; the same values, at other sizes too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from mlip.deploy.aoti import selects_as_gathers
+
+    def rows(flat, table, blocks, index):
+        return flat.index_select(0, index), table.index_select(0, index), blocks.index_select(0, index[:2] % 2)
+
+    def inputs(n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(n, generator=generator, dtype=torch.float64),
+                torch.randn(n, 3, generator=generator, dtype=torch.float64),
+                torch.randn(2, n, 4, generator=generator, dtype=torch.float64),
+                torch.randint(0, n, (2 * n,), generator=generator))
+
+    graph = make_fx(rows, tracing_mode="symbolic")(*inputs(5, 0))
+    selects_as_gathers(graph)
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not any("index_select" in target for target in targets) and sum("gather" in t for t in targets) == 3
+    for n in (5, 9):
+        for got, expected in zip(graph(*inputs(n, n)), rows(*inputs(n, n))):
+            assert torch.equal(got, expected)
+
+
 def test_index_adds_become_scatters_with_the_same_sums():
     """aoti.index_adds_as_scatters: every index_add over dim 0 (2-D, 3-D with a size known at run time
     only, in place) becomes a scatter_add that gives the same tensor; the traced graph keeps working

@@ -52,8 +52,10 @@ def aten_accumulation():
     that give forces and per-atom energies) become calls to ATen's kernels, not Inductor's own.
 
     Inductor's multi-threaded CPU accumulation gave wrong forces and right energies (torch 2.13,
-    Allegro: forces off by 0.14-0.78 relative at 2 threads; right at 1 thread); ATen's scatter
-    kernels are threaded and right. The only switch Inductor reads for that choice is torch's
+    Allegro: forces off by 0.14-0.78 relative at 2 threads; right at 1 thread): its lowering of
+    index_put with accumulate, into which index_add decomposes (with the index_adds rewritten by
+    :func:`index_adds_as_scatters`, its own scatter_add was right: mlip.train.compiled relies on
+    that); ATen's scatter kernels are threaded and right. The only switch Inductor reads for that choice is torch's
     deterministic-algorithms flag (``use_scatter_fallback``, ``index_put_``), so it is set for the
     lowering and restored after: it changes which kernels are compiled, not what runs later."""
     enabled = torch.are_deterministic_algorithms_enabled()
@@ -168,24 +170,48 @@ def index_adds_as_scatters(graph: torch.fx.GraphModule) -> None:
         if node.op != "call_function" or node.target not in (aten.index_add.default, aten.index_add_.default):
             continue
         x, dim, index, source = node.args[:4]
-        shape = source.meta["val"].shape
         if dim != 0 or node.kwargs or len(node.args) > 4:
             continue
         with graph.graph.inserting_before(node):
-            expanded = index
-            sizes = [-1]
-            for d, size in enumerate(shape[1:], 1):
-                expanded = graph.graph.call_function(aten.unsqueeze.default, (expanded, -1))
-                # a size known only at run time (the number of edges) is read off the source
-                sizes.append(size if isinstance(size, int) else graph.graph.call_function(aten.sym_size.int, (source, d)))
-            if len(shape) > 1:
-                expanded = graph.graph.call_function(aten.expand.default, (expanded, sizes))
+            expanded = _expanded(graph, index, source)
             scatter = aten.scatter_add_.default if node.target is aten.index_add_.default else aten.scatter_add.default
             replacement = graph.graph.call_function(scatter, (x, 0, expanded, source))
         replacement.meta = dict(node.meta)
         node.replace_all_uses_with(replacement)
         graph.graph.erase_node(node)
     graph.recompile()
+
+
+def selects_as_gathers(graph: torch.fx.GraphModule) -> None:
+    """Rewrite, in place, each ``index_select(x, 0, index)`` (a row gather) as ``gather(x, 0, index
+    expanded over x's other dimensions)``: the same rows, but a graph that is differentiated again
+    (a compiled training step) then takes its gradient as a scatter_add, not as an index_add
+    (see :func:`index_adds_as_scatters`)."""
+    aten = torch.ops.aten
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.index_select.default or node.args[1] != 0:
+            continue
+        x, _, index = node.args
+        with graph.graph.inserting_before(node):
+            replacement = graph.graph.call_function(aten.gather.default, (x, 0, _expanded(graph, index, x)))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.graph.erase_node(node)
+    graph.recompile()
+
+
+def _expanded(graph: torch.fx.GraphModule, index: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    """A node of ``index`` (K,) expanded to (K, *like's other dimensions) (a view: stride 0), sizes
+    known only at run time (the number of edges) read off ``like``."""
+    aten = torch.ops.aten
+    shape = like.meta["val"].shape
+    expanded, sizes = index, [-1]
+    for d, size in enumerate(shape[1:], 1):
+        expanded = graph.graph.call_function(aten.unsqueeze.default, (expanded, -1))
+        sizes.append(size if isinstance(size, int) else graph.graph.call_function(aten.sym_size.int, (like, d)))
+    if len(shape) > 1:
+        expanded = graph.graph.call_function(aten.expand.default, (expanded, sizes))
+    return expanded
 
 
 class _TensorNumLocal(torch.nn.Module):

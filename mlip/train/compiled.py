@@ -14,12 +14,13 @@ and 1 (a broadcast), so a batch with such a size (e.g. a last batch of one struc
 and compiled again, once: the graphs are kept by the batch's keys, dtypes, the paired-edges flag
 and which sizes are 0 or 1.
 
-Inductor's own kernels are compiled for one thread (``COMPILED_THREADS``): with torch's 2 threads
-its C++ code generation failed on Allegro (torch 2.13, an internal assertion on a vectorized index),
-and its multi-threaded accumulation gave AOTI packages wrong forces (mlip.deploy.aoti compiles
-packages with ATen's scatters instead, under torch's deterministic flag: a flag torch.compile guards
-on, so it would have to stay set through every training step). Matrix products are calls into ATen
-and still use torch's threads.
+Inductor's kernels take torch's thread count at run time (``cpp.dynamic_threads``). Before they are
+compiled, each row gather (index_select) is traced as a gather and each index_add as a scatter_add
+(:func:`mlip.deploy.aoti.selects_as_gathers`, ``index_adds_as_scatters``), so that neither the graph
+nor the backward torch.compile derives from it holds an accumulating index_put: Inductor's
+multi-threaded lowering of that op gave wrong sums (AOTI packages: forces off by 0.14-0.78 relative
+at 2 threads), which is why these kernels ran on one thread before. Matrix products are calls into
+ATen and use torch's threads either way.
 
 Evaluation (``model.eval()``) runs the model as it is: validation is a small part of a run, and
 its forces need no graph.
@@ -31,9 +32,7 @@ import torch
 from torch import nn
 
 from ..data import keys
-
-
-COMPILED_THREADS = 1
+from ..deploy.aoti import index_adds_as_scatters, selects_as_gathers
 
 
 class CompiledTraining(nn.Module):
@@ -74,7 +73,11 @@ class CompiledTraining(nn.Module):
         with fx_config.patch(use_duck_shape=False):  # else a size equal to another (or to a weight's) is tied to it
             graph = make_fx(training_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         reattach_saved_outputs(graph)
-        return torch.compile(graph, dynamic=True, options={"cpp.threads": COMPILED_THREADS})
+        # Gathers and index_adds as gather / scatter_add, here and in the backward derived from it: no
+        # accumulating index_put, whose multi-threaded lowering gives wrong sums (see mlip.deploy.aoti).
+        selects_as_gathers(graph)
+        index_adds_as_scatters(graph)
+        return torch.compile(graph, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
 def reattach_saved_outputs(graph: torch.fx.GraphModule) -> None:
