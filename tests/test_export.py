@@ -267,11 +267,24 @@ def test_lammps_runs_an_aoti_package(plugin, tmp_path):
     assert_close(dump2, dump1, 1e-9, "positions, forces, per-atom energies")
 
 
+def check_rewrite(function, rewrite, inputs, sizes, removed, added, count):
+    """Trace ``function`` on inputs(sizes[0]) with symbolic sizes, apply ``rewrite``: no op named
+    ``removed`` is left, ``count`` ops named ``added`` are there, and the graph gives the function's
+    own results at every size (float64, same sums up to order)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(function, tracing_mode="symbolic")(*inputs(sizes[0], 0))
+    rewrite(graph)
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not any(removed in target for target in targets) and sum(added in t for t in targets) == count
+    for size in sizes:
+        for got, expected in zip(graph(*inputs(size, size)), function(*inputs(size, size))):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_selects_become_gathers_with_the_same_rows():
     """aoti.selects_as_gathers: index_select over dim 0 of 1-D, 2-D and 3-D tensors (a size known at run
     time only) becomes gather; the same values, at other sizes too."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     from mlip.deploy.aoti import selects_as_gathers
 
     def rows(flat, table, blocks, index):
@@ -284,21 +297,13 @@ def test_selects_become_gathers_with_the_same_rows():
                 torch.randn(2, n, 4, generator=generator, dtype=torch.float64),
                 torch.randint(0, n, (2 * n,), generator=generator))
 
-    graph = make_fx(rows, tracing_mode="symbolic")(*inputs(5, 0))
-    selects_as_gathers(graph)
-    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-    assert not any("index_select" in target for target in targets) and sum("gather" in t for t in targets) == 3
-    for n in (5, 9):
-        for got, expected in zip(graph(*inputs(n, n)), rows(*inputs(n, n))):
-            assert torch.equal(got, expected)
+    check_rewrite(rows, selects_as_gathers, inputs, (5, 9), "index_select", "gather", 3)
 
 
 def test_index_adds_become_scatters_with_the_same_sums():
     """aoti.index_adds_as_scatters: every index_add over dim 0 (2-D, 3-D with a size known at run time
     only, in place) becomes a scatter_add that gives the same tensor; the traced graph keeps working
     for other sizes."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     from mlip.deploy.aoti import index_adds_as_scatters
 
     def sums(rows, blocks, index, small_index):
@@ -314,10 +319,4 @@ def test_index_adds_become_scatters_with_the_same_sums():
                 torch.randn(4, edges, 3, generator=generator, dtype=torch.float64),
                 torch.randint(0, 5, (edges,), generator=generator), torch.tensor([0, 1, 1, 0]))
 
-    graph = make_fx(sums, tracing_mode="symbolic")(*inputs(7, 0))
-    index_adds_as_scatters(graph)
-    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-    assert not any("index_add" in target for target in targets) and sum("scatter_add" in t for t in targets) == 3
-    for edges in (7, 12):
-        for got, expected in zip(graph(*inputs(edges, edges)), sums(*inputs(edges, edges))):
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    check_rewrite(sums, index_adds_as_scatters, inputs, (7, 12), "index_add", "scatter_add", 3)
