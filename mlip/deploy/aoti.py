@@ -21,15 +21,16 @@ Exported signature (what the Python wrapper and the C++ ``AOTIModelPackageLoader
 - The package holds the weights and code for one device and one torch version; both are in the
   metadata and checked at load (a mismatch fails inside torch's loader with no useful message).
 - CPU kernels take their thread count at run time (torch's, ``torch.set_num_threads``; metadata
-  "threads": "run time"), with every scatter-add and accumulating index_put left to ATen's kernels
-  (see :func:`aten_accumulation`): Inductor's own multi-threaded accumulation gave wrong forces.
+  "threads": "run time"). Every index_add (the backward of a row gather) is traced as a scatter_add
+  first (:func:`index_adds_as_scatters`): Inductor lowers index_add to an accumulating index_put,
+  and its multi-threaded code for that gave wrong forces (0.14-0.78 relative at 2 threads, energies
+  right); its scatter_add is right.
 
 Metadata: the same JSON as a TorchScript file, at ``<archive>/extra/mlip/metadata.json``, plus
 "torch_version", "device", "threads" and "aoti_outputs"; also in the package's own metadata
 (key ``mlip_metadata``) for C++ loaders.
 """
 
-import contextlib
 import json
 import os
 import tempfile
@@ -44,27 +45,6 @@ PACKAGE_METADATA_KEY = "mlip_metadata"
 # many threads as torch is set to where the package runs (Python, or the LAMMPS plugin's
 # MLIP_TORCH_THREADS). Packages of earlier mlip versions say 1 (kernels compiled for one thread).
 KERNEL_THREADS = "run time"
-
-
-@contextlib.contextmanager
-def aten_accumulation():
-    """While Inductor lowers a graph: scatter-add and accumulating index_put (the sums over edges
-    that give forces and per-atom energies) become calls to ATen's kernels, not Inductor's own.
-
-    Inductor's multi-threaded CPU accumulation gave wrong forces and right energies (torch 2.13,
-    Allegro: forces off by 0.14-0.78 relative at 2 threads; right at 1 thread): its lowering of
-    index_put with accumulate, into which index_add decomposes (with the index_adds rewritten by
-    :func:`index_adds_as_scatters`, its own scatter_add was right: mlip.train.compiled relies on
-    that); ATen's scatter kernels are threaded and right. The only switch Inductor reads for that choice is torch's
-    deterministic-algorithms flag (``use_scatter_fallback``, ``index_put_``), so it is set for the
-    lowering and restored after: it changes which kernels are compiled, not what runs later."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def is_aoti_package(path: Union[str, os.PathLike]) -> bool:
@@ -138,11 +118,10 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".pt2")  # Inductor insists on the .pt2 suffix
     os.close(fd)
     try:
-        cpu = device.type == "cpu"  # (GPU kernels accumulate with atomics, right as they are)
-        with warnings.catch_warnings(), aten_accumulation() if cpu else contextlib.nullcontext():
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch 2.13's pytree
             aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
-                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}, "cpp.dynamic_threads": cpu})
+                "aot_inductor.metadata": {PACKAGE_METADATA_KEY: text}, "cpp.dynamic_threads": device.type == "cpu"})
         with zipfile.ZipFile(tmp, "a") as archive:
             root = archive.namelist()[0].split("/")[0]
             archive.writestr(f"{root}/extra/mlip/metadata.json", text)
@@ -162,9 +141,10 @@ def index_adds_as_scatters(graph: torch.fx.GraphModule) -> None:
     """Rewrite, in place, each ``index_add(x, 0, index, source)`` (the backward of a row gather) as
     ``scatter_add(x, 0, index expanded over source's other dimensions, source)``.
 
-    Lowered under :func:`aten_accumulation`, an index_add becomes ATen's index_put with accumulate,
-    which runs on one thread; a scatter_add with an expanded index is ATen's threaded kernel (the
-    one mlip's own scatter_rows uses). Same sums, so same results up to summation order."""
+    Inductor lowers an index_add to an accumulating index_put, whose multi-threaded CPU code gave
+    wrong sums (torch 2.13; an AOTI package's forces off by 0.14-0.78 relative at 2 threads, right
+    at 1 thread); its scatter_add is right at any thread count. Same sums, so the same results up to
+    summation order."""
     aten = torch.ops.aten
     for node in list(graph.graph.nodes):
         if node.op != "call_function" or node.target not in (aten.index_add.default, aten.index_add_.default):
