@@ -78,7 +78,7 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.pairs):
             for i, (source, compiled) in enumerate(variants):
-                name = f"{source}{' (compile: true)' if compiled else ''}"
+                name = variant_name(source, compiled)
                 env = dict(os.environ, PYTHONPATH=source, OMP_NUM_THREADS=str(args.threads))
                 command = [sys.executable, os.path.abspath(__file__), config_path, "--run-in",
                            os.path.join(tmp, f"run{repeat}-{i}"), "--threads", str(args.threads),
@@ -95,9 +95,13 @@ def compare(args) -> None:
                       f"(first step {record['first_step_s']:.1f} s)", flush=True)
     print(f"\n{args.config}, {args.threads} thread(s), median of {args.steps} steps per run")
     for (source, compiled), times in results.items():
-        print(f"{source}{' (compile: true)' if compiled else ''}: median {statistics.median(times):.1f} ms/step "
+        print(f"{variant_name(source, compiled)}: median {statistics.median(times):.1f} ms/step "
               f"= {1000 / statistics.median(times):.2f} steps/s, runs {', '.join(f'{t:.1f}' for t in times)}; "
               f"first step {', '.join(f'{t:.1f}' for t in first_steps[(source, compiled)])} s")
+
+
+def variant_name(source: str, compiled: bool) -> str:
+    return f"{source}{' (compile: true)' if compiled else ''}"
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def test_float64_deployment_of_a_float32_model(tmp_path):
 @pytest.mark.slow
 def test_package_compiled_for_two_threads(tmp_path):
     """Deployed and run with 2 torch threads, then run with 1, a one-species model: with Inductor's own
-    lowering of the gathers' backward (index_add, before aoti.index_adds_as_scatters) its forces were
+    lowering of the gathers' backward (index_add, before mlip.traced.index_adds_as_scatters) its forces were
     wrong (0.14-0.78 relative) and its energies right; the deploy check alone then fails."""
     from mlip.data.stats import DatasetStatistics
     from mlip.models import ModelConfig, build_model
@@ -282,9 +282,9 @@ def check_rewrite(function, rewrite, inputs, sizes, removed, added, count):
 
 
 def test_selects_become_gathers_with_the_same_rows():
-    """aoti.selects_as_gathers: index_select over dim 0 of 1-D, 2-D and 3-D tensors (a size known at run
+    """mlip.traced.selects_as_gathers: index_select over dim 0 of 1-D, 2-D and 3-D tensors (a size known at run
     time only) becomes gather; the same values, at other sizes too."""
-    from mlip.deploy.aoti import selects_as_gathers
+    from mlip.traced import selects_as_gathers
 
     def rows(flat, table, blocks, index):
         return flat.index_select(0, index), table.index_select(0, index), blocks.index_select(0, index[:2] % 2)
@@ -300,10 +300,10 @@ def test_selects_become_gathers_with_the_same_rows():
 
 
 def test_index_adds_become_scatters_with_the_same_sums():
-    """aoti.index_adds_as_scatters: every index_add over dim 0 (2-D, 3-D with a size known at run time
+    """mlip.traced.index_adds_as_scatters: every index_add over dim 0 (2-D, 3-D with a size known at run time
     only, in place) becomes a scatter_add that gives the same tensor; the traced graph keeps working
     for other sizes."""
-    from mlip.deploy.aoti import index_adds_as_scatters
+    from mlip.traced import index_adds_as_scatters
 
     def sums(rows, blocks, index, small_index):
         target = torch.zeros(5, rows.shape[1], dtype=rows.dtype).index_add(0, index, rows)

@@ -22,7 +22,7 @@ Exported signature (what the Python wrapper and the C++ ``AOTIModelPackageLoader
   metadata and checked at load (a mismatch fails inside torch's loader with no useful message).
 - CPU kernels take their thread count at run time (torch's, ``torch.set_num_threads``; metadata
   "threads": "run time"). Every index_add (the backward of a row gather) is traced as a scatter_add
-  first (:func:`index_adds_as_scatters`): Inductor lowers index_add to an accumulating index_put,
+  first (:func:`mlip.traced.index_adds_as_scatters`): Inductor lowers index_add to an accumulating index_put,
   and its multi-threaded code for that gave wrong forces (0.14-0.78 relative at 2 threads, energies
   right); its scatter_add is right.
 
@@ -81,9 +81,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
     (tracing takes the branch the example takes: the slice of owned atoms must stay a slice).
     """
     from torch._inductor import aoti_compile_and_package
-    from torch.fx.experimental import _config as fx_config
-    from torch.fx.experimental.proxy_tensor import make_fx
 
+    from ..traced import index_adds_as_scatters, trace
     from .model_file import AOTI_FORMAT_NAME, complete_metadata
 
     device = torch.device(device)
@@ -97,11 +96,8 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         out = deployed(positions, atom_types, edge_index, edge_shifts, num_local)
         return tuple(out[name] for name in output_names)
 
-    # Duck shaping would merge N or E with an equal weight dimension and specialize both.
-    with fx_config.patch(use_duck_shape=False):  # one graph with the backward pass; num_local a symbolic int
-        graph = make_fx(flat_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-    if device.type == "cpu":
-        index_adds_as_scatters(graph)
+    graph = trace(flat_forward, example)  # one graph with the backward pass; num_local a symbolic int
+    index_adds_as_scatters(graph)  # (CPU and GPU alike: the same graph everywhere)
     nodes = torch.export.Dim("num_nodes", min=0)  # an isolated atom has one node and no edges
     edges = torch.export.Dim("num_edges", min=0)
     inputs = (*example[:4], torch.tensor(num_local, device=device))
@@ -135,63 +131,6 @@ def export_package(deployed: torch.nn.Module, example: Tuple, path: Union[str, o
         if os.path.exists(tmp):
             os.remove(tmp)
     return metadata
-
-
-def index_adds_as_scatters(graph: torch.fx.GraphModule) -> None:
-    """Rewrite, in place, each ``index_add(x, 0, index, source)`` (the backward of a row gather) as
-    ``scatter_add(x, 0, index expanded over source's other dimensions, source)``.
-
-    Inductor lowers an index_add to an accumulating index_put, whose multi-threaded CPU code gave
-    wrong sums (torch 2.13; an AOTI package's forces off by 0.14-0.78 relative at 2 threads, right
-    at 1 thread); its scatter_add is right at any thread count. Same sums, so the same results up to
-    summation order."""
-    aten = torch.ops.aten
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function" or node.target not in (aten.index_add.default, aten.index_add_.default):
-            continue
-        x, dim, index, source = node.args[:4]
-        if dim != 0 or node.kwargs or len(node.args) > 4:
-            continue
-        with graph.graph.inserting_before(node):
-            expanded = _expanded(graph, index, source)
-            scatter = aten.scatter_add_.default if node.target is aten.index_add_.default else aten.scatter_add.default
-            replacement = graph.graph.call_function(scatter, (x, 0, expanded, source))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.graph.erase_node(node)
-    graph.recompile()
-
-
-def selects_as_gathers(graph: torch.fx.GraphModule) -> None:
-    """Rewrite, in place, each ``index_select(x, 0, index)`` (a row gather) as ``gather(x, 0, index
-    expanded over x's other dimensions)``: the same rows, but a graph that is differentiated again
-    (a compiled training step) then takes its gradient as a scatter_add, not as an index_add
-    (see :func:`index_adds_as_scatters`)."""
-    aten = torch.ops.aten
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.index_select.default or node.args[1] != 0:
-            continue
-        x, _, index = node.args
-        with graph.graph.inserting_before(node):
-            replacement = graph.graph.call_function(aten.gather.default, (x, 0, _expanded(graph, index, x)))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.graph.erase_node(node)
-    graph.recompile()
-
-
-def _expanded(graph: torch.fx.GraphModule, index: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
-    """A node of ``index`` (K,) expanded to (K, *like's other dimensions) (a view: stride 0), sizes
-    known only at run time (the number of edges) read off ``like``."""
-    aten = torch.ops.aten
-    shape = like.meta["val"].shape
-    expanded, sizes = index, [-1]
-    for d, size in enumerate(shape[1:], 1):
-        expanded = graph.graph.call_function(aten.unsqueeze.default, (expanded, -1))
-        sizes.append(size if isinstance(size, int) else graph.graph.call_function(aten.sym_size.int, (like, d)))
-    if len(shape) > 1:
-        expanded = graph.graph.call_function(aten.expand.default, (expanded, sizes))
-    return expanded
 
 
 class _TensorNumLocal(torch.nn.Module):

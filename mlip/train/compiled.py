@@ -16,7 +16,7 @@ and which sizes are 0 or 1.
 
 Inductor's kernels take torch's thread count at run time (``cpp.dynamic_threads``). Before they are
 compiled, each row gather (index_select) is traced as a gather and each index_add as a scatter_add
-(:func:`mlip.deploy.aoti.selects_as_gathers`, ``index_adds_as_scatters``), so that neither the graph
+(:mod:`mlip.traced`), so that neither the graph
 nor the backward torch.compile derives from it holds an accumulating index_put: Inductor's
 multi-threaded lowering of that op gave wrong sums (AOTI packages: forces off by 0.14-0.78 relative
 at 2 threads), which is why these kernels ran on one thread before. Matrix products are calls into
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..data import keys
-from ..deploy.aoti import index_adds_as_scatters, selects_as_gathers
+from ..traced import index_adds_as_scatters, selects_as_gathers, trace
 
 
 class CompiledTraining(nn.Module):
@@ -60,8 +60,6 @@ class CompiledTraining(nn.Module):
 
     def _compile(self, tensors: Dict[str, torch.Tensor], paired: bool) -> nn.Module:
         from torch.func import functional_call
-        from torch.fx.experimental import _config as fx_config
-        from torch.fx.experimental.proxy_tensor import make_fx
 
         model = self.model
         flag = {keys.EDGES_PAIRED: torch.tensor(True)} if paired else {}
@@ -70,11 +68,10 @@ class CompiledTraining(nn.Module):
             return functional_call(model, (parameters, buffers), (dict(batch, **flag),))
 
         example = (dict(model.named_parameters()), dict(model.named_buffers()), tensors)
-        with fx_config.patch(use_duck_shape=False):  # else a size equal to another (or to a weight's) is tied to it
-            graph = make_fx(training_forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        graph = trace(training_forward, example)
         reattach_saved_outputs(graph)
         # Gathers and index_adds as gather / scatter_add, here and in the backward derived from it: no
-        # accumulating index_put, whose multi-threaded lowering gives wrong sums (see mlip.deploy.aoti).
+        # accumulating index_put, whose multi-threaded lowering gives wrong sums (see mlip.traced).
         selects_as_gathers(graph)
         index_adds_as_scatters(graph)
         return torch.compile(graph, dynamic=True, options={"cpp.dynamic_threads": True})
