@@ -46,6 +46,7 @@ def predict(model, structures, r_max: float = R_MAX) -> np.ndarray:
 
 CASES = [(family, pooling, False) for family in ("nequip", "allegro") for pooling in ("intensive", "extensive")]
 CASES += [("nequip", "intensive", True), ("allegro", "extensive", True)]  # with element descriptors
+CASES += [("allegro", "max", False), ("nequip", "meanmax", False)]
 
 
 @pytest.mark.parametrize("family,pooling,element_features", CASES)
@@ -205,7 +206,7 @@ def test_bad_property_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="needs task: property"):
         config_from_dict({"data": {"train": [path], "keys": {"property": "gap"}}})
     with pytest.raises(ConfigError, match="property.pooling"):
-        config_from_dict({"task": "property", "property": {"pooling": "max"},
+        config_from_dict({"task": "property", "property": {"pooling": "median"},
                           "data": {"train": [path], "keys": {"property": "gap"}}})
 
 

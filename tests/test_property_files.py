@@ -172,6 +172,22 @@ def test_deploy_nequip_extensive_float64(data_file, tmp_path):
     assert double == pytest.approx(2.0 * single, rel=1e-9)
 
 
+@pytest.mark.parametrize("pooling", ["max", "meanmax"])
+def test_deploy_max_poolings(pooling, data_file, tmp_path):
+    """Max over atoms in TorchScript, over batches of cells of different sizes: the file predicts what
+    the eager model does, and a 2x1x1 supercell the value of its cell (the max of two equal halves)."""
+    model = tiny_property_model("allegro", pooling, dtype=torch.float32)
+    path = tmp_path / f"{pooling}.pt"
+    assert deploy_model(model, path)["property"]["pooling"] == pooling
+    expected = predict_properties(model, dataset(data_file), torch.float32)
+    np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=1e-6)
+    cell = read(data_file, "0")
+    pair = tmp_path / "pair.extxyz"
+    write(pair, [cell, cell.repeat((2, 1, 1))])
+    single, double = file_predictions(str(path), str(pair))
+    assert double == pytest.approx(single, rel=1e-5)
+
+
 def test_check_compiled_catches_a_wrong_property_file():
     model = tiny_property_model("allegro", "intensive")
     with pytest.raises(RuntimeError, match="differs from the eager model in property"):

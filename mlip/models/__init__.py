@@ -82,7 +82,7 @@ def _property_model(backbone: torch.nn.Module, head: Dict[str, Any], statistics:
     std = statistics.extra[prefix + "std"] or 1.0
     descriptors = (element_features(statistics.type_names) if head["element_features"]
                    else torch.zeros(len(statistics.type_names), 0, dtype=torch.float64))
-    return PropertyModel(backbone, statistics.extra[prefix + "mean"], std, extensive, head["hidden"], descriptors)
+    return PropertyModel(backbone, statistics.extra[prefix + "mean"], std, head["pooling"], head["hidden"], descriptors)
 
 
 def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, dtype: torch.dtype) -> Potential:

@@ -8,7 +8,11 @@ permutations, a function of the atoms within the receptive field). A property he
   band gap): y = mean + std * MLP(mean over the structure's atoms of the features). A supercell has
   the same mean features, hence the same y;
 - extensive (grows with the number of atoms): y = sum over atoms of (mean + std * MLP(features_i)),
-  with mean, std those of y / N. A supercell of n cells gives n times y.
+  with mean, std those of y / N. A supercell of n cells gives n times y;
+- max (intensive): y = mean + std * max over atoms of MLP(features_i), for targets that an extreme
+  environment sets (the highest phonon frequency: the stiffest bond to the lightest atom);
+- meanmax (intensive): y = mean + std * MLP([mean over atoms, max over atoms] of the features)
+  (element-wise max). A supercell has the same mean and max, hence the same y.
 
 mean and std are the target's, over the training split: the MLP outputs O(1) numbers. Property
 models predict no energy, forces or stress: MD engines refuse them (their files say ``task``).
@@ -24,7 +28,7 @@ from torch import nn
 from ..data import keys
 from ..nn import mlp, scatter_sum
 
-POOLINGS = ("intensive", "extensive")
+POOLINGS = ("intensive", "extensive", "max", "meanmax")
 
 
 def element_features(type_names: Sequence[str]) -> torch.Tensor:
@@ -62,17 +66,19 @@ def _period_and_group(z: int):
 class PropertyModel(nn.Module):
     """Reads positions, atom_types, edge_index, edge_shifts, batch, num_atoms; writes property (B,)."""
 
-    def __init__(self, backbone: nn.Module, mean: float, std: float, extensive: bool, hidden: List[int],
+    def __init__(self, backbone: nn.Module, mean: float, std: float, pooling: str, hidden: List[int],
                  descriptors: torch.Tensor):
         """descriptors: (num_types, D) per-element features joined to each atom's learnt ones before the
         readout (``element_features``), or (num_types, 0)."""
         super().__init__()
         self.backbone = backbone
-        self.extensive = extensive
+        self.pooling = pooling
+        self.extensive = pooling == "extensive"
         self.mean = float(mean)
         self.std = float(std)
         self.register_buffer("descriptors", descriptors.clone())
-        self.readout = mlp([backbone.num_invariant_features + descriptors.shape[1]] + list(hidden) + [1])
+        width = backbone.num_invariant_features + descriptors.shape[1]
+        self.readout = mlp([width * (2 if pooling == "meanmax" else 1)] + list(hidden) + [1])
 
     def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {keys.PROPERTY: self.predict(data[keys.POSITIONS], data[keys.ATOM_TYPES], data[keys.EDGE_INDEX],
@@ -96,7 +102,17 @@ class PropertyModel(nn.Module):
         if self.extensive:
             per_atom = self.readout(features).squeeze(-1).to(torch.float64)
             return scatter_sum(self.mean + self.std * per_atom, batch, num_graphs)
+        if self.pooling == "max":
+            per_atom = self.readout(features).squeeze(-1)
+            top = torch.zeros(num_graphs, dtype=per_atom.dtype, device=per_atom.device)
+            top = top.scatter_reduce(0, batch, per_atom, reduce="amax", include_self=False)
+            return self.mean + self.std * top.to(torch.float64)
         pooled = scatter_sum(features, batch, num_graphs) / num_atoms.to(features.dtype).clamp(min=1).unsqueeze(-1)
+        if self.pooling == "meanmax":
+            top = torch.zeros(num_graphs, features.shape[1], dtype=features.dtype, device=features.device)
+            top = top.scatter_reduce(0, batch.unsqueeze(-1).expand_as(features), features, reduce="amax",
+                                     include_self=False)
+            pooled = torch.cat([pooled, top], dim=1)
         return self.mean + self.std * self.readout(pooled).squeeze(-1).to(torch.float64)
 
 
@@ -122,7 +138,7 @@ class DeployedProperty(nn.Module):
 
 def check_property_head(head: Dict[str, Any]) -> Dict[str, Any]:
     """A model config's ``property`` mapping, completed and checked: name (the target's info key),
-    unit, pooling (intensive | extensive), hidden (widths of the readout MLP's hidden layers),
+    unit, pooling (intensive | extensive | max | meanmax: the module docstring), hidden (widths of the readout MLP's hidden layers),
     element_features (join ``element_features`` of each atom's element to its learnt features)."""
     allowed = {"name", "unit", "pooling", "hidden", "element_features"}
     unknown = sorted(set(head) - allowed)

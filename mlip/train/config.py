@@ -83,7 +83,10 @@ class PropertyConfig:
     """task: property. The target is read from atoms.info[data.keys.property]."""
 
     unit: str = ""  # the target's unit, for files, tables and plots (e.g. cm^-1, eV)
-    pooling: str = "intensive"  # intensive (mean over atoms: a supercell gives the same) | extensive (sum)
+    # intensive: MLP of the mean over atoms of the features (a supercell gives the same) | extensive: sum over
+    # atoms of an MLP of each | max: max over atoms of an MLP of each (intensive) | meanmax: MLP of the mean
+    # and the element-wise max of the features (intensive); mlip.models.property
+    pooling: str = "intensive"
     hidden: List[int] = field(default_factory=lambda: [64, 64])  # hidden widths of the readout MLP
     # join each atom's element descriptors (1/sqrt(mass), covalent radius, Z, period, group) to its
     # learnt features before the readout: they hold across elements, rare ones included
@@ -137,7 +140,7 @@ CHOICES = {
     ("model", "family"): ("allegro", "nequip"),
     ("distributed_backend",): (None, "gloo", "nccl"),
     ("task",): ("potential", "property"),
-    ("property", "pooling"): ("intensive", "extensive"),
+    ("property", "pooling"): ("intensive", "extensive", "max", "meanmax"),
     ("loss", "property_loss"): ("l1", "mse"),
 }
 POTENTIAL_TERMS = ("energy_per_atom", "forces", "stress")
