@@ -163,13 +163,7 @@ def test_deploy_nequip_extensive_float64(data_file, tmp_path):
     metadata = deploy_model(model, path)
     assert metadata["property"]["pooling"] == "extensive" and metadata["property"]["element_features"]
     assert metadata["message_passing_layers"] == 2
-    expected = predict_properties(model, dataset(data_file), torch.float64)
-    np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=1e-10)
-    cell = read(data_file, "0")
-    pair = tmp_path / "pair.extxyz"
-    write(pair, [cell, cell.repeat((2, 1, 1))])
-    single, double = file_predictions(str(path), str(pair))
-    assert double == pytest.approx(2.0 * single, rel=1e-9)
+    assert_file_matches_model(path, model, data_file, tmp_path, supercell_factor=2.0, rtol=1e-9)
 
 
 @pytest.mark.parametrize("pooling", ["max", "meanmax"])
@@ -179,13 +173,19 @@ def test_deploy_max_poolings(pooling, data_file, tmp_path):
     model = tiny_property_model("allegro", pooling, dtype=torch.float32)
     path = tmp_path / f"{pooling}.pt"
     assert deploy_model(model, path)["property"]["pooling"] == pooling
-    expected = predict_properties(model, dataset(data_file), torch.float32)
-    np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=1e-6)
+    assert_file_matches_model(path, model, data_file, tmp_path, supercell_factor=1.0, rtol=1e-5)
+
+
+def assert_file_matches_model(path, model, data_file, tmp_path, supercell_factor: float, rtol: float):
+    """The file at ``path`` predicts what the eager ``model`` does on the data file, and a 2x1x1
+    supercell of its first cell ``supercell_factor`` times the cell's value."""
+    expected = predict_properties(model, dataset(data_file), next(model.parameters()).dtype)
+    np.testing.assert_allclose(file_predictions(str(path), data_file), expected, rtol=rtol)
     cell = read(data_file, "0")
     pair = tmp_path / "pair.extxyz"
     write(pair, [cell, cell.repeat((2, 1, 1))])
     single, double = file_predictions(str(path), str(pair))
-    assert double == pytest.approx(single, rel=1e-5)
+    assert double == pytest.approx(supercell_factor * single, rel=rtol)
 
 
 def test_check_compiled_catches_a_wrong_property_file():
