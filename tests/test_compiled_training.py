@@ -67,14 +67,17 @@ def test_compiled_steps_equal_eager_steps(data_file, tmp_path, family, head):
     assert len(compiled.step_model._graphs) == 2
 
 
-@pytest.mark.slow  # about a minute of compilation
-def test_compiled_property_steps_equal_eager_steps(tmp_path):
-    """task: property (a per-structure target, no forces): the same steps compiled as eager."""
+@pytest.mark.slow  # about a minute of compilation each
+@pytest.mark.parametrize("pooling,threads", [("intensive", 1), ("meanmax", 2)])
+def test_compiled_property_steps_equal_eager_steps(tmp_path, pooling, threads):
+    """task: property (a per-structure target, no forces): the same steps compiled as eager; the max
+    over atoms (scatter_reduce amax) in Inductor's kernels on two threads too."""
     from test_property import alloys, property_config
 
     path = tmp_path / "alloys.extxyz"
     ase.io.write(path, alloys(12, seed=0))
-    runs = [Trainer(property_config(path, tmp_path / f"run{compile}", dtype="float64", compile=compile))
+    runs = [Trainer(property_config(path, tmp_path / f"run{compile}", dtype="float64", compile=compile, threads=threads,
+                                    property={"unit": "eV", "hidden": [16], "pooling": pooling}))
             for compile in (False, True)]
     batches = list(runs[0].train_loader.epoch(0))
     for batch in batches:
