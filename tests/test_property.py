@@ -72,6 +72,9 @@ def test_property_is_invariant_to_rotation_translation_permutation_and_wrapping(
     changed = atoms.copy()
     changed.positions[0] += 0.3
     assert abs(predict(model, [changed])[0] - reference) > 1e-6
+    # pooled per structure: two different structures in one batch give what each gives alone
+    np.testing.assert_allclose(predict(model, [atoms, changed]), [reference, predict(model, [changed])[0]],
+                               rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("family,pooling,element_features", CASES)

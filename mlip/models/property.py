@@ -26,7 +26,7 @@ from ase.data import atomic_masses, atomic_numbers, covalent_radii
 from torch import nn
 
 from ..data import keys
-from ..nn import mlp, scatter_sum
+from ..nn import mlp, scatter_max, scatter_sum
 
 POOLINGS = ("intensive", "extensive", "max", "meanmax")
 
@@ -73,7 +73,6 @@ class PropertyModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        self.extensive = pooling == "extensive"
         self.mean = float(mean)
         self.std = float(std)
         self.register_buffer("descriptors", descriptors.clone())
@@ -99,20 +98,15 @@ class PropertyModel(nn.Module):
         if self.descriptors.shape[1] > 0:
             features = torch.cat([features, self.descriptors.to(features.dtype)[atom_types]], dim=1)
         num_graphs = num_atoms.shape[0]
-        if self.extensive:
+        if self.pooling == "extensive":
             per_atom = self.readout(features).squeeze(-1).to(torch.float64)
             return scatter_sum(self.mean + self.std * per_atom, batch, num_graphs)
         if self.pooling == "max":
-            per_atom = self.readout(features).squeeze(-1)
-            top = torch.zeros(num_graphs, dtype=per_atom.dtype, device=per_atom.device)
-            top = top.scatter_reduce(0, batch, per_atom, reduce="amax", include_self=False)
+            top = scatter_max(self.readout(features).squeeze(-1), batch, num_graphs)
             return self.mean + self.std * top.to(torch.float64)
         pooled = scatter_sum(features, batch, num_graphs) / num_atoms.to(features.dtype).clamp(min=1).unsqueeze(-1)
         if self.pooling == "meanmax":
-            top = torch.zeros(num_graphs, features.shape[1], dtype=features.dtype, device=features.device)
-            top = top.scatter_reduce(0, batch.unsqueeze(-1).expand_as(features), features, reduce="amax",
-                                     include_self=False)
-            pooled = torch.cat([pooled, top], dim=1)
+            pooled = torch.cat([pooled, scatter_max(features, batch, num_graphs)], dim=1)
         return self.mean + self.std * self.readout(pooled).squeeze(-1).to(torch.float64)
 
 
@@ -138,8 +132,9 @@ class DeployedProperty(nn.Module):
 
 def check_property_head(head: Dict[str, Any]) -> Dict[str, Any]:
     """A model config's ``property`` mapping, completed and checked: name (the target's info key),
-    unit, pooling (intensive | extensive | max | meanmax: the module docstring), hidden (widths of the readout MLP's hidden layers),
-    element_features (join ``element_features`` of each atom's element to its learnt features)."""
+    unit, pooling (intensive | extensive | max | meanmax: the module docstring), hidden (widths of
+    the readout MLP's hidden layers), element_features (join ``element_features`` of each atom's
+    element to its learnt features)."""
     allowed = {"name", "unit", "pooling", "hidden", "element_features"}
     unknown = sorted(set(head) - allowed)
     if unknown:

@@ -18,6 +18,7 @@ import yaml
 from ..data import TypeMapper
 from ..models import ModelConfig
 from ..models.presets import hyperparameters
+from ..models.property import POOLINGS
 
 
 @dataclass
@@ -140,7 +141,7 @@ CHOICES = {
     ("model", "family"): ("allegro", "nequip"),
     ("distributed_backend",): (None, "gloo", "nccl"),
     ("task",): ("potential", "property"),
-    ("property", "pooling"): ("intensive", "extensive", "max", "meanmax"),
+    ("property", "pooling"): POOLINGS,
     ("loss", "property_loss"): ("l1", "mse"),
 }
 POTENTIAL_TERMS = ("energy_per_atom", "forces", "stress")
