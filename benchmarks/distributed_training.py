@@ -7,7 +7,7 @@ thread, 1 process x 2 threads, 2 processes x 1 thread (data-parallel, torchrun, 
 
 Each setting is `mlip train CONFIG [--nproc P]` in a fresh process with `threads: T` and
 OMP_NUM_THREADS=T, on the recipe of the shipped committee's members 2 and 3
-(potentials/3bpa-nequip/member2_stage1.yaml: NequIP, 517,448 weights, float32), on the first
+(potentials/3bpa-nequip/member2.yaml: NequIP, 517,448 weights, float32), on the first
 ``--steps`` x ``--batch-size`` training structures: two epochs of ``--steps`` global batches, the
 first a warm-up (allocator, first calls). The figure is the log's ``train_structures_per_s`` of
 the second epoch: global structures per second of optimizer
@@ -28,7 +28,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RECIPE = os.path.join(ROOT, "potentials", "3bpa-nequip", "member2_stage1.yaml")
+RECIPE = os.path.join(ROOT, "potentials", "3bpa-nequip", "member2.yaml")
 
 
 def main():
@@ -85,9 +85,10 @@ def convert(source: str, count: int, tmp: str) -> str:
 
 
 def write_config(graphs: str, run_dir: str, batch_size: int, threads: int, compile: bool = False) -> str:
-    """The member-2 recipe on the graph file, all of it for training (no validation), two epochs."""
+    """The member-2 recipe (its first stage) on the graph file, all of it for training (no validation), two epochs."""
     with open(RECIPE) as f:
         raw = yaml.safe_load(f)
+    raw.pop("stages", None)
     raw.update({
         "run_dir": run_dir,
         "data": {**raw["data"], "train": [graphs], "val_fraction": 0.0},

@@ -156,7 +156,7 @@ def below_training(md: dict, training: dict, cutoff: float = 4.0, margin: float 
 
 def training_config(name: str) -> str:
     """The training config of the shipped potential ``name``: its train.yaml, or a committee's first
-    config (3bpa-nequip/member1_stage1.yaml: all its members train on the same file)."""
+    config (3bpa-nequip/member1.yaml: all its members train on the same file)."""
     config = os.path.join(ROOT, "potentials", name, "train.yaml")
     configs = sorted(glob.glob(os.path.join(ROOT, "potentials", name, "*.yaml")))
     if not os.path.exists(config) and not configs:

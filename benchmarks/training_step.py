@@ -1,10 +1,10 @@
 """Time mlip's own training step (``Trainer._train_step``: forward, loss, backward, clipping, Adam,
 EMA) for a training config, and compare source trees (A/B of a code change) in interleaved runs.
 
-    python benchmarks/training_step.py potentials/3bpa-nequip/member2_stage1.yaml
+    python benchmarks/training_step.py potentials/3bpa-nequip/member2.yaml
     git worktree add --detach /tmp/mlip-old HEAD~1
-    python benchmarks/training_step.py potentials/3bpa-nequip/member2_stage1.yaml --src /tmp/mlip-old --src . --pairs 4
-    python benchmarks/training_step.py potentials/3bpa-nequip/member2_stage1.yaml --compile   # eager vs compile: true
+    python benchmarks/training_step.py potentials/3bpa-nequip/member2.yaml --src /tmp/mlip-old --src . --pairs 4
+    python benchmarks/training_step.py potentials/3bpa-nequip/member2.yaml --compile   # eager vs compile: true
 
 Each run is this script again in a fresh process (``PYTHONPATH`` = the source tree, ``--run-in``):
 it builds the config's ``Trainer``, takes the first ``--steps`` batches of epoch 0 and prints the
@@ -30,7 +30,7 @@ import common
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="a training config (YAML), e.g. potentials/3bpa-nequip/member2_stage1.yaml")
+    p.add_argument("config", help="a training config (YAML), e.g. potentials/3bpa-nequip/member2.yaml")
     p.add_argument("--src", action="append",
                    help="mlip source tree to import (repeat for an A/B); default: this checkout")
     p.add_argument("--threads", type=int, default=1)

@@ -95,11 +95,11 @@ def test_reproduces_held_out_dft_forces_and_energies(model_file, frames_file, fo
 
 
 # The training configs each shipped file was built from (a committee: one per member, in its order;
-# fine-tune stages keep the architecture of their first stage, which is named here). A card's config
+# later stages keep the architecture of the first, which load_config gives). A card's config
 # that no longer describes its model file would tell users to train something else than what is shipped.
 BUILT_FROM = {
-    "3bpa-nequip/model.pt": [f"3bpa-nequip/member{k}_stage1.yaml" for k in (1, 2, 3)],
-    "3bpa-nequip/single.pt": ["3bpa-nequip/member1_stage1.yaml"],
+    "3bpa-nequip/model.pt": [f"3bpa-nequip/member{k}.yaml" for k in (1, 2, 3)],
+    "3bpa-nequip/single.pt": ["3bpa-nequip/member1.yaml"],
     **{f"{name}/model.pt": [f"{name}/train.yaml"] for name in NAMES if name != "3bpa-nequip"},
 }
 
@@ -152,19 +152,20 @@ def test_potential_folder_holds_only_model_card_configs_and_plots(name):
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_training_configs_replay_from_the_folder_alone(name):
-    """Every config is named on the card, and a fine-tune stage starts from the run directory that
-    another config of the same folder writes: the chain that built the model replays from here."""
-    from mlip.train.config import load_config
+    """Every config is named on the card, and one that fine-tunes starts from the run directory that
+    another config of the same folder ends in (the stages of one config chain by construction): what
+    built the model replays from here."""
+    from mlip.train.config import load_stages
 
     folder = os.path.join(POTENTIALS, name)
-    configs = {f: load_config(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
-    assert configs, f"{name}: no training config"
+    chains = {f: load_stages(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
+    assert chains, f"{name}: no training config"
     with open(os.path.join(folder, "README.md")) as f:
         card = f.read()
-    run_dirs = {os.path.normpath(c.run_dir): f for f, c in configs.items()}
-    assert len(run_dirs) == len(configs), f"{name}: two configs write the same run directory"
-    for file, config in configs.items():
+    run_dirs = {os.path.normpath(stages[-1].run_dir): f for f, stages in chains.items()}
+    assert len(run_dirs) == len(chains), f"{name}: two configs write the same run directory"
+    for file, stages in chains.items():
         assert file in card, f"{name}/README.md does not name {file}"
-        if config.init_from is not None:
-            assert os.path.normpath(config.init_from) in run_dirs, (
-                f"{name}/{file}: init_from {config.init_from} is not the run_dir of another config in {name}/")
+        if stages[0].init_from is not None:
+            assert os.path.normpath(stages[0].init_from) in run_dirs, (
+                f"{name}/{file}: init_from {stages[0].init_from} is not the run_dir of another config in {name}/")

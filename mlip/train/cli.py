@@ -37,8 +37,8 @@ def run_train(args) -> int:
     import os
 
     from ..files import check_input, check_structure_files
-    from .config import load_config
-    from .trainer import resume, train
+    from .config import load_stages
+    from .trainer import resume, train_stages
 
     if bool(args.config) == bool(args.resume):
         raise ValueError("give either a CONFIG file or --resume RUN_DIR")
@@ -49,17 +49,19 @@ def run_train(args) -> int:
             raise ValueError("--resume continues a run as it was: --init-from/--run-dir do not apply")
         if not os.path.isdir(args.resume):
             raise NotADirectoryError(f"--resume {args.resume!r} is not a run directory")
-        result = resume(args.resume, max_epochs=args.max_epochs, max_minutes=args.max_minutes,
-                        progress=False if args.no_progress else None)
+        results = [resume(args.resume, max_epochs=args.max_epochs, max_minutes=args.max_minutes,
+                          progress=False if args.no_progress else None)]
     else:
         check_input(args.config, "config file")
-        config = load_config(args.config)
+        stages = load_stages(args.config, run_dir=os.path.abspath(args.run_dir) if args.run_dir else None)
+        config = stages[0]
+        if len(stages) > 1 and (args.max_epochs is not None or args.max_minutes is not None):
+            raise ValueError(f"{args.config} has {len(stages)} stages: --max-epochs/--max-minutes would not say "
+                             "which; set stop in the stages")
         if args.init_from:
             if not os.path.exists(args.init_from):
                 raise FileNotFoundError(f"--init-from {args.init_from!r}: no such file or run directory")
             config.init_from = os.path.abspath(args.init_from)
-        if args.run_dir:
-            config.run_dir = os.path.abspath(args.run_dir)
         if os.path.exists(config.run_dir) and not os.path.isdir(config.run_dir):
             raise NotADirectoryError(f"run_dir {config.run_dir!r} exists and is not a directory")
         check_structure_files(config.data.train, "data.train file")
@@ -68,14 +70,16 @@ def run_train(args) -> int:
             config.stop.max_epochs = args.max_epochs
         if args.max_minutes is not None:
             config.stop.max_minutes = args.max_minutes
-        if args.no_progress:
-            config.progress = False
-        result = train(config)
+        for stage in stages:
+            stage.progress = stage.progress and not args.no_progress
+        results = train_stages(stages)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports
-    print(f"stopped ({result.stop_reason}) after {result.epochs} epochs, {result.steps} steps, "
-          f"{result.elapsed_s:.0f} s; best validation {result.monitor} {result.best_metric:.4g} at epoch {result.best_epoch}; "
-          f"checkpoints in {result.run_dir}")
+    for k, result in enumerate(results, start=1):
+        stage = f"stage {k} of {len(results)}: " if len(results) > 1 else ""
+        print(f"{stage}stopped ({result.stop_reason}) after {result.epochs} epochs, {result.steps} steps, "
+              f"{result.elapsed_s:.0f} s; best validation {result.monitor} {result.best_metric:.4g} at epoch "
+              f"{result.best_epoch}; checkpoints in {result.run_dir}")
     return 0
 
 
@@ -83,12 +87,15 @@ def run_cv(args) -> int:
     import os
 
     from ..files import check_input, check_structure_files
-    from .config import load_config
+    from .config import load_stages
     from .cv import cross_validate
 
     check_input(args.config, "config file")
     check_input(args.folds, "folds file")
-    config = load_config(args.config)
+    stages = load_stages(args.config)
+    if len(stages) > 1:
+        raise ValueError(f"{args.config}: mlip cv trains one stage per fold; this config has {len(stages)} stages")
+    config = stages[0]
     check_structure_files(config.data.train, "data.train file")
     if args.run_dir:
         config.run_dir = os.path.abspath(args.run_dir)

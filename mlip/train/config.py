@@ -321,11 +321,54 @@ def check_device(name: str) -> torch.device:
         raise ConfigError(f"device: {name!r} is not available on this machine ({error})") from None
 
 
+# What a later stage may change: the training recipe, not the data, the model or where the run lives.
+STAGE_SECTIONS = ("loss", "optimizer", "schedule", "stop", "batch_size", "batch_atoms", "seed", "threads")
+
+
 def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
+    """The config of a YAML file; for a file with ``stages:`` its first stage (``load_stages``)."""
+    return load_stages(path)[0]
+
+
+def load_stages(path: Union[str, os.PathLike], run_dir: Optional[str] = None) -> List[TrainConfig]:
+    """The stages of a training run: the file's config, then one per entry of its ``stages:`` list
+    (none: a list of one). Stage K+1 starts from stage K's best weights (``init_from``) with a fresh
+    optimizer and schedule; its entry names the sections it changes (STAGE_SECTIONS): a mapping is
+    merged key by key into stage K's section, a number replaces it. With several stages, stage K
+    trains in RUN_DIR/stage_K and the last in RUN_DIR itself (what deploy, evaluate and fine-tuning
+    read). ``run_dir``: overrides the file's (absolute)."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    later = raw.pop("stages", None) or []
+    if not isinstance(later, list) or not all(isinstance(stage, dict) for stage in later):
+        raise ConfigError(f"{path}: stages: expected a list of mappings (the sections each later stage changes)")
+    first = _load_single(path, raw)
+    if run_dir is not None:
+        first.run_dir = run_dir
+    root, configs = first.run_dir, [first]
+    for k, stage in enumerate(later, start=2):
+        unknown = sorted(set(stage) - set(STAGE_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{path}: stages[{k - 2}] (stage {k}): {unknown} cannot change between stages; "
+                              f"a stage may change {list(STAGE_SECTIONS)}")
+        values = config_to_dict(configs[-1])
+        for key, value in stage.items():
+            values[key] = {**values[key], **value} if isinstance(value, dict) else value
+        try:
+            configs.append(config_from_dict(values))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: stages[{k - 2}] (stage {k}): {error}") from None
+    if len(configs) > 1:
+        for k, config in enumerate(configs[:-1], start=1):
+            config.run_dir = os.path.join(root, f"stage_{k}")
+        for previous, config in zip(configs, configs[1:]):
+            config.init_from = previous.run_dir
+    return configs
+
+
+def _load_single(path: Union[str, os.PathLike], raw: Dict[str, Any]) -> TrainConfig:
     base = os.path.dirname(os.path.abspath(path))
     isolated = (raw.get("data") or {}).get("isolated_atoms") if isinstance(raw.get("data"), dict) else None
     if isinstance(isolated, str):  # read (in config_from_dict) relative to the config file

@@ -96,6 +96,33 @@ def _train(config: TrainConfig, on_step: Optional[Callable[["Trainer"], None]], 
     return Trainer(config, on_step=on_step, ranks=ranks).fit()
 
 
+STAGE_DONE = "stage_done.json"  # in a stage's run directory once it has finished: its TrainResult, history aside
+
+
+def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
+    """Run the stages of ``load_stages`` in order, each from its predecessor's best weights. Started
+    again after an interruption, a finished stage is read back, an interrupted one resumed: a staged
+    run stopped anywhere continues where it was. One stage: ``train``."""
+    if len(configs) == 1:
+        return [train(configs[0])]
+    results = []
+    for config in configs:
+        done = os.path.join(config.run_dir, STAGE_DONE)
+        if os.path.exists(done):
+            with open(done) as f:
+                results.append(TrainResult(**json.load(f)))
+            continue
+        started = os.path.exists(os.path.join(config.run_dir, LAST))
+        result = resume(config.run_dir, progress=config.progress) if started else train(config)
+        if os.environ.get("RANK", "0") == "0":
+            summary = {k: v for k, v in asdict(result).items() if k != "history"}
+            with open(done + ".tmp", "w") as f:
+                json.dump(summary, f, indent=1)
+            os.replace(done + ".tmp", done)
+        results.append(result)
+    return results
+
+
 def resume(
     run_dir: str,
     max_epochs: Optional[int] = None,
