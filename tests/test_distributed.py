@@ -18,7 +18,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from mlip.cli import main
 from mlip.data import BatchLoader, GraphDataset, collate, keys, split_indices
 from mlip.data.dataset import shares
-from mlip.train import ConfigError, config_from_dict, load_checkpoint, resume, train
+from mlip.train import ConfigError, config_from_dict, load_checkpoint, load_stages, resume, train, train_stages
 from mlip.train.config import LossConfig
 from mlip.train.distributed import Ranks
 from mlip.train.loss import loss_sums, weighted_loss
@@ -191,6 +191,23 @@ def test_resume_with_more_processes(data_file, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run, reference)
     assert_each_rank_took_its_share(tmp_path, run, first_step=8)
+
+
+@pytest.mark.slow  # ~20-40 s here: one start of two processes, two stages
+def test_a_staged_run_on_two_processes_is_the_one_process_run(data_file, tmp_path):
+    """A config with a second stage (energy weight raised, another seed) trained by 2 ranks ends with the
+    weights one process reaches (1e-10 relative): the stages share one process group (set up again
+    between stages, the second group's first barrier hung)."""
+    raw = config_dict(data_file, tmp_path / "two", stages=[{"loss": {"energy_per_atom": 5.0}, "stop": {"max_epochs": 1},
+                                                           "seed": 3}])
+    done = torchrun(2, "train", write_config(tmp_path, raw), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stage 2 of 2: stopped (max_epochs)") == 1
+    one = load_stages(write_config(tmp_path, {**raw, "run_dir": str(tmp_path / "one")}))
+    train_stages(one)
+    for run in ("stage_1", ""):
+        (_, weights), (_, reference) = final_weights(tmp_path / "two" / run), final_weights(tmp_path / "one" / run)
+        assert float((weights - reference).norm() / reference.norm()) < 1e-10
 
 
 def test_failing_rank_ends_the_job_with_its_message(data_file, tmp_path):

@@ -106,20 +106,24 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
     if len(configs) == 1:
         return [train(configs[0])]
     results = []
-    for config in configs:
-        done = os.path.join(config.run_dir, STAGE_DONE)
-        if os.path.exists(done):
-            with open(done) as f:
-                results.append(TrainResult(**json.load(f)))
-            continue
-        started = os.path.exists(os.path.join(config.run_dir, LAST))
-        result = resume(config.run_dir, progress=config.progress) if started else train(config)
-        if os.environ.get("RANK", "0") == "0":
-            summary = {k: v for k, v in asdict(result).items() if k != "history"}
-            with open(done + ".tmp", "w") as f:
-                json.dump(summary, f, indent=1)
-            os.replace(done + ".tmp", done)
-        results.append(result)
+    # One process group for all stages (under torchrun): torn down and set up again between stages,
+    # the second one's first barrier never returned (the launcher's store outlives the first group).
+    with process_group(configs[0].device, configs[0].distributed_backend) as ranks:
+        for config in configs:
+            done = os.path.join(config.run_dir, STAGE_DONE)
+            if os.path.exists(done):
+                with open(done) as f:
+                    results.append(TrainResult(**json.load(f)))
+                continue
+            started = os.path.exists(os.path.join(config.run_dir, LAST))
+            ranks.wait()  # every rank has looked before rank 0 can start this stage
+            result = resume(config.run_dir, progress=config.progress) if started else train(config)
+            if ranks.main:
+                summary = {k: v for k, v in asdict(result).items() if k != "history"}
+                with open(done + ".tmp", "w") as f:
+                    json.dump(summary, f, indent=1)
+                os.replace(done + ".tmp", done)
+            results.append(result)
     return results
 
 
