@@ -111,4 +111,7 @@ def test_bad_stages_are_refused_with_the_stage_named(data_file, tmp_path):
         load_stages(write_config(tmp_path / "k.yaml", {**raw, "stages": [{"loss": {"energy": 2.0}}]}))
     path = write_config(tmp_path / "ok.yaml", raw)
     assert main(["train", path, "--max-epochs", "4"]) == 2  # which stage? refused, nothing trained
+    folds = tmp_path / "folds.json"
+    folds.write_text('{"fold_0": {"train": [0, 1], "test": [2]}}')
+    assert main(["cv", path, "--folds", str(folds)]) == 2  # one training per fold: a staged config is refused
     assert not os.path.exists(tmp_path / "run")
