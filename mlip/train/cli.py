@@ -6,7 +6,9 @@ def register(commands) -> None:
 
     p = commands.add_parser("train", help="train a potential from a YAML config (or resume a run)",
                             description="Train from CONFIG (see md_examples/configs/train_allegro_small.yaml), "
-                                        "or continue the run in RUN_DIR exactly where its last.pt stopped.")
+                                        "or continue the run in RUN_DIR exactly where its last.pt stopped. A CONFIG "
+                                        "with `stages:` trains its stages in order, each from the one before's best "
+                                        "weights (RUN_DIR/stage_K, the last in RUN_DIR); run again, it continues.")
     p.add_argument("config", nargs="?", help="YAML training config")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run (its config and data are reused)")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="fine-tune: start from these weights (a checkpoint, "
