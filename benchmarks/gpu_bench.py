@@ -29,16 +29,21 @@ import tempfile
 import time
 import traceback
 
-import torch
-
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import common  # noqa: E402
-import run_mlip  # noqa: E402
-
 REPO = HERE.parent
 THREEBPA = REPO / "tests" / "data" / "3bpa_test_300K_5frames.extxyz"
-common.REPEATS.setdefault(32000, (20, 20, 20))
+
+
+def import_measuring_modules():
+    """torch, mlip and the benchmark helpers, for the measurements only: `record` and `table` work
+    without them, so that gpu_check.sh can still report what it could not run where they are missing."""
+    global torch, common, run_mlip
+    import torch
+    import common
+    import run_mlip
+
+    common.REPEATS.setdefault(32000, (20, 20, 20))
 
 
 def emit(out: str, what: str, case: str, device: str, status: str = "ok", value=None, unit: str = "", **extra):
@@ -290,13 +295,14 @@ def main():
     s.add_argument("results")
     s.add_argument("--write", help="also write the table (markdown) here")
     args = p.parse_args()
-    common.quiet_warnings()
     if args.command == "table":
         return table(args)
-    os.makedirs(args.cache, exist_ok=True)
-    torch.set_num_threads(args.threads)
     if args.command == "record":
         return emit(args.out, args.what, args.case, args.device, args.status)
+    import_measuring_modules()
+    common.quiet_warnings()
+    os.makedirs(args.cache, exist_ok=True)
+    torch.set_num_threads(args.threads)
     {"md": md, "lammps": lammps, "train": train, "neighbors": neighbors}[args.command](args)
 
 

