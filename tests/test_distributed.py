@@ -196,8 +196,8 @@ def test_resume_with_more_processes(data_file, reference, tmp_path):
 @pytest.mark.slow  # ~20-40 s here: one start of two processes, two stages
 def test_a_staged_run_on_two_processes_is_the_one_process_run(data_file, tmp_path):
     """A config with a second stage (energy weight raised, another seed) trained by 2 ranks ends with the
-    weights one process reaches (1e-10 relative): the stages share one process group (set up again
-    between stages, the second group's first barrier hung)."""
+    weights one process reaches (1e-10 relative): one process trains run after run in one process group
+    (set up again per run, the second group's first barrier hung)."""
     raw = config_dict(data_file, tmp_path / "two", stages=[{"loss": {"energy_per_atom": 5.0}, "stop": {"max_epochs": 1},
                                                            "seed": 3}])
     done = torchrun(2, "train", write_config(tmp_path, raw), timeout=300)

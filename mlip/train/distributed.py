@@ -21,6 +21,7 @@ naming the rank (`mlip train` prints the error with its rank). A process that ha
 makes the others' next collective fail after ``MLIP_DIST_TIMEOUT_S`` seconds.
 """
 
+import atexit
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,10 +120,11 @@ class LossOutputs(torch.nn.Module):
 
 @contextmanager
 def process_group(device: str, backend: Optional[str] = None) -> Iterator[Ranks]:
-    """The ranks of this run, from torchrun's environment, with torch.distributed set up for the
-    duration (torn down after, unless the caller had set it up). ``device``: the config's; under
-    torchrun, ``cuda`` means the GPU of this local rank. ``backend``: nccl on CUDA, gloo on the CPU
-    unless given."""
+    """The ranks of this run, from torchrun's environment, with torch.distributed set up on first use
+    and kept for the life of the process (torn down at exit): one process may train run after run
+    (stages, folds) in it; torn down and set up again, the second group's first barrier never
+    returned. ``device``: the config's; under torchrun, ``cuda`` means the GPU of this local rank.
+    ``backend``: nccl on CUDA, gloo on the CPU unless given."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield Ranks(torch.device(device))
@@ -133,18 +135,19 @@ def process_group(device: str, backend: Optional[str] = None) -> Iterator[Ranks]
     backend = backend or ("nccl" if own_device.type == "cuda" else "gloo")
     if backend == "nccl" and own_device.type != "cuda":
         raise ValueError(f"distributed_backend: nccl needs device: cuda (the device is {device}); use gloo on the CPU")
-    created = not dist.is_initialized()
-    if created:
+    if not dist.is_initialized():
         if own_device.type == "cuda":
             torch.cuda.set_device(own_device)
         timeout = float(os.environ.get("MLIP_DIST_TIMEOUT_S", STEP_TIMEOUT_S))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    try:
-        control = dist.new_group(backend="gloo", timeout=timedelta(seconds=PREPARE_TIMEOUT_S))
-        yield Ranks(own_device, rank, world_size, local_rank, control)
-    finally:
-        if created:
-            dist.destroy_process_group()
+        atexit.register(_destroy_if_initialized)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=PREPARE_TIMEOUT_S))
+    yield Ranks(own_device, rank, world_size, local_rank, control)
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: str, local_rank: int, local_world: int) -> torch.device:

@@ -106,8 +106,6 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
     if len(configs) == 1:
         return [train(configs[0])]
     results = []
-    # One process group for all stages (under torchrun): torn down and set up again between stages,
-    # the second one's first barrier never returned (the launcher's store outlives the first group).
     with process_group(configs[0].device, configs[0].distributed_backend) as ranks:
         for config in configs:
             done = os.path.join(config.run_dir, STAGE_DONE)
