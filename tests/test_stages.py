@@ -99,6 +99,40 @@ def test_a_staged_run_stopped_between_stages_continues_and_a_finished_one_is_rea
     assert [(r.epochs, r.best_metric) for r in again] == [(r.epochs, r.best_metric) for r in results]
 
 
+def test_a_staged_run_continues_only_under_the_config_it_was_trained_with(data_file, tmp_path):
+    """Edited between two calls, a staged config would otherwise be ignored without a word (a
+    finished stage read back, an interrupted one resumed from its checkpoint's settings): a changed
+    setting of a trained stage is refused with the stage and the setting named. An interrupted
+    stage's stop rule may change (as with --resume) and is applied; data files may move."""
+    raw = staged_raw(data_file, tmp_path / "run")
+    path = write_config(tmp_path / "run.yaml", raw)
+    first = load_stages(path)
+    train(first[0])  # stage 1 trained alone: interrupted before stage 2 began
+
+    changed = {**raw, "optimizer": {**raw["optimizer"], "lr": 0.02}}
+    with pytest.raises(ValueError, match=r"stage 1 .* was interrupted under another config \(optimizer.lr: "
+                                         r"0.01 -> 0.02\)"):
+        train_stages(load_stages(write_config(tmp_path / "run.yaml", changed)))
+
+    longer = {**raw, "stop": {"max_epochs": 4}}  # an interrupted stage may be given another stop rule
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.symlink(data_file, moved / os.path.basename(data_file))
+    longer["data"] = {**raw["data"], "train": [str(moved / os.path.basename(data_file))]}
+    results = train_stages(load_stages(write_config(tmp_path / "run.yaml", longer)))
+    assert [r.epochs for r in results] == [4, 2]
+
+    again = train_stages(load_stages(path))  # the same config again: finished, nothing to train
+    assert [r.epochs for r in again] == [4, 2]
+    later = {**longer, "stages": [{**raw["stages"][0], "loss": {"energy_per_atom": 100.0}}]}
+    with pytest.raises(ValueError, match=r"stage 2 .* finished under another config \(loss.energy_per_atom: "
+                                         r"10.0 -> 100.0\)"):
+        train_stages(load_stages(write_config(tmp_path / "run.yaml", later)))
+    shorter = {**longer, "stop": {"max_epochs": 3}}  # a finished stage's stop rule is part of what it trained
+    with pytest.raises(ValueError, match=r"stage 1 .* finished under another config \(stop.max_epochs: 4 -> 3\)"):
+        train_stages(load_stages(write_config(tmp_path / "run.yaml", shorter)))
+
+
 def test_bad_stages_are_refused_with_the_stage_named(data_file, tmp_path):
     raw = staged_raw(data_file, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"stage 2\): \['model'\] cannot change between stages"):

@@ -107,15 +107,20 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
         return [train(configs[0])]
     results = []
     with process_group(configs[0].device, configs[0].distributed_backend) as ranks:
-        for config in configs:
+        for k, config in enumerate(configs, start=1):
             done = os.path.join(config.run_dir, STAGE_DONE)
             if os.path.exists(done):
+                _check_stage_unchanged(config, k, finished=True)
                 with open(done) as f:
                     results.append(TrainResult(**json.load(f)))
                 continue
             started = os.path.exists(os.path.join(config.run_dir, LAST))
             ranks.wait()  # every rank has looked before rank 0 can start this stage
-            result = resume(config.run_dir, progress=config.progress) if started else train(config)
+            if started:
+                _check_stage_unchanged(config, k, finished=False)
+                result = resume(config.run_dir, config.stop.max_epochs, config.stop.max_minutes, progress=config.progress)
+            else:
+                result = train(config)
             if ranks.main:
                 summary = {k: v for k, v in asdict(result).items() if k != "history"}
                 with open(done + ".tmp", "w") as f:
@@ -123,6 +128,50 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
                 os.replace(done + ".tmp", done)
             results.append(result)
     return results
+
+
+# How a stage runs or where it lives, not what it trains: may differ when a staged run continues.
+_RUN_SETTINGS = {"run_dir", "init_from", "progress", "device", "distributed_backend", "threads", "prefetch",
+                 "compile", "checkpoint_every_steps"}
+
+
+def _check_stage_unchanged(config: TrainConfig, k: int, finished: bool) -> None:
+    """A staged run continues only under the config its stages were trained with: a changed setting
+    would otherwise be ignored without a word (a finished stage read back, an interrupted one
+    resumed from its checkpoint's config). An interrupted stage may change its stop rule (as
+    ``--resume`` may), and data files may move (compared by file name)."""
+    trained = _comparable(load_checkpoint(os.path.join(config.run_dir, LAST))["config"])  # stop as last run
+    current = _comparable(config_to_dict(config))
+    free = ["stop.max_epochs", "stop.max_minutes"] if not finished else []
+    if current["schedule.cosine_epochs"] is None:  # _train derived it from the stop the stage started with
+        free.append("schedule.cosine_epochs")
+    for name in free:
+        trained.pop(name, None), current.pop(name, None)
+    changed = sorted(key for key in set(trained) | set(current) if trained.get(key) != current.get(key))
+    if changed:
+        what = ", ".join(f"{key}: {trained.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        state = "finished" if finished else "was interrupted"
+        raise ValueError(f"stage {k} ({config.run_dir}) {state} under another config ({what}); a staged run "
+                         "continues only with the config it started with: restore it, or train the changed "
+                         "stages in another run_dir")
+
+
+def _comparable(values: Dict, prefix: str = "") -> Dict[str, object]:
+    """Flat {dotted key: value} of a config dict without _RUN_SETTINGS; data files by name only."""
+    flat = {}
+    for key, value in values.items():
+        if not prefix and key in _RUN_SETTINGS:
+            continue
+        name = prefix + key
+        if isinstance(value, dict) and key not in ("keys", "overrides", "isolated_atom_energies"):
+            flat.update(_comparable(value, name + "."))
+        elif name in ("data.train", "data.validation"):
+            flat[name] = [os.path.basename(str(path)) for path in value]
+        elif name == "data.isolated_atoms" and value is not None:
+            flat[name] = os.path.basename(str(value))
+        else:
+            flat[name] = value
+    return flat
 
 
 def resume(
