@@ -170,6 +170,11 @@ def test_cross_validation_scores_each_fold_once_and_reads_finished_folds_back(tm
     assert report["mean_mae"] == pytest.approx(np.mean([r["mae"] for r in report["folds"].values()]))
     again = cross_validate(config, str(folds_path), id_key="sid")  # finished folds: read back, not retrained
     assert again["folds"] == report["folds"]
+    wider = property_config(path, tmp_path / "cv", property={"unit": "eV", "hidden": [32]},
+                            stop={"max_epochs": 3, "monitor": "property_mae"})
+    with pytest.raises(ValueError, match=r"fold fold_0 .* finished under another config \(.*property.hidden: "
+                                         r"\[16\] -> \[32\]\)"):  # a changed setting is not ignored
+        cross_validate(wider, str(folds_path), id_key="sid")
     # ids that are not in the data, or string ids without --id-key: clear errors
     folds["splits"]["toy"]["fold_0"]["test"][0] = "nope"
     folds_path.write_text(json.dumps(folds))

@@ -122,7 +122,7 @@ def test_a_staged_run_continues_only_under_the_config_it_was_trained_with(data_f
     results = train_stages(load_stages(write_config(tmp_path / "run.yaml", longer)))
     assert [r.epochs for r in results] == [4, 2]
 
-    again = train_stages(load_stages(path))  # the same config again: finished, nothing to train
+    again = train_stages(load_stages(path))  # path now holds `longer`: finished, nothing to train
     assert [r.epochs for r in again] == [4, 2]
     later = {**longer, "stages": [{**raw["stages"][0], "loss": {"energy_per_atom": 100.0}}]}
     with pytest.raises(ValueError, match=r"stage 2 .* finished under another config \(loss.energy_per_atom: "

@@ -7,7 +7,8 @@ For each fold: its training structures go to ``RUN_DIR/fold_K/train.extxyz``, it
 is carved out of it and alone picks best.pt, drives the schedule and early stopping); then the best
 (EMA) weights predict the test structures, once. The report gives each fold's test MAE, RMSE and R²,
 its training time, and their mean. A fold already finished is read back, an interrupted one resumed:
-a cross-validation stopped anywhere continues where it was.
+a cross-validation stopped anywhere continues where it was, under the same config only (a setting
+changed since a fold trained is refused, naming it; an interrupted fold may get another ``stop``).
 
 Folds file: JSON holding, at any depth, a mapping ``{"fold_0": {"train": [...], "test": [...]}, ...}``
 (Matbench's ``splits.<task>`` layout); entries are structure indices in the data file, or ids matched
@@ -79,7 +80,7 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
     to RUN_DIR/cv.json). ``config.data.train``: the file(s) of all structures; ``only``: fold names."""
     from ase.io import write
 
-    from .trainer import model_from_checkpoint, resume, train
+    from .trainer import check_continues_unchanged, model_from_checkpoint, resume, train
 
     if config.task != "property":
         raise ConfigError("mlip cv scores property models: set task: property")
@@ -108,25 +109,28 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
     os.makedirs(root, exist_ok=True)
     for name, (train_idx, test_idx) in folds.items():
         fold_dir = os.path.join(root, name)
+        fold_config = copy.deepcopy(config)
+        fold_config.data.train = [os.path.join(fold_dir, "train.extxyz")]
+        fold_config.data.type_names = list(type_names)
+        fold_config.run_dir = os.path.join(fold_dir, "run")
         done = os.path.join(fold_dir, DONE_FILE)
         if os.path.exists(done):  # finished earlier: read back, not retrained
+            check_continues_unchanged(fold_config, f"fold {name}", finished=True)
             with open(done) as f:
                 report["folds"][name] = json.load(f)
             _print_fold(name, report["folds"][name], config.property.unit)
             continue
         os.makedirs(fold_dir, exist_ok=True)
-        train_file, test_file = os.path.join(fold_dir, "train.extxyz"), os.path.join(fold_dir, "test.extxyz")
+        train_file, test_file = fold_config.data.train[0], os.path.join(fold_dir, "test.extxyz")
         for path, indices in ((train_file, train_idx), (test_file, test_idx)):
             if not os.path.exists(path):
                 tmp = f"{path}.tmp-{os.getpid()}.extxyz"
                 write(tmp, [structures[i] for i in indices], format="extxyz")
                 os.replace(tmp, path)
-        fold_config = copy.deepcopy(config)
-        fold_config.data.train, fold_config.data.type_names = [train_file], list(type_names)
-        fold_config.run_dir = os.path.join(fold_dir, "run")
         start = time.perf_counter()
         if os.path.exists(os.path.join(fold_config.run_dir, LAST)):
-            result = resume(fold_config.run_dir)
+            check_continues_unchanged(fold_config, f"fold {name}", finished=False)
+            result = resume(fold_config.run_dir, fold_config.stop.max_epochs, fold_config.stop.max_minutes)
         else:
             result = train(fold_config)
         model = model_from_checkpoint(load_checkpoint(os.path.join(fold_config.run_dir, BEST)))

@@ -110,19 +110,19 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
         for k, config in enumerate(configs, start=1):
             done = os.path.join(config.run_dir, STAGE_DONE)
             if os.path.exists(done):
-                _check_stage_unchanged(config, k, finished=True)
+                check_continues_unchanged(config, f"stage {k}", finished=True)
                 with open(done) as f:
                     results.append(TrainResult(**json.load(f)))
                 continue
             started = os.path.exists(os.path.join(config.run_dir, LAST))
             ranks.wait()  # every rank has looked before rank 0 can start this stage
             if started:
-                _check_stage_unchanged(config, k, finished=False)
+                check_continues_unchanged(config, f"stage {k}", finished=False)
                 result = resume(config.run_dir, config.stop.max_epochs, config.stop.max_minutes, progress=config.progress)
             else:
                 result = train(config)
             if ranks.main:
-                summary = {k: v for k, v in asdict(result).items() if k != "history"}
+                summary = {key: v for key, v in asdict(result).items() if key != "history"}
                 with open(done + ".tmp", "w") as f:
                     json.dump(summary, f, indent=1)
                 os.replace(done + ".tmp", done)
@@ -130,16 +130,18 @@ def train_stages(configs: List[TrainConfig]) -> List[TrainResult]:
     return results
 
 
-# How a stage runs or where it lives, not what it trains: may differ when a staged run continues.
+# How a run goes or where it lives, not what it trains: may differ when a run is continued.
 _RUN_SETTINGS = {"run_dir", "init_from", "progress", "device", "distributed_backend", "threads", "prefetch",
                  "compile", "checkpoint_every_steps"}
 
 
-def _check_stage_unchanged(config: TrainConfig, k: int, finished: bool) -> None:
-    """A staged run continues only under the config its stages were trained with: a changed setting
-    would otherwise be ignored without a word (a finished stage read back, an interrupted one
-    resumed from its checkpoint's config). An interrupted stage may change its stop rule (as
-    ``--resume`` may), and data files may move (compared by file name)."""
+def check_continues_unchanged(config: TrainConfig, what: str, finished: bool) -> None:
+    """For commands that run several trainings and, called again, continue them (staged training,
+    `mlip cv`): the run in ``config.run_dir`` (``what``: "stage 2", "fold fold_0") continues only
+    under the config it was trained with; a changed setting would otherwise be ignored without a
+    word (a finished run read back, an interrupted one resumed from its checkpoint's config). An
+    interrupted run may change its stop rule (pass it to ``resume``, as ``--resume`` may), and data
+    files may move (compared by file name)."""
     trained = _comparable(load_checkpoint(os.path.join(config.run_dir, LAST))["config"])  # stop as last run
     current = _comparable(config_to_dict(config))
     free = ["stop.max_epochs", "stop.max_minutes"] if not finished else []
@@ -149,11 +151,10 @@ def _check_stage_unchanged(config: TrainConfig, k: int, finished: bool) -> None:
         trained.pop(name, None), current.pop(name, None)
     changed = sorted(key for key in set(trained) | set(current) if trained.get(key) != current.get(key))
     if changed:
-        what = ", ".join(f"{key}: {trained.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        settings = ", ".join(f"{key}: {trained.get(key)!r} -> {current.get(key)!r}" for key in changed)
         state = "finished" if finished else "was interrupted"
-        raise ValueError(f"stage {k} ({config.run_dir}) {state} under another config ({what}); a staged run "
-                         "continues only with the config it started with: restore it, or train the changed "
-                         "stages in another run_dir")
+        raise ValueError(f"{what} ({config.run_dir}) {state} under another config ({settings}); it continues "
+                         "only with the config it started with: restore it, or train in another run_dir")
 
 
 def _comparable(values: Dict, prefix: str = "") -> Dict[str, object]:
