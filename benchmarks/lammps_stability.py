@@ -2,6 +2,13 @@
 
     python benchmarks/lammps_stability.py [--nvt-ps 20] [--nve-ps 20] [--ranks 1] [--only si|ge|...]
                                           [--data ../shared/data] [--out stability.json] [--keep DIR]
+                                          [--model CANDIDATE.pt] [--segment-ps 10]
+
+Long runs (a nanosecond is hours to days on a CPU) survive interruption: with ``--segment-ps P
+--keep DIR`` each phase runs as LAMMPS invocations of about P ps that each end in a restart file
+(the thermostat's state included), and the same command again continues from the last finished
+one (a folder holding a run with other settings is refused). Cut and uncut runs are the same
+trajectory (float64: to the last digits; float32 models: to float32 rounding at the cuts).
 
 The structures and temperatures are those of benchmarks/potential_checks.py (which runs ASE MD):
 crystals (Si, Ge, Mo, Li supercells), the 3BPA and aspirin molecules (first training frame, in a
@@ -30,11 +37,14 @@ Not run as part of the test suite (minutes to hours per potential on one core).
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import ase.io
 import numpy as np
@@ -78,29 +88,89 @@ def systems(data: str):
                    600, TIMESTEP_FS["lips"], {"elements": ("P", "S")})
 
 
-def lammps_input(data_file: str, model: str, elements, temperature: float, timestep_fs: float,
-                 nvt_steps: int, nve_steps: int, seed: int, dump_file: str) -> str:
-    every = max(nve_steps // 200, 1)
-    return f"""units metal
+def lammps_input(start: str, model: str, elements, temperature: float, timestep_fs: float, seed: int,
+                 runs, dump_file: str, dump_every: int, restart_file: str) -> str:
+    """One LAMMPS invocation: from a data file (``start`` ending in .data: velocities drawn at
+    ``temperature`` with ``seed``) or a restart file, the ``runs`` [(phase "nvt"|"nve", steps, thermo
+    interval)] in order, frames dumped every ``dump_every`` steps (of the whole trajectory: the step
+    counter goes on across restarts), then the state written to ``restart_file`` (the thermostat's
+    chain variables included: fix nvt keeps them in restart files under its ID)."""
+    if start.endswith(".data"):
+        head = f"""units metal
 atom_style atomic
 boundary p p p
-read_data {data_file}
-pair_style mlip
+read_data {start}
+"""
+        velocities = f"velocity all create {temperature} {seed} mom yes rot yes dist gaussian loop geom\n"
+    else:
+        head, velocities = f"read_restart {start}\n", ""  # mlip writes no pair info into restart files: given again
+    text = head + f"""pair_style mlip
 pair_coeff * * {model} {' '.join(elements)}
 timestep {timestep_fs / 1000}
-velocity all create {temperature} {seed} mom yes rot yes dist gaussian loop geom
-dump frames all custom {max((nvt_steps + nve_steps) // FRAMES, 1)} {dump_file} id type x y z
+{velocities}dump frames all custom {dump_every} {dump_file} id type x y z
 dump_modify frames sort id format float %.10g
-fix nvt all nvt temp {temperature} {temperature} 0.1
 thermo_style custom step time temp pe etotal
 thermo_modify format float %.15g
-thermo {max(nvt_steps // 200, 1)}
-run {nvt_steps}
-unfix nvt
-fix nve all nve
-thermo {every}
-run {nve_steps}
 """
+    previous = None
+    for phase, steps, thermo_every in runs:
+        if previous is not None and previous != phase:
+            text += f"unfix {previous}\n"
+        if previous != phase:
+            text += (f"fix nvt all nvt temp {temperature} {temperature} 0.1\n" if phase == "nvt" else "fix nve all nve\n")
+        text += f"thermo {thermo_every}\nrun {steps}\n"
+        previous = phase
+    # the last fix stays defined: its state (the thermostat's) goes into the restart file
+    return text + f"write_restart {restart_file}\n"
+
+
+def segment_plan(nvt_steps: int, nve_steps: int, segment_ps: Optional[float], timestep_fs: float) -> dict:
+    """How a run is cut into LAMMPS invocations: "segments", a list of invocations each a list of
+    (phase, steps, thermo interval). Without ``segment_ps`` one invocation runs NVT then NVE; with
+    it, each phase is cut into pieces of about ``segment_ps`` (a multiple of the thermo and dump
+    intervals, so the rows and frames of the pieces are those of the uncut run). The intervals come
+    from the whole phases' lengths: 200 thermo rows per phase, FRAMES frames over both."""
+    thermo = {"nvt": max(nvt_steps // 200, 1), "nve": max(nve_steps // 200, 1)}
+    dump_every = max((nvt_steps + nve_steps) // FRAMES, 1)
+    phases = [("nvt", nvt_steps), ("nve", nve_steps)]
+    if not segment_ps:
+        segments = [[(phase, steps, thermo[phase]) for phase, steps in phases]]
+    else:
+        segments = []
+        for phase, total in phases:
+            unit = math.lcm(thermo[phase], dump_every)
+            piece = max(math.ceil(segment_ps * 1000 / timestep_fs / unit), 1) * unit
+            done = 0
+            while done < total or (total == 0 and done == 0):
+                steps = min(piece, total - done)
+                segments.append([(phase, steps, thermo[phase])])
+                done += steps
+                if total == 0:
+                    break
+    return {"nvt_steps": nvt_steps, "nve_steps": nve_steps, "dump_every": dump_every, "segments": segments}
+
+
+def merged_phase(blocks, phases, phase: str) -> np.ndarray:
+    """The thermo rows of one phase over all its runs (``blocks`` and their ``phases`` in run order),
+    a row repeated at the start of the next run (same step) kept once."""
+    rows = [block for block, p in zip(blocks, phases) if p == phase]
+    merged = rows[0]
+    for block in rows[1:]:
+        merged = np.concatenate([merged, block[block[:, 0] > merged[-1, 0]]])
+    return merged
+
+
+def unique_frames(frames):
+    """Dumped frames in step order, a step written at the end of one invocation and the start of the
+    next kept once (LAMMPS dumps the first step of every run that falls on the interval)."""
+    seen, kept = set(), []
+    for atoms in frames:
+        step = atoms.info.get("timestep")
+        if step in seen:
+            continue
+        seen.add(step)
+        kept.append(atoms)
+    return kept
 
 
 def thermo_blocks(output: str):
@@ -237,39 +307,79 @@ def structure_report(frames, check: dict, timestep_fs: float = None, training: d
 
 
 def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
+    """Run (or, in a --keep folder that holds finished invocations of the same run, continue) one
+    potential's NVT + NVE and report it. Each invocation ends by writing a restart file; one that
+    did not finish is run again from the restart before it."""
     from ase.io.lammpsdata import write_lammps_data
 
-    model = os.path.join(ROOT, "potentials", name, "model.pt")
+    model = os.path.abspath(args.model) if args.model else os.path.join(ROOT, "potentials", name, "model.pt")
     if not os.path.exists(model):
         return {"error": f"no model file {model}"}
     training = training_minima(training_config(name), args.data)  # before the run: a missing training file stops it at once
     elements = sorted(set(atoms.get_chemical_symbols()))
-    data_file = os.path.join(workdir, f"{key}.data")
-    write_lammps_data(data_file, atoms, specorder=elements, masses=True, units="metal", atom_style="atomic")
     nvt_steps = int(round(args.nvt_ps * 1000 / timestep_fs))
     nve_steps = int(round(args.nve_ps * 1000 / timestep_fs))
-    script, dump_file = os.path.join(workdir, f"in.{key}"), os.path.join(workdir, f"{key}.dump")
-    with open(script, "w") as f:
-        f.write(lammps_input(data_file, model, elements, temperature, timestep_fs, nvt_steps, nve_steps, args.seed,
-                             dump_file))
-    command = ["lmp", "-nocite", "-log", "none", "-in", script]
-    if args.ranks > 1:
-        command = ["mpirun", "-np", str(args.ranks)] + command
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
-    output = result.stdout + result.stderr
-    blocks = thermo_blocks(output)
+    plan = segment_plan(nvt_steps, nve_steps, args.segment_ps, timestep_fs)
+    with open(model, "rb") as f:
+        model_sha256 = hashlib.sha256(f.read()).hexdigest()
+    plan.update(model=model, model_sha256=model_sha256, temperature=temperature, timestep_fs=timestep_fs,
+                seed=args.seed, atoms=len(atoms))
+    plan = json.loads(json.dumps(plan))  # tuples as lists: comparable with the saved plan
+    plan_file = os.path.join(workdir, f"{key}.plan.json")
+    if os.path.exists(plan_file):
+        with open(plan_file) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(plan) if saved.get(k) != plan.get(k))
+        if changed:
+            raise SystemExit(f"{plan_file} is a run of {key} with other settings ({', '.join(changed)} differ): "
+                             "continue it with the same command, or use another --keep folder")
+    else:
+        with open(plan_file, "w") as f:
+            json.dump(plan, f, indent=1)
+    data_file = os.path.join(workdir, f"{key}.data")
+    write_lammps_data(data_file, atoms, specorder=elements, masses=True, units="metal", atom_style="atomic")
+
+    outputs, phases, dumps = [], [], []
+    start, failure = data_file, None
+    for k, runs in enumerate(plan["segments"]):
+        stem = os.path.join(workdir, f"{key}.{k:03d}")
+        restart, out_file = stem + ".restart", stem + ".out"
+        dumps.append(stem + ".dump")
+        phases.extend(phase for phase, _, _ in runs)
+        if not (os.path.exists(restart) and os.path.exists(out_file)):  # not finished before: run it
+            script = stem + ".in"
+            with open(script, "w") as f:
+                f.write(lammps_input(start, model, elements, temperature, timestep_fs, args.seed, runs,
+                                     stem + ".dump", plan["dump_every"], restart + ".part"))
+            command = ["lmp", "-nocite", "-log", "none", "-in", script]
+            if args.ranks > 1:
+                command = ["mpirun", "-np", str(args.ranks)] + command
+            result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+            output = result.stdout + result.stderr
+            if result.returncode != 0 or len(thermo_blocks(output)) != len(runs) or not os.path.exists(restart + ".part"):
+                errors = [line for line in output.splitlines() if "ERROR" in line]
+                failure = errors[-1] if errors else f"lmp exited with {result.returncode}"
+                outputs.append(output)
+                break
+            with open(out_file, "w") as f:
+                f.write(output)
+            os.replace(restart + ".part", restart)  # only now is the invocation finished
+        with open(out_file) as f:
+            outputs.append(f.read())
+        start = restart
+    blocks = [block for output in outputs for block in thermo_blocks(output)]
     # The frames up to a failure still tell how the structure went.
-    frames = ase.io.read(dump_file, ":", format="lammps-dump-text", specorder=elements) \
-        if os.path.exists(dump_file) and os.path.getsize(dump_file) else []
+    frames = unique_frames([atoms for dump in dumps if os.path.exists(dump) and os.path.getsize(dump)
+                            for atoms in ase.io.read(dump, ":", format="lammps-dump-text", specorder=elements)])
     structure = {"training_data": training,
                  **structure_report(frames, check, timestep_fs, training["min_distance_by_pair_A"])} if frames else {}
-    if result.returncode != 0 or len(blocks) != 2:
-        errors = [line for line in output.splitlines() if "ERROR" in line]
-        return {"error": errors[-1] if errors else f"lmp exited with {result.returncode}", **structure}
-    nvt, nve = blocks
+    if failure is not None:
+        return {"error": failure, **structure}
+    nvt, nve = merged_phase(blocks, phases, "nvt"), merged_phase(blocks, phases, "nve")
     time_ps, etotal = nve[:, 1] - nve[0, 1], nve[:, 4] / len(atoms) * 1000  # ps, meV/atom
     slope = float(np.polyfit(time_ps, etotal, 1)[0]) if len(time_ps) > 1 else float("nan")
     return {"atoms": len(atoms), "temperature_K": temperature, "timestep_fs": timestep_fs,
+            "invocations": len(plan["segments"]),
             "nvt_mean_temperature_second_half_K": float(nvt[len(nvt) // 2:, 2].mean()),
             "nve_mean_temperature_K": float(nve[:, 2].mean()),
             "nve_drift_meV_per_atom_per_ps": slope,
@@ -320,10 +430,19 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run")
     parser.add_argument("--seed", type=int, default=4928459)
     parser.add_argument("--only", choices=list(CRYSTAL_KEYS) + list(MOLECULES) + ["lips"])
+    parser.add_argument("--model", help="model file to run instead of the shipped one (needs --only): a candidate "
+                        "before it replaces potentials/NAME/model.pt")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--keep", metavar="DIR", help="keep each run's LAMMPS input, data file and dump (KEY.dump) "
-                        "in DIR (created if missing) instead of a temporary folder")
+    parser.add_argument("--keep", metavar="DIR", help="keep each run's LAMMPS inputs, outputs, dumps and restart files "
+                        "(KEY.NNN.*, one set per invocation) in DIR (created if missing) instead of a temporary "
+                        "folder; the same command again continues an interrupted run from its last restart")
+    parser.add_argument("--segment-ps", type=float, help="cut each phase into LAMMPS invocations of about this many "
+                        "ps, each ending in a restart file: with --keep, a long run killed midway loses at most one")
     args = parser.parse_args(argv)
+    if args.model and not args.only:
+        parser.error("--model needs --only (which potential's system to run it on)")
+    if args.segment_ps is not None and args.segment_ps <= 0:
+        parser.error("--segment-ps must be > 0")
     results, failed = {}, False
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)

@@ -356,3 +356,48 @@ def test_green_kubo_example_runs(plugin, tmp_path):
     line = next(line for line in output.splitlines() if line.startswith("Green-Kubo thermal conductivity:"))
     assert np.isfinite(float(line.split()[3])), line
     assert (tmp_path / "J0Jt.dat").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The stability campaign's long runs: cut into invocations that end in restart files, continued
+
+
+def test_stability_campaign_cut_and_continued_is_the_uncut_run(plugin, tmp_path, monkeypatch):
+    """benchmarks/lammps_stability.py: a run cut into invocations (--segment-ps) reports what the uncut
+    run reports (float64: the restart files carry the thermostat's state); in a --keep folder an
+    invocation that did not finish (no restart file) runs again from the one before and the result
+    is unchanged; the same folder with other settings is refused, not mixed."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lammps_stability
+
+    # a tiny model and no training data: the training minima are not what this test is about
+    monkeypatch.setattr(lammps_stability, "training_config", lambda name: name)
+    monkeypatch.setattr(lammps_stability, "training_minima", lambda config, data: {"min_distance_by_pair_A": {}})
+    model = deploy_tiny(tmp_path / "model.pt", "allegro")
+    atoms = rattled_crystal(seed=9)
+
+    def run(folder, segment_ps, nvt_ps=0.02):
+        args = argparse.Namespace(model=model, nvt_ps=nvt_ps, nve_ps=0.02, segment_ps=segment_ps, seed=5, ranks=1,
+                                  data=str(tmp_path))
+        folder.mkdir(exist_ok=True)
+        return lammps_stability.run_one("toy", "toy", atoms, 600, 1.0, {"elements": None}, args, str(folder))
+
+    uncut = run(tmp_path / "uncut", None)
+    cut = run(tmp_path / "cut", 0.005)
+    assert "error" not in uncut and uncut["invocations"] == 1 and cut["invocations"] == 8, (uncut, cut)
+    assert cut["frames"] == uncut["frames"] == 41  # one frame a step, each kept once
+    for key in ("nvt_mean_temperature_second_half_K", "nve_mean_temperature_K", "nve_fluctuation_rms_meV_per_atom",
+                "nve_drift_meV_per_atom_per_ps", "min_distance_A"):
+        assert cut[key] == pytest.approx(uncut[key], rel=1e-8), key
+
+    last_restart = tmp_path / "cut" / "toy.007.restart"
+    last_restart.unlink()  # as if killed during the last invocation
+    stamp = (tmp_path / "cut" / "toy.006.out").stat().st_mtime_ns
+    assert run(tmp_path / "cut", 0.005) == cut
+    assert (tmp_path / "cut" / "toy.006.out").stat().st_mtime_ns == stamp  # finished invocations are not rerun
+    assert last_restart.exists()
+    with pytest.raises(SystemExit, match="other settings.*nvt_steps"):
+        run(tmp_path / "cut", 0.005, nvt_ps=0.03)
