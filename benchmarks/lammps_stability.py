@@ -354,15 +354,16 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
             command = ["lmp", "-nocite", "-log", "none", "-in", script]
             if args.ranks > 1:
                 command = ["mpirun", "-np", str(args.ranks)] + command
-            result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
-            output = result.stdout + result.stderr
+            with open(out_file + ".part", "w") as f:  # written as it runs: `tail -f` shows the progress
+                result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=workdir)
+            with open(out_file + ".part") as f:
+                output = f.read()
             if result.returncode != 0 or len(thermo_blocks(output)) != len(runs) or not os.path.exists(restart + ".part"):
                 errors = [line for line in output.splitlines() if "ERROR" in line]
                 failure = errors[-1] if errors else f"lmp exited with {result.returncode}"
                 outputs.append(output)
                 break
-            with open(out_file, "w") as f:
-                f.write(output)
+            os.replace(out_file + ".part", out_file)
             os.replace(restart + ".part", restart)  # only now is the invocation finished
         with open(out_file) as f:
             outputs.append(f.read())
