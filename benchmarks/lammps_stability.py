@@ -140,13 +140,8 @@ def segment_plan(nvt_steps: int, nve_steps: int, segment_ps: Optional[float], ti
         for phase, total in phases:
             unit = math.lcm(thermo[phase], dump_every)
             piece = max(math.ceil(segment_ps * 1000 / timestep_fs / unit), 1) * unit
-            done = 0
-            while done < total or (total == 0 and done == 0):
-                steps = min(piece, total - done)
-                segments.append([(phase, steps, thermo[phase])])
-                done += steps
-                if total == 0:
-                    break
+            # a phase of 0 steps is still one `run 0` (its thermo row is the phase's)
+            segments += [[(phase, min(piece, total - first), thermo[phase])] for first in range(0, total, piece) or [0]]
     return {"nvt_steps": nvt_steps, "nve_steps": nve_steps, "dump_every": dump_every, "segments": segments}
 
 
