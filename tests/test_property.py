@@ -166,10 +166,24 @@ def test_cross_validation_scores_each_fold_once_and_reads_finished_folds_back(tm
         assert test_ids == folds["splits"]["toy"][name]["test"]
         with open(tmp_path / "cv" / name / "run" / "log.jsonl") as f:
             logged = [json.loads(line) for line in f][1:]
-        assert row["validation_mae"] == min(r["val_property_mae"] for r in logged)
+        assert row["members"][0]["validation_mae"] == min(r["val_property_mae"] for r in logged)
     assert report["mean_mae"] == pytest.approx(np.mean([r["mae"] for r in report["folds"].values()]))
+    first_log = tmp_path / "cv" / "fold_0" / "run" / "log.jsonl"
+    trained_at = first_log.stat().st_mtime_ns
     again = cross_validate(config, str(folds_path), id_key="sid")  # finished folds: read back, not retrained
     assert again["folds"] == report["folds"]
+    # Two models per fold: only the new seed trains; the fold's scores are those of the mean prediction.
+    pair = cross_validate(config, str(folds_path), id_key="sid", only=["fold_0"], members=2)
+    assert first_log.stat().st_mtime_ns == trained_at
+    row = pair["folds"]["fold_0"]
+    assert [m["seed"] for m in row["members"]] == [config.seed, config.seed + 1]
+    assert row["members"][0] == report["folds"]["fold_0"]["members"][0]
+    table = np.loadtxt(tmp_path / "cv" / "fold_0" / "test_predictions.csv", delimiter=",", skiprows=1)
+    assert table.shape == (8, 4) and not np.allclose(table[:, 2], table[:, 3])  # another seed, another model
+    np.testing.assert_allclose(table[:, 1], table[:, 2:].mean(axis=1))
+    np.testing.assert_allclose(np.abs(table[:, 1] - table[:, 0]).mean(), row["mae"])
+    np.testing.assert_allclose(np.abs(table[:, 2] - table[:, 0]).mean(), row["members"][0]["mae"])
+    np.testing.assert_allclose(np.abs(table[:, 3] - table[:, 0]).mean(), row["members"][1]["mae"])
     wider = property_config(path, tmp_path / "cv", property={"unit": "eV", "hidden": [32]},
                             stop={"max_epochs": 3, "monitor": "property_mae"})
     with pytest.raises(ValueError, match=r"fold fold_0 .* finished under another config \(.*property.hidden: "

@@ -31,6 +31,8 @@ def register(commands) -> None:
                    "without it they are structure indices")
     p.add_argument("--fold", action="append", metavar="NAME", help="run only this fold (repeatable)")
     p.add_argument("--run-dir", help="override run_dir (each fold trains in RUN_DIR/fold_K)")
+    p.add_argument("--members", type=POSITIVE_INT, default=1, metavar="K", help="train K models per fold (seeds "
+                   "seed, seed+1, ...) and score the mean of their predictions, beside each one's own scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(run=run_cv)
 
@@ -103,7 +105,7 @@ def run_cv(args) -> int:
         config.run_dir = os.path.abspath(args.run_dir)
     if args.no_progress:
         config.progress = False
-    cross_validate(config, args.folds, args.id_key, args.fold)
+    cross_validate(config, args.folds, args.id_key, args.fold, args.members)
     return 0
 
 

@@ -6,9 +6,13 @@ For each fold: its training structures go to ``RUN_DIR/fold_K/train.extxyz``, it
 ``test.extxyz``; a fresh run trains on the training file alone (its validation split, ``data.val_fraction``,
 is carved out of it and alone picks best.pt, drives the schedule and early stopping); then the best
 (EMA) weights predict the test structures, once. The report gives each fold's test MAE, RMSE and R²,
-its training time, and their mean. A fold already finished is read back, an interrupted one resumed:
-a cross-validation stopped anywhere continues where it was, under the same config only (a setting
-changed since a fold trained is refused, naming it; an interrupted fold may get another ``stop``).
+its training time, and their mean. ``--members K`` trains K models per fold (seeds ``seed``, +1, ...;
+the first in ``fold_K/run``, the others in ``fold_K/run_seedS``, all with the same validation split)
+and scores the mean of their predictions, beside each model's own scores. A model already finished
+is read back (``fold_K/member_seedS.json``: its scores and test predictions), an interrupted one
+resumed: a cross-validation stopped anywhere continues where it was, under the same config only (a
+setting changed since a model trained is refused, naming it; an interrupted one may get another
+``stop``); more members later train only the new ones.
 
 Folds file: JSON holding, at any depth, a mapping ``{"fold_0": {"train": [...], "test": [...]}, ...}``
 (Matbench's ``splits.<task>`` layout); entries are structure indices in the data file, or ids matched
@@ -30,7 +34,7 @@ from .config import ConfigError, TrainConfig
 from .evaluate import predict_properties
 from .metrics import scores
 
-DONE_FILE = "fold.json"
+FOLD_FILE = "fold.json"  # the fold's scores (the mean of its members' predictions), rewritten by each call
 
 
 def read_folds(path: str) -> Dict[str, Dict[str, list]]:
@@ -75,12 +79,11 @@ def fold_indices(folds: Dict[str, Dict[str, list]], ids: Optional[Sequence[str]]
 
 
 def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] = None,
-                   only: Optional[Sequence[str]] = None) -> Dict:
+                   only: Optional[Sequence[str]] = None, members: int = 1) -> Dict:
     """Run (or finish) every fold of ``folds_path`` with ``config``; returns the report (also written
-    to RUN_DIR/cv.json). ``config.data.train``: the file(s) of all structures; ``only``: fold names."""
+    to RUN_DIR/cv.json). ``config.data.train``: the file(s) of all structures; ``only``: fold names;
+    ``members``: models per fold (seeds config.seed, +1, ...), scored by the mean of their predictions."""
     from ase.io import write
-
-    from .trainer import check_continues_unchanged, model_from_checkpoint, resume, train
 
     if config.task != "property":
         raise ConfigError("mlip cv scores property models: set task: property")
@@ -112,56 +115,87 @@ def cross_validate(config: TrainConfig, folds_path: str, id_key: Optional[str] =
         fold_config = copy.deepcopy(config)
         fold_config.data.train = [os.path.join(fold_dir, "train.extxyz")]
         fold_config.data.type_names = list(type_names)
-        fold_config.run_dir = os.path.join(fold_dir, "run")
-        done = os.path.join(fold_dir, DONE_FILE)
-        if os.path.exists(done):  # finished earlier: read back, not retrained
-            check_continues_unchanged(fold_config, f"fold {name}", finished=True)
-            with open(done) as f:
-                report["folds"][name] = json.load(f)
-            _print_fold(name, report["folds"][name], config.property.unit)
-            continue
         os.makedirs(fold_dir, exist_ok=True)
-        train_file, test_file = fold_config.data.train[0], os.path.join(fold_dir, "test.extxyz")
-        for path, indices in ((train_file, train_idx), (test_file, test_idx)):
+        test_file = os.path.join(fold_dir, "test.extxyz")
+        for path, indices in ((fold_config.data.train[0], train_idx), (test_file, test_idx)):
             if not os.path.exists(path):
                 tmp = f"{path}.tmp-{os.getpid()}.extxyz"
                 write(tmp, [structures[i] for i in indices], format="extxyz")
                 os.replace(tmp, path)
-        start = time.perf_counter()
-        if os.path.exists(os.path.join(fold_config.run_dir, LAST)):
-            check_continues_unchanged(fold_config, f"fold {name}", finished=False)
-            result = resume(fold_config.run_dir, fold_config.stop.max_epochs, fold_config.stop.max_minutes)
-        else:
-            result = train(fold_config)
-        model = model_from_checkpoint(load_checkpoint(os.path.join(fold_config.run_dir, BEST)))
-        test = GraphDataset.from_atoms(test_file, model.config.hyperparameters()["r_max"], type_names, label_keys,
-                                       require=(keys.PROPERTY,))
-        predicted = predict_properties(model, test, dtype)
-        reference = np.array([float(test[k][keys.PROPERTY]) for k in range(len(test))])
-        row = {**scores(reference, predicted), "train_minutes": round(result.elapsed_s / 60.0, 2),
-               "wall_minutes_this_call": round((time.perf_counter() - start) / 60.0, 2),
-               "epochs": result.epochs, "best_epoch": result.best_epoch,
-               "validation_mae": _best_validation_mae(result)}
-        np.savetxt(os.path.join(fold_dir, "test_predictions.csv"), np.stack([reference, predicted], axis=1),
-                   delimiter=",", header="reference,predicted", comments="")
+        rows = [_member(fold_config, config.seed + k, fold_dir, name, test_file, label_keys, dtype)
+                for k in range(members)]
+        reference = np.asarray(rows[0]["reference"])
+        predicted = np.mean([row["predicted"] for row in rows], axis=0)
+        columns = [reference, predicted] + ([np.asarray(row["predicted"]) for row in rows] if members > 1 else [])
+        header = ",".join(["reference", "predicted"] + ([f"seed{row['seed']}" for row in rows] if members > 1 else []))
+        np.savetxt(os.path.join(fold_dir, "test_predictions.csv"), np.stack(columns, axis=1), delimiter=",",
+                   header=header, comments="")
         from .plots import plot_parity
 
         unit = f" ({config.property.unit})" if config.property.unit else ""
+        title = f"{name} test" + (f", mean of {members} models" if members > 1 else "")
         plot_parity({f"{label_keys.property}{unit}": (reference, predicted)},
-                    os.path.join(fold_dir, "parity_test.png"), title=f"{name} test")
-        with open(done, "w") as f:
+                    os.path.join(fold_dir, "parity_test.png"), title=title)
+        row = {**scores(reference, predicted), "train_minutes": round(sum(r["train_minutes"] for r in rows), 2),
+               "members": [{k: v for k, v in r.items() if k not in ("reference", "predicted")} for r in rows]}
+        with open(os.path.join(fold_dir, FOLD_FILE), "w") as f:
             json.dump(row, f, indent=1)
         report["folds"][name] = row
         _print_fold(name, row, config.property.unit)
     maes = np.array([row["mae"] for row in report["folds"].values()])
     report["mean_mae"], report["std_mae"] = float(maes.mean()), float(maes.std())
+    report["members"] = members
+    if members > 1:  # the models alone, beside their mean
+        single = np.array([[m["mae"] for m in row["members"]] for row in report["folds"].values()])
+        report["single_model_mean_mae"] = {f"seed{m['seed']}": float(v) for m, v in
+                                           zip(next(iter(report["folds"].values()))["members"], single.mean(axis=0))}
     report["total_train_minutes"] = float(sum(row["train_minutes"] for row in report["folds"].values()))
     with open(os.path.join(root, "cv.json"), "w") as f:
         json.dump(report, f, indent=1)
     _plot_learning_curves(root, list(report["folds"]), config.property.unit)
-    print(f"mean test MAE over {len(maes)} folds: {report['mean_mae']:.4g} ± {report['std_mae']:.3g} "
+    what = f" (the mean of {members} models' predictions)" if members > 1 else ""
+    print(f"mean test MAE over {len(maes)} folds{what}: {report['mean_mae']:.4g} ± {report['std_mae']:.3g} "
           f"{config.property.unit} (training {report['total_train_minutes']:.1f} min in all)")
+    for seed, mae in report.get("single_model_mean_mae", {}).items():
+        print(f"  {seed} alone: {mae:.4g} {config.property.unit}")
     return report
+
+
+def _member(fold_config: TrainConfig, seed: int, fold_dir: str, name: str, test_file: str, label_keys: LabelKeys,
+            dtype: torch.dtype) -> Dict:
+    """One model of a fold (``seed``): trained (or resumed, or read back from its record) and its test
+    predictions; the first member trains in fold_K/run, the others in fold_K/run_seedS."""
+    from .trainer import check_continues_unchanged, model_from_checkpoint, resume, train
+
+    config = copy.deepcopy(fold_config)
+    config.seed = seed
+    config.run_dir = os.path.join(fold_dir, "run" if seed == fold_config.seed else f"run_seed{seed}")
+    record = os.path.join(fold_dir, f"member_seed{seed}.json")
+    what = f"fold {name}" + ("" if seed == fold_config.seed else f" seed {seed}")
+    if os.path.exists(record):  # finished earlier: read back, not retrained
+        check_continues_unchanged(config, what, finished=True)
+        with open(record) as f:
+            return json.load(f)
+    start = time.perf_counter()
+    if os.path.exists(os.path.join(config.run_dir, LAST)):
+        check_continues_unchanged(config, what, finished=False)
+        result = resume(config.run_dir, config.stop.max_epochs, config.stop.max_minutes)
+    else:
+        result = train(config)
+    model = model_from_checkpoint(load_checkpoint(os.path.join(config.run_dir, BEST)))
+    test = GraphDataset.from_atoms(test_file, model.config.hyperparameters()["r_max"], config.data.type_names,
+                                   label_keys, require=(keys.PROPERTY,))
+    predicted = predict_properties(model, test, dtype)
+    reference = np.array([float(test[k][keys.PROPERTY]) for k in range(len(test))])
+    row = {"seed": seed, **scores(reference, predicted), "train_minutes": round(result.elapsed_s / 60.0, 2),
+           "wall_minutes_this_call": round((time.perf_counter() - start) / 60.0, 2), "epochs": result.epochs,
+           "best_epoch": result.best_epoch, "validation_mae": _best_validation_mae(result),
+           "reference": reference.tolist(), "predicted": predicted.tolist()}
+    tmp = f"{record}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(row, f)
+    os.replace(tmp, record)
+    return row
 
 
 def _best_validation_mae(result) -> Optional[float]:
@@ -186,9 +220,11 @@ def _plot_learning_curves(root: str, names: List[str], unit: str) -> None:
 
 
 def _print_fold(name: str, row: Dict, unit: str) -> None:
+    alone = ", ".join(f"seed {m['seed']} {m['mae']:.4g}" for m in row["members"]) if len(row["members"]) > 1 else ""
+    epochs = "" if alone else f", best epoch {row['members'][0]['best_epoch']}"
     print(f"{name}: test MAE {row['mae']:.4g} {unit}, RMSE {row['rmse']:.4g}, R² {row['r2']:.4f} "
-          f"({row['count']} structures; trained {row['train_minutes']:.1f} min, best epoch {row['best_epoch']})",
-          flush=True)
+          f"({row['count']} structures; trained {row['train_minutes']:.1f} min{epochs})"
+          + (f"; alone: {alone}" if alone else ""), flush=True)
 
 
 __all__ = ["cross_validate", "read_folds", "fold_indices"]
