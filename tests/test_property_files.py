@@ -230,9 +230,29 @@ def test_predict_writes_info_key_and_csv(property_file, data_file, tmp_path, cap
     np.testing.assert_allclose([float(line.split(",")[1]) for line in lines[1:]], expected, rtol=1e-6)
 
 
+def test_predict_with_several_models_gives_their_mean_and_spread(run_dir, property_file, data_file, tmp_path, capsys):
+    raw = tmp_path / "raw.pt"  # the same run's raw weights: a second model of the same target
+    assert main(["deploy", run_dir, "--no-ema", "-o", str(raw)]) == 0
+    table = tmp_path / "two.csv"
+    out = tmp_path / "two.extxyz"
+    assert main(["predict", property_file, str(raw), data_file, "--csv", str(table), "-o", str(out)]) == 0
+    each = np.stack([file_predictions(property_file, data_file), file_predictions(str(raw), data_file)])
+    assert np.abs(each[0] - each[1]).min() > 1e-6  # two different models
+    with open(table) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", f"{TARGET}_predicted", f"{TARGET}_predicted_std", TARGET]
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], each.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], np.abs(each[0] - each[1]) / 2, rtol=1e-5)
+    written = read(out, ":")
+    np.testing.assert_allclose([a.info[f"{TARGET}_predicted_std"] for a in written], np.abs(each[0] - each[1]) / 2,
+                               rtol=1e-5)
+
+
 def test_predict_refusals(property_file, potential_file, data_file, tmp_path, capsys):
     err = error_line(capsys, ["predict", potential_file, data_file])
     assert f"{potential_file} is a potential: use mlip evaluate / md / relax" in err
+    err = error_line(capsys, ["predict", property_file, potential_file, data_file])
+    assert f"{potential_file} is a potential" in err
     err = error_line(capsys, ["predict", property_file, data_file, "-o", data_file])
     assert "--output" in err and "input" in err
     unknown = tmp_path / "unknown.extxyz"

@@ -60,7 +60,9 @@ def register(commands) -> None:
                                         "prediction in atoms.info[KEY] (-o), and/or a CSV table (--csv) of index, "
                                         "prediction and, where structures carry it, the reference value. Without "
                                         "-o or --csv the table goes to stdout.")
-    p.add_argument("model", help="property model file written by `mlip deploy`")
+    p.add_argument("models", nargs="+", metavar="model", help="property model file written by `mlip deploy`; "
+                   "several (e.g. one per seed): the mean of their predictions, and their spread (the standard "
+                   "deviation over the models) under KEY_std")
     p.add_argument("data", help="structure file (extxyz, anything ase.io reads; file@selection)")
     p.add_argument("-o", "--output", help="extxyz file to write: the structures with their predictions")
     p.add_argument("--csv", help="CSV file to write: index, prediction[, reference]")
@@ -264,6 +266,7 @@ def run_predict(args) -> int:
     import os
     import sys
 
+    import numpy as np
     from ase.io import write
     from tqdm import tqdm
 
@@ -273,44 +276,58 @@ def run_predict(args) -> int:
     from ..train.evaluate import predict_properties
     from .model_file import DTYPES, load_model
 
-    check_input(args.model, "model file")
+    for path in args.models:
+        check_input(path, "model file")
     check_structure_files([args.data], "data file")
     for path, argument in ((args.output, "--output"), (args.csv, "--csv")):
         if path is not None:
             check_output(path, argument)
             if os.path.exists(path) and os.path.samefile(path, split_selection(args.data)[0]):
                 raise ValueError(f"{argument} {path!r} is the input file: write the predictions elsewhere")
-    model, metadata = load_model(args.model, device=args.device)
-    if metadata.get("task", "potential") != "property":
-        raise ValueError(f"{args.model} is a potential: use mlip evaluate / md / relax")
-    name = metadata["property"]["name"]
+    models = [load_model(path, device=args.device) for path in args.models]
+    for path, (_, metadata) in zip(args.models, models):
+        if metadata.get("task", "potential") != "property":
+            raise ValueError(f"{path} is a potential: use mlip evaluate / md / relax")
+        first = models[0][1]["property"]
+        if (metadata["property"]["name"], metadata["property"].get("unit")) != (first["name"], first.get("unit")):
+            raise ValueError(f"{path} predicts {metadata['property']['name']!r} in {metadata['property'].get('unit')!r}, "
+                             f"{args.models[0]} {first['name']!r} in {first.get('unit')!r}: give models of one target")
+    name = models[0][1]["property"]["name"]
     key = args.key or f"{name}_predicted"
     sourced = list(iter_sourced_structures([args.data]))  # the structures; their graphs a chunk at a time
-    mapper = TypeMapper(metadata["type_names"])
     for k, (where, atoms) in enumerate(sourced):  # the cheap checks before any work (overlaps come with the graphs)
         try:
-            mapper(atoms.numbers)
+            for _, metadata in models:
+                TypeMapper(metadata["type_names"])(atoms.numbers)
             check_structure(atoms)
         except ValueError as error:
             raise ValueError(f"{where}: structure {k} ({atoms.get_chemical_formula()}): {error}") from None
-    rows = []  # (index, prediction, reference or None): the target is read where a structure carries it
-    with tqdm(total=len(sourced), desc="predict", unit="structure", file=sys.stderr) as bar:
-        for chunk in iter_graph_chunks(sourced, metadata["r_max"], metadata["type_names"], LabelKeys(property=name),
-                                       max_atoms=args.batch_atoms):
-            predicted = predict_properties(model, chunk, DTYPES[metadata["dtype"]], args.device, args.batch_atoms)
-            for k, value in enumerate(predicted):
-                rows.append((len(rows), float(value), chunk[k].get(keys.PROPERTY)))
-            bar.update(len(chunk))
+    values, references = [], []  # per model: the predictions; the target where a structure carries it
+    with tqdm(total=len(sourced) * len(models), desc="predict", unit="structure", file=sys.stderr) as bar:
+        for model, metadata in models:
+            values.append([])
+            for chunk in iter_graph_chunks(sourced, metadata["r_max"], metadata["type_names"],
+                                           LabelKeys(property=name), max_atoms=args.batch_atoms):
+                values[-1].extend(predict_properties(model, chunk, DTYPES[metadata["dtype"]], args.device,
+                                                     args.batch_atoms).tolist())
+                if len(values) == 1:
+                    references.extend(chunk[k].get(keys.PROPERTY) for k in range(len(chunk)))
+                bar.update(len(chunk))
+    values = np.asarray(values)  # (models, structures)
+    spread = values.std(axis=0) if len(models) > 1 else None
+    rows = [(k, float(value), reference) for k, (value, reference) in enumerate(zip(values.mean(axis=0), references))]
     if args.output:
-        for (_, atoms), (_, value, _) in zip(sourced, rows):
+        for k, ((_, atoms), (_, value, _)) in enumerate(zip(sourced, rows)):
             atoms.info[key] = value
+            if spread is not None:
+                atoms.info[f"{key}_std"] = float(spread[k])
         with atomic_output(args.output) as tmp:
             write(tmp, [atoms for _, atoms in sourced], format="extxyz")
     if args.csv or not args.output:
         with_reference = any(reference is not None for _, _, reference in rows)
-        header = ["index", key] + ([name] if with_reference else [])
-        cells = [[k, repr(value)] + (["" if r is None else repr(float(r))] if with_reference else [])
-                 for k, value, r in rows]
+        header = ["index", key] + ([f"{key}_std"] if spread is not None else []) + ([name] if with_reference else [])
+        cells = [[k, repr(value)] + ([repr(float(spread[k]))] if spread is not None else [])
+                 + (["" if r is None else repr(float(r))] if with_reference else []) for k, value, r in rows]
         if args.csv:
             with atomic_output(args.csv) as tmp, open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows([header] + cells)
