@@ -279,6 +279,14 @@ def test_statistics_isolated_atoms_and_no_forces():
     assert stats.force_rms == pytest.approx(residual.std(), rel=1e-12)
     with pytest.raises(KeyError, match=r"isolated-atom energies missing for \['Au'\]"):
         compute_statistics(graphs, ["Cu", "Au"], isolated_atom_energies={"Cu": -3.7})
+    # mean_binding_energy: both references raised by the mean energy per atom beyond them (their difference
+    # stays the isolated atoms'); what is left per atom then averages to zero
+    shifted = compute_statistics(graphs, ["Cu", "Au"], isolated_atom_energies={"Cu": -3.7, "Au": -4.4},
+                                 mean_binding_energy=True)
+    np.testing.assert_allclose(shifted.reference_energies, e_ref + residual.mean(), rtol=1e-12)
+    assert abs(residual.mean()) > 0.05 and shifted.extra["mean_binding_energy_per_atom"] == pytest.approx(residual.mean())
+    left = (energies - counts @ np.array(shifted.reference_energies)) / counts.sum(axis=1)
+    assert abs(left.mean()) < 1e-12 and shifted.force_rms == pytest.approx(stats.force_rms, rel=1e-12)
 
 
 # --- splits and batches ----------------------------------------------------------------------------

@@ -306,6 +306,7 @@ BAD_VALUES = [  # (changes to a valid config, the dotted key the message must na
     ({"data": {"val_fraction": NAN}}, "data.val_fraction"),
     ({"data": {"split_seed": -1}}, "data.split_seed"),
     ({"data": {"isolated_atom_energies": {"Cu": NAN}}}, "data.isolated_atom_energies.Cu"),
+    ({"data": {"mean_binding_energy": True}}, "data.mean_binding_energy"),
     ({"schedule": {"min_lr": -1e-6}}, "schedule.min_lr"),
     ({"schedule": {"min_lr": 0.1}}, "schedule.min_lr"),  # above optimizer.lr
     ({"schedule": {"factor": 0.0}}, "schedule.factor"),

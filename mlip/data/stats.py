@@ -32,6 +32,7 @@ def compute_statistics(
     type_names: Sequence[str],
     isolated_atom_energies: Optional[Dict[str, float]] = None,
     batch_size: int = 256,
+    mean_binding_energy: bool = False,
 ) -> DatasetStatistics:
     """Reference energies, force scale and neighbor count of ``data``.
 
@@ -39,7 +40,9 @@ def compute_statistics(
     so a file larger than memory works) or a list of graph dicts.
 
     - reference energies (eV per atom of each type): least squares of the total energies on the
-      per-type atom counts, or ``isolated_atom_energies`` (symbol -> eV) when given;
+      per-type atom counts, or ``isolated_atom_energies`` (symbol -> eV) when given, each raised by the
+      mean energy per atom the data has beyond them if ``mean_binding_energy`` (``extra``:
+      ``mean_binding_energy_per_atom``);
     - force_rms (eV/Å): RMS over all force components; without forces, the standard deviation of
       the per-atom energy residuals (after the reference energies) takes its place;
     - avg_num_neighbors: edges per atom;
@@ -96,6 +99,13 @@ def compute_statistics(
         reference = np.zeros(n_types)
 
     residual_per_atom = (energies - counts_e @ reference) / np.maximum(counts_e.sum(axis=1), 1.0)
+    if mean_binding_energy:
+        if isolated_atom_energies is None or not len(residual_per_atom):
+            raise ValueError("mean_binding_energy shifts isolated-atom energies by the data's mean energy per atom "
+                             "beyond them: give isolated_atom_energies and structures with energies")
+        extra["mean_binding_energy_per_atom"] = float(residual_per_atom.mean())
+        reference = reference + residual_per_atom.mean()
+        residual_per_atom = residual_per_atom - residual_per_atom.mean()
     if len(residual_per_atom):
         extra["energy_residual_std_per_atom"] = float(np.std(residual_per_atom))
     if force_n:

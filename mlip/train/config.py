@@ -35,6 +35,11 @@ class DataConfig:
     isolated_atom_energies: Optional[Dict[str, float]] = None  # eV; None: least-squares reference energies
     # or a file of one-atom frames with their energies (e.g. 3BPA's iso_atoms.xyz), read into the line above
     isolated_atoms: Optional[str] = None
+    # With isolated-atom energies: add the training set's mean energy per atom beyond them (its binding energy
+    # per atom, e.g. -4.87 eV for 3BPA) to every element's reference, so that the network starts at the data's
+    # mean instead of learning that offset (MACE's E0s + mean shift); the differences between elements stay
+    # the isolated atoms'.
+    mean_binding_energy: bool = False
 
 
 @dataclass
@@ -156,6 +161,9 @@ def config_from_dict(raw: Dict[str, Any]) -> TrainConfig:
     if config.data.isolated_atoms is not None and config.data.isolated_atom_energies is None:
         config.data.isolated_atom_energies = _isolated_atom_energies(config.data.isolated_atoms,
                                                                      config.data.keys.get("energy", "energy"))
+    if config.data.mean_binding_energy and config.data.isolated_atom_energies is None:
+        raise ConfigError("data.mean_binding_energy: shifts isolated-atom reference energies; give "
+                          "data.isolated_atoms or data.isolated_atom_energies")
     if config.task == "property":
         _property_task(config, raw)
     for path, allowed in CHOICES.items():

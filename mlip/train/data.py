@@ -105,9 +105,11 @@ def check_labels(config: TrainConfig, data: TrainingData) -> None:
             raise ConfigError(f"stop.monitor: {monitor!r} needs {field} labels, which no validation structure carries")
 
 
-def training_statistics(data: TrainingData, isolated_atom_energies=None) -> DatasetStatistics:
+def training_statistics(data: TrainingData, isolated_atom_energies=None, mean_binding_energy: bool = False
+                        ) -> DatasetStatistics:
     """Reference energies, force RMS and neighbor count of the training part only."""
-    return compute_statistics(Subset(data.train, data.train_indices), data.type_names, isolated_atom_energies)
+    return compute_statistics(Subset(data.train, data.train_indices), data.type_names, isolated_atom_energies,
+                              mean_binding_energy=mean_binding_energy)
 
 
 def _open(paths: List[str], cache: str, r_max, type_names, label_keys, progress) -> GraphDataset:

@@ -296,7 +296,7 @@ class Trainer:
             self.statistics = DatasetStatistics.from_dict(source["statistics"])
         else:  # computed once, by rank 0: every rank builds the same model
             self.statistics = self.ranks.broadcast(
-                training_statistics(self.data, config.data.isolated_atom_energies) if self.ranks.main else None)
+                training_statistics(self.data, config.data.isolated_atom_energies, config.data.mean_binding_energy) if self.ranks.main else None)
 
         with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG alone
             torch.manual_seed(config.seed)
