@@ -14,6 +14,7 @@ from mlip.data.stats import DatasetStatistics
 from mlip.models import ModelConfig, PropertyModel, build_model
 from mlip.train import load_config
 from mlip.train.config import ConfigError, config_from_dict
+from mlip.train.checkpoint import load_checkpoint
 from mlip.train.cv import cross_validate, read_folds
 from mlip.train.trainer import train
 
@@ -184,6 +185,14 @@ def test_cross_validation_scores_each_fold_once_and_reads_finished_folds_back(tm
     np.testing.assert_allclose(np.abs(table[:, 1] - table[:, 0]).mean(), row["mae"])
     np.testing.assert_allclose(np.abs(table[:, 2] - table[:, 0]).mean(), row["members"][0]["mae"])
     np.testing.assert_allclose(np.abs(table[:, 3] - table[:, 0]).mean(), row["members"][1]["mae"])
+    # Without data.split_seed the split follows a run's seed: the members still share the first one's split
+    # (the property's mean over the training part, in each checkpoint's statistics, is the same).
+    unsplit = property_config(path, tmp_path / "cv_unsplit", stop={"max_epochs": 1, "monitor": "property_mae"},
+                              data={"train": [str(path)], "keys": {"property": "gap"}, "val_fraction": 0.25})
+    cross_validate(unsplit, str(folds_path), id_key="sid", only=["fold_0"], members=2)
+    means = [load_checkpoint(tmp_path / "cv_unsplit" / "fold_0" / run / "best.pt")["statistics"]["extra"]["property_mean"]
+             for run in ("run", f"run_seed{unsplit.seed + 1}")]
+    assert means[0] == means[1]
     wider = property_config(path, tmp_path / "cv", property={"unit": "eV", "hidden": [32]},
                             stop={"max_epochs": 3, "monitor": "property_mae"})
     with pytest.raises(ValueError, match=r"fold fold_0 .* finished under another config \(.*property.hidden: "

@@ -168,6 +168,8 @@ def _member(fold_config: TrainConfig, seed: int, fold_dir: str, name: str, test_
     from .trainer import check_continues_unchanged, model_from_checkpoint, resume, train
 
     config = copy.deepcopy(fold_config)
+    if seed != config.seed and config.data.split_seed is None:  # the split follows the run's seed otherwise
+        config.data.split_seed = config.seed
     config.seed = seed
     config.run_dir = os.path.join(fold_dir, "run" if seed == fold_config.seed else f"run_seed{seed}")
     record = os.path.join(fold_dir, f"member_seed{seed}.json")
