@@ -137,12 +137,40 @@ def test_deploy_float64_and_redeploy(property_file, data_file, tmp_path):
                                rtol=1e-5)
 
 
-def test_deploy_refuses_aoti_and_committees(run_dir, property_file, potential_file, tmp_path, capsys):
+def test_deploy_refuses_aoti_and_mixed_committees(run_dir, property_file, potential_file, tmp_path, capsys):
     err = error_line(capsys, ["deploy", run_dir, "-o", str(tmp_path / "prop.pt2")])
     assert "property models deploy to TorchScript only" in err and "prop.pt2" in err
     assert not os.path.exists(tmp_path / "prop.pt2")
     err = error_line(capsys, ["deploy", property_file, potential_file, "-o", str(tmp_path / "committee.pt")])
-    assert f"{property_file} is a property model" in err and "committee" in err
+    assert "either potentials or property models" in err
+
+
+def test_property_committee_file_is_the_mean_of_its_members(run_dir, property_file, data_file, tmp_path, capsys):
+    """`mlip deploy A B -o c.pt` of two property models: c.pt predicts their mean, its spread under
+    property_uncertainty (`mlip predict`: NAME_std), `--member 2` gives B back, and it is refused by
+    the engines that need forces like any property model."""
+    raw, committee = tmp_path / "raw.pt", tmp_path / "committee.pt"
+    assert main(["deploy", run_dir, "--no-ema", "-o", str(raw)]) == 0  # the same run's raw weights: a second model
+    assert main(["deploy", property_file, str(raw), "-o", str(committee)]) == 0
+    metadata = read_metadata(committee)
+    assert metadata["task"] == "property" and metadata["property"]["name"] == TARGET
+    assert len(metadata["model_config"]["members"]) == 2
+    each = np.stack([file_predictions(property_file, data_file), file_predictions(str(raw), data_file)])
+    assert np.abs(each[0] - each[1]).min() > 1e-6
+    np.testing.assert_allclose(file_predictions(str(committee), data_file), each.mean(axis=0), rtol=1e-6)
+    table = tmp_path / "committee.csv"
+    assert main(["predict", str(committee), data_file, "--csv", str(table)]) == 0
+    with open(table) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", f"{TARGET}_predicted", f"{TARGET}_predicted_std", TARGET]
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], np.abs(each[0] - each[1]) / 2, rtol=1e-5)
+    second = tmp_path / "second.pt"
+    assert main(["deploy", str(committee), "--member", "2", "-o", str(second)]) == 0
+    np.testing.assert_allclose(file_predictions(str(second), data_file), each[1], rtol=1e-6)
+    assert main(["info", str(committee)]) == 0
+    assert "committee member 2" in capsys.readouterr().out
+    with pytest.raises(ModelFileError, match="is a property model"):
+        MLIPCalculator(str(committee))
 
 
 def tiny_property_model(family: str, pooling: str, dtype=torch.float64, element_features: bool = False):

@@ -46,7 +46,8 @@ DEFAULT_DOMAIN_THRESHOLD = 20000
 def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """A deployed file path, a (module, metadata) pair from load_model, or an eager Potential; a
     property model (file or eager) is refused: it has no energy, forces or stress."""
-    from ..models import DeployedPotential, Potential, PropertyModel, model_metadata
+    from ..models import DeployedPotential, Potential, model_metadata
+    from ..models.property import is_property_model
 
     if isinstance(model, (str, os.PathLike)):
         module, metadata = load_model(model, device=device)
@@ -57,7 +58,7 @@ def resolve_model(model: ModelLike, device: Union[str, torch.device]) -> Tuple[t
         check_model_fields(metadata, "metadata given with the model")  # as a file's would be
         require_potential(metadata, "the model given")
         return module.to(device), metadata
-    if isinstance(model, PropertyModel):
+    if is_property_model(model):
         require_potential(model_metadata(model), "the model given")
     if isinstance(model, Potential):
         return DeployedPotential(model).to(device).eval(), model_metadata(model)

@@ -32,6 +32,7 @@ FORCE_UNCERTAINTY = "force_uncertainty"  # (N,) float64 | per atom sqrt(mean_m |
 VIRIAL = "virial"  # (B, 3, 3) float | W = -sum_edges r_ij (x) dE/dr_ij, eV
 STRESS = "stress"  # (B, 3, 3) float | -W / V, eV/Å^3 (periodic structures only)
 PROPERTY = "property"  # (B,) float64 | a per-structure target of a property model (task: property), in its own unit
+PROPERTY_UNCERTAINTY = "property_uncertainty"  # (B,) float64 | a property committee's spread: std over its models
 
 # --- bookkeeping -------------------------------------------------------------------------------
 # A batch carries a label when any of its structures does; these masks say where it exists. Where a

@@ -62,7 +62,7 @@ def register(commands) -> None:
                                         "-o or --csv the table goes to stdout.")
     p.add_argument("models", nargs="+", metavar="model", help="property model file written by `mlip deploy`; "
                    "several (e.g. one per seed): the mean of their predictions, and their spread (the standard "
-                   "deviation over the models) under KEY_std")
+                   "deviation over the files) under KEY_std, as one committee file gives its members'")
     p.add_argument("data", help="structure file (extxyz, anything ase.io reads; file@selection)")
     p.add_argument("-o", "--output", help="extxyz file to write: the structures with their predictions")
     p.add_argument("--csv", help="CSV file to write: index, prediction[, reference]")
@@ -85,18 +85,18 @@ def run_deploy(args) -> int:
     elif len(sources) == 1:
         model, data_hash, description = sources[0]
     else:
-        from ..models import PropertyModel, build_committee
+        from ..models import build_any_committee
+        from ..models.property import is_property_model
 
-        for path, (model, _, _) in zip(args.checkpoint, sources):
-            if isinstance(model, PropertyModel):
-                raise ValueError(f"{path} is a property model: a committee file averages potentials' energies and "
-                                 "forces; deploy property models one at a time")
+        kinds = {is_property_model(model) for model, _, _ in sources}
+        if len(kinds) > 1:
+            raise ValueError("a committee averages either potentials or property models: these inputs mix both")
         hashes = [data_hash for _, data_hash, _ in sources]
         if len(set(hashes)) > 1:  # a model file may carry no hash (null): then the data cannot be confirmed
             listing = ", ".join(f"{path}: {(h or 'unknown')[:12]}" for path, h in zip(args.checkpoint, hashes))
             raise ValueError(f"committee members must share one training set, but their training data hashes "
                              f"differ ({listing})")
-        model, data_hash = build_committee([model for model, _, _ in sources]), hashes[0]
+        model, data_hash = build_any_committee([model for model, _, _ in sources]), hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
     deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check, dtype=args.dtype,
                  format=output_format)
@@ -145,7 +145,7 @@ def _output_format(output: str, requested):
 
 def _committee_member(paths, sources, k: int):
     """(potential, training data hash, description) of member k (1-based) of the one committee in ``sources``."""
-    from ..models import committee_members
+    from ..models import any_committee_members as committee_members
 
     if len(sources) != 1:
         raise ValueError(f"--member takes one committee file, got {len(sources)} inputs")
@@ -273,7 +273,7 @@ def run_predict(args) -> int:
     from ..data import LabelKeys, TypeMapper, check_structure, keys
     from ..data.dataset import iter_graph_chunks, iter_sourced_structures, split_selection
     from ..files import atomic_output, check_input, check_output, check_structure_files
-    from ..train.evaluate import predict_properties
+    from ..train.evaluate import property_outputs
     from .model_file import DTYPES, load_model
 
     for path in args.models:
@@ -302,19 +302,21 @@ def run_predict(args) -> int:
             check_structure(atoms)
         except ValueError as error:
             raise ValueError(f"{where}: structure {k} ({atoms.get_chemical_formula()}): {error}") from None
-    values, references = [], []  # per model: the predictions; the target where a structure carries it
+    values, spreads, references = [], [], []  # per file: predictions (and a committee file's spreads)
     with tqdm(total=len(sourced) * len(models), desc="predict", unit="structure", file=sys.stderr) as bar:
         for model, metadata in models:
-            values.append([])
+            values.append([]), spreads.append([])
             for chunk in iter_graph_chunks(sourced, metadata["r_max"], metadata["type_names"],
                                            LabelKeys(property=name), max_atoms=args.batch_atoms):
-                values[-1].extend(predict_properties(model, chunk, DTYPES[metadata["dtype"]], args.device,
-                                                     args.batch_atoms).tolist())
-                if len(values) == 1:
+                out = property_outputs(model, chunk, DTYPES[metadata["dtype"]], args.device, args.batch_atoms)
+                values[-1].extend(out[keys.PROPERTY].tolist())
+                spreads[-1].extend(out.get(keys.PROPERTY_UNCERTAINTY, []))
+                if len(values) == 1:  # the target, where a structure carries it
                     references.extend(chunk[k].get(keys.PROPERTY) for k in range(len(chunk)))
                 bar.update(len(chunk))
-    values = np.asarray(values)  # (models, structures)
-    spread = values.std(axis=0) if len(models) > 1 else None
+    values = np.asarray(values)  # (files, structures)
+    # Several files: the spread of their predictions; one committee file: its members' spread.
+    spread = values.std(axis=0) if len(models) > 1 else (np.asarray(spreads[0]) if spreads[0] else None)
     rows = [(k, float(value), reference) for k, (value, reference) in enumerate(zip(values.mean(axis=0), references))]
     if args.output:
         for k, ((_, atoms), (_, value, _)) in enumerate(zip(sourced, rows)):

@@ -12,14 +12,15 @@ import numpy as np
 import torch
 
 from ..data import keys
-from ..models import DeployedPotential, DeployedProperty, Potential, PropertyModel, model_metadata
+from ..models import DeployedPotential, DeployedProperty, Potential, model_metadata
+from ..models.property import is_property_model
 from .model_file import DTYPES, save_model
 
 
 def file_module(model: torch.nn.Module) -> torch.nn.Module:
     """The file-level form of an eager model: flat tensors in, dict out (a copy, in eval mode)."""
     model = copy.deepcopy(model).eval()
-    return DeployedProperty(model) if isinstance(model, PropertyModel) else DeployedPotential(model)
+    return DeployedProperty(model) if is_property_model(model) else DeployedPotential(model)
 
 
 def script_model(model: Potential) -> torch.jit.ScriptModule:
@@ -56,7 +57,7 @@ def deploy_model(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown model file format {format!r}; choose one of {FORMATS}")
-    if format == "aoti" and isinstance(model, PropertyModel):
+    if format == "aoti" and is_property_model(model):
         raise ValueError(f"{os.fspath(path)}: property models deploy to TorchScript only (a .pt file), not as "
                          "AOTInductor packages")
     if dtype is not None:
@@ -116,7 +117,7 @@ def _probe_inputs(model: Potential, seed: int = 0, cells: int = 3, ghosts: int =
         torch.tensor(edge_index, device=device),
         torch.tensor(cell_shifts @ cell, dtype=dtype, device=device),
     )
-    if not isinstance(model, PropertyModel):
+    if not is_property_model(model):
         return inputs + (len(positions) - ghosts,)
     # Two structures: edges between them are dropped, so each is a cluster of its own.
     first = ghosts + 1
@@ -152,6 +153,6 @@ def check_compiled(model: Potential, compiled: torch.nn.Module, what: str = "com
             difference = float((eager[key] - result[key]).abs().max()) / scale
             if difference > tolerance:
                 raise RuntimeError(f"{what} differs from the eager model in {key} by {difference:.2e} (relative)")
-    wanted = keys.PROPERTY if isinstance(model, PropertyModel) else keys.FORCES
+    wanted = keys.PROPERTY if is_property_model(model) else keys.FORCES
     if wanted not in result:
         raise RuntimeError(f"{what} returns no {wanted}")

@@ -11,7 +11,8 @@ from .committee import CommitteeConfig, build_committee, committee_members
 from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
-from .property import DeployedProperty, PropertyModel, check_property_head, element_features
+from .property import (DeployedProperty, PropertyCommittee, PropertyModel, build_property_committee, check_property_head,
+                       element_features, property_committee_members)
 
 HEADS = ("gradient", "direct")
 
@@ -89,7 +90,8 @@ def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, d
     """The architecture a checkpoint or model file describes (``model_metadata``'s "model_config"),
     with freshly initialised weights: one model, or a committee of them."""
     if "members" in model_config:
-        return build_committee([build_model(ModelConfig(**m), statistics, dtype) for m in model_config["members"]])
+        members = [build_model(ModelConfig(**m), statistics, dtype) for m in model_config["members"]]
+        return build_any_committee(members)
     return build_model(ModelConfig(**model_config), statistics, dtype)
 
 
@@ -108,13 +110,28 @@ def adapt_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> D
     return weights
 
 
+def build_any_committee(members) -> torch.nn.Module:
+    """A committee of potentials (build_committee) or of property models (build_property_committee),
+    as the first member is."""
+    if isinstance(members[0], (PropertyModel, PropertyCommittee)):
+        return build_property_committee(members)
+    return build_committee(members)
+
+
+def any_committee_members(model: torch.nn.Module):
+    """committee_members or property_committee_members, as the model is."""
+    if isinstance(model, (PropertyModel, PropertyCommittee)):
+        return property_committee_members(model)
+    return committee_members(model)
+
+
 def model_metadata(model: torch.nn.Module) -> Dict[str, Any]:
     """What a model file states about a Potential or a PropertyModel (the latter: ``task``
     "property", its ``property`` head and ``force_head`` "none": it predicts no forces)."""
     config = model.config  # ModelConfig or CommitteeConfig
     params = config.hyperparameters()
     committee = isinstance(config, CommitteeConfig)
-    head = None if committee else config.property
+    head = config.property
     task = {"task": "property", "property": check_property_head(head)} if head else {"task": "potential"}
     return {
         **task,
@@ -136,6 +153,9 @@ __all__ = [
     "Potential",
     "DeployedPotential",
     "PropertyModel",
+    "PropertyCommittee",
+    "build_any_committee",
+    "any_committee_members",
     "DeployedProperty",
     "ModelConfig",
     "PRESETS",

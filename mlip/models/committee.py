@@ -36,6 +36,10 @@ class CommitteeConfig:
     def head(self) -> str:
         return self.members[0].head
 
+    @property
+    def property(self) -> Optional[Dict[str, Any]]:  # a committee of property models: their (shared) target
+        return self.members[0].property
+
     def hyperparameters(self) -> Dict[str, Any]:
         return {"r_max": self.members[0].hyperparameters()["r_max"],
                 "members": [{"family": m.family, "preset": m.preset, **m.hyperparameters()} for m in self.members]}

@@ -16,6 +16,10 @@ permutations, a function of the atoms within the receptive field). A property he
 
 mean and std are the target's, over the training split: the MLP outputs O(1) numbers. Property
 models predict no energy, forces or stress: MD engines refuse them (their files say ``task``).
+
+A PropertyCommittee is the mean of several property models of one target trained on the same
+structures and split (e.g. seeds of one recipe, ``mlip cv --members``); its file also gives their
+spread (``property_uncertainty``: the standard deviation over the models).
 """
 
 from typing import Any, Dict, List, Sequence
@@ -109,13 +113,93 @@ class PropertyModel(nn.Module):
             pooled = torch.cat([pooled, scatter_max(features, batch, num_graphs)], dim=1)
         return self.mean + self.std * self.readout(pooled).squeeze(-1).to(torch.float64)
 
+    def predict_members(self, positions: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor,
+                        edge_shifts: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
+        """(1, B): as PropertyCommittee.predict_members, for one model."""
+        return self.predict(positions, atom_types, edge_index, edge_shifts, batch, num_atoms).unsqueeze(0)
+
+
+class PropertyCommittee(nn.Module):
+    """The mean of several PropertyModels' predictions (reads and writes what PropertyModel does).
+    ``config`` (a CommitteeConfig) and ``statistics`` (the members' shared ones) are set by
+    ``build_property_committee``."""
+
+    def __init__(self, members: List[PropertyModel]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {keys.PROPERTY: self.predict(data[keys.POSITIONS], data[keys.ATOM_TYPES], data[keys.EDGE_INDEX],
+                                            data[keys.EDGE_SHIFTS], data[keys.BATCH], data[keys.NUM_ATOMS])}
+
+    def predict(self, positions: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor,
+                edge_shifts: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
+        """(B,) float64: the members' mean."""
+        return self.predict_members(positions, atom_types, edge_index, edge_shifts, batch, num_atoms).mean(dim=0)
+
+    def predict_members(self, positions: torch.Tensor, atom_types: torch.Tensor, edge_index: torch.Tensor,
+                        edge_shifts: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
+        """(M, B) float64: each member's predictions."""
+        out: List[torch.Tensor] = []
+        for member in self.members:
+            out.append(member.predict(positions, atom_types, edge_index, edge_shifts, batch, num_atoms))
+        return torch.stack(out)
+
+
+def build_property_committee(members: List[nn.Module]) -> PropertyCommittee:
+    """One property model predicting the mean of ``members`` (committees among them count as their
+    members), which must share target, unit, training statistics (structures and split), r_max and dtype."""
+    members = [m for member in members for m in property_committee_members(member)]
+    if len(members) < 2:
+        raise ValueError(f"a committee needs at least 2 models, got {len(members)}")
+    for k, member in enumerate(members, start=1):
+        if not isinstance(member, PropertyModel):
+            raise ValueError(f"committee model {k} is a {type(member).__name__}: a property committee averages "
+                             "property models only")
+    first = members[0]
+    for k, member in enumerate(members[1:], start=2):
+        differences = [what for what, same in (
+            ("target", (member.config.property["name"], member.config.property.get("unit"))
+             == (first.config.property["name"], first.config.property.get("unit"))),
+            ("training statistics (train them on the same structures and split)",
+             member.statistics.to_dict() == first.statistics.to_dict()),
+            ("r_max", member.config.hyperparameters()["r_max"] == first.config.hyperparameters()["r_max"]),
+            ("dtype", next(member.parameters()).dtype == next(first.parameters()).dtype),
+        ) if not same]
+        if differences:
+            raise ValueError(f"committee model {k} differs from model 1 in {'; '.join(differences)}")
+    from .committee import CommitteeConfig
+
+    committee = PropertyCommittee(members)
+    committee.config = CommitteeConfig([m.config for m in members])
+    committee.statistics = first.statistics
+    return committee
+
+
+def property_committee_members(model: nn.Module) -> List[nn.Module]:
+    """The members of a PropertyCommittee (each a PropertyModel with its config and statistics); any
+    other model: itself."""
+    if not isinstance(model, PropertyCommittee):
+        return [model]
+    members = list(model.members)
+    for member, config in zip(members, model.config.members):
+        member.config, member.statistics = config, model.statistics
+    return members
+
+
+def is_property_model(model: nn.Module) -> bool:
+    """A PropertyModel or a committee of them (a file with ``task: property``)."""
+    return isinstance(model, (PropertyModel, PropertyCommittee))
+
 
 class DeployedProperty(nn.Module):
-    """The file-level form of a property model: flat tensors of a batch of structures in, (B,) out."""
+    """The file-level form of a property model: flat tensors of a batch of structures in, (B,) out
+    (a committee: their mean, and their spread under ``property_uncertainty``)."""
 
-    def __init__(self, model: PropertyModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.committee = isinstance(model, PropertyCommittee)
 
     def forward(
         self,
@@ -126,8 +210,11 @@ class DeployedProperty(nn.Module):
         batch: torch.Tensor,
         num_atoms: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
-        return {keys.PROPERTY: self.model.predict(positions, atom_types, edge_index, edge_shifts, batch,
-                                                  num_atoms).detach()}
+        each = self.model.predict_members(positions, atom_types, edge_index, edge_shifts, batch, num_atoms).detach()
+        out = {keys.PROPERTY: each.mean(dim=0)}
+        if self.committee:
+            out[keys.PROPERTY_UNCERTAINTY] = each.std(dim=0, unbiased=False)
+        return out
 
 
 def check_property_head(head: Dict[str, Any]) -> Dict[str, Any]:

@@ -230,26 +230,37 @@ def _member_errors(errors: np.ndarray) -> Tuple[List[float], float]:
 
 def predict_properties(model: torch.nn.Module, dataset: GraphDataset, dtype: torch.dtype, device="cpu",
                        batch_atoms: int = BATCH_ATOMS, progress=None) -> np.ndarray:
-    """(B,) float64 predictions of a property model for every structure of ``dataset``, in order.
+    """(B,) float64 predictions of a property model for every structure of ``dataset``, in order
+    (``property_outputs``'s keys.PROPERTY)."""
+    return property_outputs(model, dataset, dtype, device, batch_atoms, progress)[keys.PROPERTY]
 
-    ``model``: an eager PropertyModel, or a property model file's module (``load_model``), which
-    takes the flat inputs of DeployedProperty. Structures are packed into calls of about
-    ``batch_atoms`` atoms; ``progress`` (e.g. a tqdm bar) is advanced by the structures of each call.
+
+def property_outputs(model: torch.nn.Module, dataset: GraphDataset, dtype: torch.dtype, device="cpu",
+                     batch_atoms: int = BATCH_ATOMS, progress=None) -> Dict[str, np.ndarray]:
+    """What a property model gives for every structure of ``dataset``, in order: {keys.PROPERTY: (B,)
+    float64, and for a committee keys.PROPERTY_UNCERTAINTY: (B,) their spread}.
+
+    ``model``: an eager PropertyModel or PropertyCommittee, or a property model file's module
+    (``load_model``), which takes the flat inputs of DeployedProperty. Structures are packed into calls
+    of about ``batch_atoms`` atoms; ``progress`` (e.g. a tqdm bar) is advanced by the structures of each call.
     """
-    from ..models.property import DeployedProperty, PropertyModel
+    from ..models.property import DeployedProperty, is_property_model
 
-    if isinstance(model, PropertyModel):
+    if is_property_model(model):
         model = DeployedProperty(model)
-    out: List[np.ndarray] = [np.zeros(0)]
+    out: Dict[str, List[np.ndarray]] = {}
     with torch.no_grad():
         for indices in _batches(dataset, False, batch_atoms):
             batch = collate(dataset.get_batch(indices), dtype=dtype, device=device, paired=False)
             result = model(batch[keys.POSITIONS], batch[keys.ATOM_TYPES], batch[keys.EDGE_INDEX],
                            batch[keys.EDGE_SHIFTS], batch[keys.BATCH], batch[keys.NUM_ATOMS])
-            out.append(result[keys.PROPERTY].to("cpu", torch.float64).numpy())
+            for key, value in result.items():
+                out.setdefault(key, []).append(value.to("cpu", torch.float64).numpy())
             if progress is not None:
                 progress.update(len(indices))
-    return np.concatenate(out)
+    if not out:  # no structures
+        return {keys.PROPERTY: np.zeros(0)}
+    return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 def _batches(dataset: GraphDataset, gradient_head: bool, batch_atoms: int):
