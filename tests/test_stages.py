@@ -132,6 +132,18 @@ def test_a_staged_run_continues_only_under_the_config_it_was_trained_with(data_f
     with pytest.raises(ValueError, match=r"stage 1 .* finished under another config \(stop.max_epochs: 4 -> 3\)"):
         train_stages(load_stages(write_config(tmp_path / "run.yaml", shorter)))
 
+    # A run trained before a setting existed (its checkpoint lacks the key) ran as the default does: it
+    # continues under a config that leaves the new setting at its default, and is refused otherwise.
+    last = tmp_path / "run" / "stage_1" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["config"]["data"]["mean_binding_energy"]
+    torch.save(checkpoint, last)
+    assert [r.epochs for r in train_stages(load_stages(write_config(tmp_path / "run.yaml", longer)))] == [4, 2]
+    shifted = {**longer, "data": {**longer["data"], "isolated_atom_energies": {"Cu": -0.1}, "mean_binding_energy": True}}
+    with pytest.raises(ValueError, match=r"stage 1 .* finished under another config \(.*data.mean_binding_energy: "
+                                         r"False -> True"):
+        train_stages(load_stages(write_config(tmp_path / "run.yaml", shifted)))
+
 
 def test_bad_stages_are_refused_with_the_stage_named(data_file, tmp_path):
     raw = staged_raw(data_file, tmp_path / "run")

@@ -144,6 +144,9 @@ def check_continues_unchanged(config: TrainConfig, what: str, finished: bool) ->
     files may move (compared by file name)."""
     trained = _comparable(load_checkpoint(os.path.join(config.run_dir, LAST))["config"])  # stop as last run
     current = _comparable(config_to_dict(config))
+    # A setting added to mlip since the run trained is absent from its checkpoint: it ran as the default does.
+    for key, default in _comparable(config_to_dict(TrainConfig())).items():
+        trained.setdefault(key, default)
     free = ["stop.max_epochs", "stop.max_minutes"] if not finished else []
     if current["schedule.cosine_epochs"] is None:  # _train derived it from the stop the stage started with
         free.append("schedule.cosine_epochs")
