@@ -335,13 +335,13 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
     write_lammps_data(data_file, atoms, specorder=elements, masses=True, units="metal", atom_style="atomic")
 
     outputs, phases, dumps = [], [], []
-    start, failure = data_file, None
+    start, failure, finished = data_file, None, 0
     for k, runs in enumerate(plan["segments"]):
         stem = os.path.join(workdir, f"{key}.{k:03d}")
         restart, out_file = stem + ".restart", stem + ".out"
-        dumps.append(stem + ".dump")
-        phases.extend(phase for phase, _, _ in runs)
         if not (os.path.exists(restart) and os.path.exists(out_file)):  # not finished before: run it
+            if getattr(args, "so_far", False):  # report the finished invocations only (one may be running)
+                break
             script = stem + ".in"
             with open(script, "w") as f:
                 f.write(lammps_input(start, model, elements, temperature, timestep_fs, args.seed, runs,
@@ -357,12 +357,16 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
                 errors = [line for line in output.splitlines() if "ERROR" in line]
                 failure = errors[-1] if errors else f"lmp exited with {result.returncode}"
                 outputs.append(output)
+                dumps.append(stem + ".dump")
+                phases.extend(phase for phase, _, _ in runs)
                 break
             os.replace(out_file + ".part", out_file)
             os.replace(restart + ".part", restart)  # only now is the invocation finished
         with open(out_file) as f:
             outputs.append(f.read())
-        start = restart
+        dumps.append(stem + ".dump")
+        phases.extend(phase for phase, _, _ in runs)
+        start, finished = restart, finished + 1
     blocks = [block for output in outputs for block in thermo_blocks(output)]
     # The frames up to a failure still tell how the structure went.
     frames = unique_frames([atoms for dump in dumps if os.path.exists(dump) and os.path.getsize(dump)
@@ -371,15 +375,24 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
                  **structure_report(frames, check, timestep_fs, training["min_distance_by_pair_A"])} if frames else {}
     if failure is not None:
         return {"error": failure, **structure}
-    nvt, nve = merged_phase(blocks, phases, "nvt"), merged_phase(blocks, phases, "nve")
-    time_ps, etotal = nve[:, 1] - nve[0, 1], nve[:, 4] / len(atoms) * 1000  # ps, meV/atom
-    slope = float(np.polyfit(time_ps, etotal, 1)[0]) if len(time_ps) > 1 else float("nan")
-    return {"atoms": len(atoms), "temperature_K": temperature, "timestep_fs": timestep_fs,
-            "invocations": len(plan["segments"]),
-            "nvt_mean_temperature_second_half_K": float(nvt[len(nvt) // 2:, 2].mean()),
-            "nve_mean_temperature_K": float(nve[:, 2].mean()),
-            "nve_drift_meV_per_atom_per_ps": slope,
-            "nve_fluctuation_rms_meV_per_atom": float(np.std(etotal)), **structure}
+    report = {"atoms": len(atoms), "temperature_K": temperature, "timestep_fs": timestep_fs,
+              "invocations": len(plan["segments"])}
+    if finished < len(plan["segments"]):  # --so-far: what the finished invocations show
+        report.update(finished_invocations=finished, so_far=True)
+        if not finished:
+            return report
+    simulated = {phase: sum(steps for k in range(finished) for p, steps, _ in plan["segments"][k] if p == phase)
+                 * timestep_fs / 1000.0 for phase in ("nvt", "nve")}
+    report.update(nvt_ps=simulated["nvt"], nve_ps=simulated["nve"])
+    nvt = merged_phase(blocks, phases, "nvt")
+    report["nvt_mean_temperature_second_half_K"] = float(nvt[len(nvt) // 2:, 2].mean())
+    if "nve" in phases:
+        nve = merged_phase(blocks, phases, "nve")
+        time_ps, etotal = nve[:, 1] - nve[0, 1], nve[:, 4] / len(atoms) * 1000  # ps, meV/atom
+        report.update(nve_mean_temperature_K=float(nve[:, 2].mean()),
+                      nve_drift_meV_per_atom_per_ps=float(np.polyfit(time_ps, etotal, 1)[0]) if len(time_ps) > 1
+                      else float("nan"), nve_fluctuation_rms_meV_per_atom=float(np.std(etotal)))
+    return {**report, **structure}
 
 
 def structure_kept(result: dict) -> bool:
@@ -391,6 +404,8 @@ def table_row(name: str, result: dict, args) -> str:
     """The row of potentials/README.md's stability table for one run (measured columns only)."""
     if "error" in result:
         return f"| {name} |" + " |" * 7 + f" stopped: {result['error']} |"
+    if result.get("so_far") and not result["finished_invocations"]:
+        return f"| {name} |" + " |" * 7 + f" no invocation finished yet (of {result['invocations']}) |"
     structure = result.get("bonds") or result.get("coordination")
     if "bonds" in result:
         kept = f"{structure['bonds']} bonds: " + ("kept" if structure["kept"] else
@@ -401,9 +416,14 @@ def table_row(name: str, result: dict, args) -> str:
         kept = (f"{'kept' if structure['kept'] else 'changed'}: {structure['first']:.2f} -> {structure['last']:.2f} "
                 f"within {structure['shell_A']} Å (max {100 * structure['max_relative_deviation']:.1f} %)")
     return (f"| {name} | {result['temperature_K']} K, {result['atoms']} atoms, {result['timestep_fs']} fs "
-            f"| {args.nvt_ps:g} ps NVT + {args.nve_ps:g} ps NVE | {result['nvt_mean_temperature_second_half_K']:.0f} K "
-            f"| {1000 * result['nve_drift_meV_per_atom_per_ps']:+.2f} | {result['nve_fluctuation_rms_meV_per_atom']:.4f} "
-            f"| {min_distance_cell(result)} | {kept} | completed |")
+            f"| {result['nvt_ps']:g} ps NVT + {result['nve_ps']:g} ps NVE "
+            f"| {result['nvt_mean_temperature_second_half_K']:.0f} K "
+            + (f"| {1000 * result['nve_drift_meV_per_atom_per_ps']:+.2f} "
+               f"| {result['nve_fluctuation_rms_meV_per_atom']:.4f} " if "nve_drift_meV_per_atom_per_ps" in result
+               else "| - | - ")
+            + f"| {min_distance_cell(result)} | {kept} | "
+            + (f"so far ({result['finished_invocations']} of {result['invocations']} invocations) |"
+               if result.get("so_far") else "completed |"))
 
 
 def min_distance_cell(result: dict) -> str:
@@ -434,11 +454,15 @@ def main(argv=None) -> int:
                         "folder; the same command again continues an interrupted run from its last restart")
     parser.add_argument("--segment-ps", type=float, help="cut each phase into LAMMPS invocations of about this many "
                         "ps, each ending in a restart file: with --keep, a long run killed midway loses at most one")
+    parser.add_argument("--so-far", action="store_true", help="with --keep: report what the run's finished "
+                        "invocations show, running none (the progress of a long run, also while it runs)")
     args = parser.parse_args(argv)
     if args.model and not args.only:
         parser.error("--model needs --only (which potential's system to run it on)")
     if args.segment_ps is not None and args.segment_ps <= 0:
         parser.error("--segment-ps must be > 0")
+    if args.so_far and not args.keep:
+        parser.error("--so-far reads a --keep folder")
     results, failed = {}, False
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)

@@ -379,9 +379,9 @@ def test_stability_campaign_cut_and_continued_is_the_uncut_run(plugin, tmp_path,
     model = deploy_tiny(tmp_path / "model.pt", "allegro")
     atoms = rattled_crystal(seed=9)
 
-    def run(folder, segment_ps, nvt_ps=0.02):
+    def run(folder, segment_ps, nvt_ps=0.02, so_far=False):
         args = argparse.Namespace(model=model, nvt_ps=nvt_ps, nve_ps=0.02, segment_ps=segment_ps, seed=5, ranks=1,
-                                  data=str(tmp_path))
+                                  data=str(tmp_path), so_far=so_far)
         folder.mkdir(exist_ok=True)
         return lammps_stability.run_one("toy", "toy", atoms, 600, 1.0, {"elements": None}, args, str(folder))
 
@@ -393,9 +393,19 @@ def test_stability_campaign_cut_and_continued_is_the_uncut_run(plugin, tmp_path,
                 "nve_drift_meV_per_atom_per_ps", "min_distance_A"):
         assert cut[key] == pytest.approx(uncut[key], rel=1e-8), key
 
+    assert cut["nvt_ps"] == pytest.approx(0.02) and cut["nve_ps"] == pytest.approx(0.02) and "so_far" not in cut
+
     last_restart = tmp_path / "cut" / "toy.007.restart"
     last_restart.unlink()  # as if killed during the last invocation
     stamp = (tmp_path / "cut" / "toy.006.out").stat().st_mtime_ns
+    # --so-far: what the 7 finished invocations show, without running the eighth
+    progress = run(tmp_path / "cut", 0.005, so_far=True)
+    assert not last_restart.exists() and progress["so_far"] and progress["finished_invocations"] == 7
+    assert progress["nvt_ps"] == pytest.approx(0.02) and progress["nve_ps"] == pytest.approx(0.015)
+    assert progress["nvt_mean_temperature_second_half_K"] == cut["nvt_mean_temperature_second_half_K"]
+    assert progress["frames"] == 36 and progress["min_distance_A"] >= cut["min_distance_A"]
+    row = lammps_stability.table_row("toy", progress, None)
+    assert "0.02 ps NVT + 0.015 ps NVE" in row and "so far (7 of 8 invocations)" in row
     assert run(tmp_path / "cut", 0.005) == cut
     assert (tmp_path / "cut" / "toy.006.out").stat().st_mtime_ns == stamp  # finished invocations are not rerun
     assert last_restart.exists()
