@@ -144,7 +144,7 @@ def _output_format(output: str, requested):
 
 
 def _committee_member(paths, sources, k: int):
-    """(potential, training data hash, description) of member k (1-based) of the one committee in ``sources``."""
+    """(model, training data hash, description) of member k (1-based) of the one committee in ``sources``."""
     from ..models import any_committee_members as committee_members
 
     if len(sources) != 1:
@@ -288,7 +288,8 @@ def run_predict(args) -> int:
     for path, (_, metadata) in zip(args.models, models):
         if metadata.get("task", "potential") != "property":
             raise ValueError(f"{path} is a potential: use mlip evaluate / md / relax")
-        first = models[0][1]["property"]
+    first = models[0][1]["property"]
+    for path, (_, metadata) in zip(args.models, models):
         if (metadata["property"]["name"], metadata["property"].get("unit")) != (first["name"], first.get("unit")):
             raise ValueError(f"{path} predicts {metadata['property']['name']!r} in {metadata['property'].get('unit')!r}, "
                              f"{args.models[0]} {first['name']!r} in {first.get('unit')!r}: give models of one target")
@@ -305,7 +306,8 @@ def run_predict(args) -> int:
     values, spreads, references = [], [], []  # per file: predictions (and a committee file's spreads)
     with tqdm(total=len(sourced) * len(models), desc="predict", unit="structure", file=sys.stderr) as bar:
         for model, metadata in models:
-            values.append([]), spreads.append([])
+            values.append([])
+            spreads.append([])
             for chunk in iter_graph_chunks(sourced, metadata["r_max"], metadata["type_names"],
                                            LabelKeys(property=name), max_atoms=args.batch_atoms):
                 out = property_outputs(model, chunk, DTYPES[metadata["dtype"]], args.device, args.batch_atoms)
