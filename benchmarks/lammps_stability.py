@@ -340,7 +340,7 @@ def run_one(key, name, atoms, temperature, timestep_fs, check, args, workdir):
         stem = os.path.join(workdir, f"{key}.{k:03d}")
         restart, out_file = stem + ".restart", stem + ".out"
         if not (os.path.exists(restart) and os.path.exists(out_file)):  # not finished before: run it
-            if getattr(args, "so_far", False):  # report the finished invocations only (one may be running)
+            if args.so_far:  # report the finished invocations only (one may be running)
                 break
             script = stem + ".in"
             with open(script, "w") as f:

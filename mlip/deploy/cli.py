@@ -85,18 +85,15 @@ def run_deploy(args) -> int:
     elif len(sources) == 1:
         model, data_hash, description = sources[0]
     else:
-        from ..models import build_any_committee
-        from ..models.property import is_property_model
+        from ..models import build_committee
 
-        kinds = {is_property_model(model) for model, _, _ in sources}
-        if len(kinds) > 1:
-            raise ValueError("a committee averages either potentials or property models: these inputs mix both")
+        model = build_committee([model for model, _, _ in sources])  # refuses members of another kind or shape
         hashes = [data_hash for _, data_hash, _ in sources]
         if len(set(hashes)) > 1:  # a model file may carry no hash (null): then the data cannot be confirmed
             listing = ", ".join(f"{path}: {(h or 'unknown')[:12]}" for path, h in zip(args.checkpoint, hashes))
             raise ValueError(f"committee members must share one training set, but their training data hashes "
                              f"differ ({listing})")
-        model, data_hash = build_any_committee([model for model, _, _ in sources]), hashes[0]
+        data_hash = hashes[0]
         description = f"a committee (mean) of {len(sources)} models: " + "; ".join(d for _, _, d in sources)
     deploy_model(model, args.output, training_data_hash=data_hash, check=not args.no_check, dtype=args.dtype,
                  format=output_format)
@@ -145,7 +142,7 @@ def _output_format(output: str, requested):
 
 def _committee_member(paths, sources, k: int):
     """(model, training data hash, description) of member k (1-based) of the one committee in ``sources``."""
-    from ..models import any_committee_members as committee_members
+    from ..models import committee_members
 
     if len(sources) != 1:
         raise ValueError(f"--member takes one committee file, got {len(sources)} inputs")

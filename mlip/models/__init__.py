@@ -11,8 +11,7 @@ from .committee import CommitteeConfig, build_committee, committee_members
 from .nequip import NequIP, weights_for_pruned
 from .potential import DeployedPotential, Potential
 from .presets import PRESETS, hyperparameters
-from .property import (DeployedProperty, PropertyCommittee, PropertyModel, build_property_committee, check_property_head,
-                       element_features, property_committee_members)
+from .property import DeployedProperty, PropertyCommittee, PropertyModel, check_property_head, element_features
 
 HEADS = ("gradient", "direct")
 
@@ -90,8 +89,7 @@ def rebuild_model(model_config: Dict[str, Any], statistics: DatasetStatistics, d
     """The architecture a checkpoint or model file describes (``model_metadata``'s "model_config"),
     with freshly initialised weights: one model, or a committee of them."""
     if "members" in model_config:
-        members = [build_model(ModelConfig(**m), statistics, dtype) for m in model_config["members"]]
-        return build_any_committee(members)
+        return build_committee([build_model(ModelConfig(**m), statistics, dtype) for m in model_config["members"]])
     return build_model(ModelConfig(**model_config), statistics, dtype)
 
 
@@ -108,21 +106,6 @@ def adapt_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> D
                 weights = {name: w for name, w in weights.items() if not name.startswith(start)}
                 weights.update({start + name: w for name, w in mapped.items()})
     return weights
-
-
-def build_any_committee(members) -> torch.nn.Module:
-    """A committee of potentials (build_committee) or of property models (build_property_committee),
-    as the first member is."""
-    if isinstance(members[0], (PropertyModel, PropertyCommittee)):
-        return build_property_committee(members)
-    return build_committee(members)
-
-
-def any_committee_members(model: torch.nn.Module):
-    """committee_members or property_committee_members, as the model is."""
-    if isinstance(model, (PropertyModel, PropertyCommittee)):
-        return property_committee_members(model)
-    return committee_members(model)
 
 
 def model_metadata(model: torch.nn.Module) -> Dict[str, Any]:
@@ -154,8 +137,6 @@ __all__ = [
     "DeployedPotential",
     "PropertyModel",
     "PropertyCommittee",
-    "build_any_committee",
-    "any_committee_members",
     "DeployedProperty",
     "ModelConfig",
     "PRESETS",

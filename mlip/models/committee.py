@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .potential import Potential
+from .property import PropertyCommittee, PropertyModel, build_property_committee, property_committee_members
 
 
 @dataclass
@@ -77,14 +78,20 @@ class CommitteeEnergy(nn.Module):
         return torch.stack(energies, dim=1), stacked_vectors
 
 
-def build_committee(members: List[Potential]) -> Potential:
-    """One potential whose energy is the mean of the members' energies. A committee among ``members``
-    counts as its members: a committee file plus a newly trained model makes one committee of all."""
+def build_committee(members: List[nn.Module]) -> nn.Module:
+    """One potential whose energy is the mean of the members' energies, or of property models one
+    PropertyCommittee (build_property_committee). A committee among ``members`` counts as its members:
+    a committee file plus a newly trained model makes one committee of all."""
+    properties = {isinstance(member, (PropertyModel, PropertyCommittee)) for member in members}
+    if len(properties) > 1:
+        raise ValueError("a committee averages either potentials or property models: these models mix both")
+    if properties == {True}:
+        return build_property_committee(members)
     members = [single for member in members for single in committee_members(member)]  # committees: their members
     if len(members) < 2:
         raise ValueError(f"a committee needs at least 2 models, got {len(members)}")
     for k, member in enumerate(members, start=1):
-        if not isinstance(member, Potential):  # e.g. a property model: no energy to average
+        if not isinstance(member, Potential):
             raise ValueError(f"committee model {k} is a {type(member).__name__}, not a potential")
     first = members[0]
     for k, member in enumerate(members[1:], start=2):
@@ -111,10 +118,13 @@ def build_committee(members: List[Potential]) -> Potential:
     return committee
 
 
-def committee_members(model: Potential) -> List[Potential]:
+def committee_members(model: nn.Module) -> List[nn.Module]:
     """The members of a committee, each a potential of its own (sharing the committee's weights and
-    training statistics); a single model: itself. Why: a member that lives only in a committee file
-    can then be fine-tuned, evaluated alone or joined with newly trained models."""
+    training statistics); a single model: itself; a PropertyCommittee: its property models. Why: a
+    member that lives only in a committee file can then be fine-tuned, evaluated alone or joined with
+    newly trained models."""
+    if isinstance(model, (PropertyModel, PropertyCommittee)):
+        return property_committee_members(model)
     if not isinstance(model.config, CommitteeConfig):
         return [model]
     singles = []
